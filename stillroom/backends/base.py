@@ -1,0 +1,151 @@
+"""The one model interface every Stillroom route uses.
+
+A backend turns chat messages (or a raw prompt) into text plus usage, and, where it can, scores the
+log-likelihood of continuations. Local transformers models, OpenAI-compatible servers and the scripted test
+backend all implement it; the durable cache (`stillroom.backends.cache.CachedBackend`) wraps any of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Protocol, runtime_checkable
+
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+Prompt = list[Message] | str  # chat messages, or a raw completion prompt
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Sampling parameters. Part of the cache key, so two calls with different parameters never collide."""
+
+    max_tokens: int = 256
+    """Upper bound on generated tokens."""
+    temperature: float = 0.0
+    """0 means greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (ignored when greedy)."""
+    stop: tuple[str, ...] = ()
+    """Strings that end generation; the stop string itself is not returned."""
+    seed: int | None = None
+    """Sampling seed, where the backend honours one."""
+    n_sample: int = 0
+    """Distinguishes repeated samples of the same prompt in the cache (0, 1, 2, ...)."""
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+
+@dataclass
+class Usage:
+    """What one call cost."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    latency_s: float = 0.0
+    cached: bool = False
+    """True when the answer came from the durable cache (no backend call was made)."""
+
+
+@dataclass
+class Generation:
+    """Text produced by a backend, with its usage."""
+
+    text: str
+    usage: Usage = field(default_factory=Usage)
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Log-likelihood request: score each continuation given the same context."""
+
+    context: str
+    continuations: tuple[str, ...]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The interface. `identity` names the backend and model completely (used in cache keys and reports)."""
+
+    identity: str
+    model: str
+    supports_score: bool
+    supports_chat: bool
+
+    def generate(self, prompt: Prompt, params: GenerationParams) -> Generation:
+        """Generate one completion for chat messages or a raw prompt."""
+        ...
+
+    def generate_many(self, prompts: list[Prompt], params: GenerationParams) -> list[Generation]:
+        """Generate for many prompts (concurrently or batched where the backend can), in input order."""
+        ...
+
+    def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
+        """Summed log-probability of each continuation given its context, one list per request.
+
+        Raises `NotImplementedError` where `supports_score` is False.
+        """
+        ...
+
+    def count_tokens(self, text: str) -> int:
+        """Token count of `text` under this backend's tokenizer (an estimate where it has none)."""
+        ...
+
+
+def normalise_prompt(prompt: Prompt) -> list[Message] | str:
+    """Validate a prompt and return it in canonical form (list of role/content dicts, or a string)."""
+    if isinstance(prompt, str):
+        return prompt
+    out = []
+    for i, m in enumerate(prompt):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
+        out.append({"role": str(m["role"]), "content": str(m["content"])})
+    return out
+
+
+def request_key(identity: str, prompt: Prompt, params: GenerationParams) -> str:
+    """Stable cache key: sha256 over backend identity + model, parameters and the messages."""
+    payload = json.dumps(
+        {"backend": identity, "params": params.as_dict(), "prompt": normalise_prompt(prompt)},
+        sort_keys=True,
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """All text in a prompt, for token estimates."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(m["content"] for m in prompt)
+
+
+def estimate_tokens(text: str) -> int:
+    """Rough token count (4 characters a token) for backends without a tokenizer."""
+    return max(1, (len(text) + 3) // 4)
+
+
+class BackendBase:
+    """Defaults shared by concrete backends: a sequential `generate_many`, no scoring, estimated tokens."""
+
+    identity: str = "base"
+    model: str = ""
+    supports_score: bool = False
+    supports_chat: bool = True
+
+    def generate(self, prompt: Prompt, params: GenerationParams) -> Generation:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def generate_many(self, prompts: list[Prompt], params: GenerationParams) -> list[Generation]:
+        return [self.generate(p, params) for p in prompts]
+
+    def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
+        raise NotImplementedError(f"{self.identity} cannot score log-likelihoods; use generation instead")
+
+    def count_tokens(self, text: str) -> int:
+        return estimate_tokens(text)
