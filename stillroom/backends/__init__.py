@@ -1,0 +1,95 @@
+"""Backends: one interface (`Backend`) for every model, plus the durable cache around it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stillroom.backends.base import (
+    Backend,
+    BackendBase,
+    Generation,
+    GenerationParams,
+    Prompt,
+    ScoreRequest,
+    Usage,
+)
+from stillroom.config import BackendConfig, SpendConfig
+from stillroom.errors import ConfigError
+
+__all__ = [
+    "Backend",
+    "BackendBase",
+    "Generation",
+    "GenerationParams",
+    "Prompt",
+    "ScoreRequest",
+    "Usage",
+    "load_backend",
+    "open_cached_backend",
+    "SCRIPTS",
+]
+
+# Named scripts for `scripted:NAME` specs (tests and dry runs register their own).
+SCRIPTS: dict = {}
+
+
+def load_backend(cfg: BackendConfig | str) -> Backend:
+    """Build the backend a spec names. Heavy libraries are imported only for the backend in use."""
+    if isinstance(cfg, str):
+        cfg = BackendConfig(spec=cfg)
+    spec = cfg.spec
+    kind, _, rest = spec.partition(":")
+    if spec in ("gemma3-270m", "embedded"):
+        from stillroom.backends.embedded import ensure_embedded_gemma
+        from stillroom.backends.hf import HFBackend
+
+        return HFBackend(str(ensure_embedded_gemma()), device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size)
+    if kind == "hf" and rest:
+        from stillroom.backends.hf import HFBackend
+
+        return HFBackend(rest, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size)
+    if kind == "gguf" and rest:
+        from stillroom.backends.hf import HFBackend
+
+        path = Path(rest).expanduser()
+        if not path.exists():
+            raise ConfigError(f"GGUF file {path} does not exist")
+        return HFBackend(str(path.parent), gguf_file=path.name, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size)
+    if kind == "openai" and rest:
+        from stillroom.backends.openai_compat import OpenAIBackend
+
+        return OpenAIBackend(
+            rest,
+            base_url=cfg.base_url,
+            api_key_env=cfg.api_key_env,
+            max_concurrency=cfg.max_concurrency,
+            timeout_s=cfg.timeout_s,
+            max_retries=cfg.max_retries,
+        )
+    if kind == "scripted" and rest:
+        from stillroom.backends.scripted import ScriptedBackend, echo_last_line
+
+        scripts = {"echo": echo_last_line, **SCRIPTS}
+        if rest not in scripts:
+            raise ConfigError(f"unknown scripted backend {rest!r}; known: {', '.join(sorted(scripts))}")
+        return ScriptedBackend(scripts[rest], name=rest)
+    raise ConfigError(
+        f"model spec {spec!r} not understood: expected 'gemma3-270m', 'hf:PATH', 'gguf:FILE', 'openai:MODEL' "
+        "or 'scripted:NAME'"
+    )
+
+
+def open_cached_backend(cfg: BackendConfig, cache_path: Path, spend: SpendConfig | None = None, backend: Backend | None = None):
+    """The backend wrapped in the run's durable SQLite cache and usage meter (with the spend cap).
+
+    Every route goes through this, so a completed call is never paid for twice.
+    """
+    from stillroom.backends.cache import CachedBackend, ResponseCache
+    from stillroom.backends.usage import Prices, SpendCap, UsageMeter
+
+    backend = backend or load_backend(cfg)
+    cache = ResponseCache(cache_path)
+    prices = {backend.model: Prices(input_per_mtok=cfg.price_in_per_mtok, output_per_mtok=cfg.price_out_per_mtok)}
+    cap = SpendCap(max_tokens=spend.max_tokens, max_cost_usd=spend.max_cost_usd) if spend else None
+    meter = UsageMeter(prices=prices, cap=cap, prior=cache.total_usage())
+    return CachedBackend(backend, cache, meter)

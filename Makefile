@@ -1,0 +1,39 @@
+# Stillroom: the two quick-start commands (`make demo`, `make test`) bootstrap .venv themselves.
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.stillroom-installed
+EXTRAS ?= dev,embedded,train,bench
+
+.PHONY: demo test test-slow bench lint setup clean
+
+setup: $(STAMP)
+
+# Without CUDA, install the CPU build of torch first (a bare `torch` requirement would pull a multi-GB CUDA
+# build); the project's own torch requirement stays a range for users with GPUs.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+		echo "installing the CPU build of torch"; $(BIN)/pip install -q torch==2.13.0; fi
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
+	@$(BIN)/python -c "import stillroom, torch, transformers" && touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/stillroom demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# Real-model tests (Gemma-3 270M), minutes on CPU: run by the benchmark script, not by CI.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python bench/eval_speed.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

