@@ -117,3 +117,35 @@ def deep_merge(base: dict, over: dict) -> dict:
         else:
             out[k] = v
     return out
+
+
+class PLDConfig(BaseModel):
+    """`stillroom pld`: Prompt-Level Distillation, all four phases, plus the comparison on the test split."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: TaskConfig
+    teacher: BackendConfig = Field(default_factory=BackendConfig, description="Writes instructions, rules, revisions.")
+    student: BackendConfig = Field(default_factory=BackendConfig, description="Answers with the rulebook as system prompt.")
+    extract_sample: int | None = Field(None, ge=1, description="Extract from a sample of N training examples (all when omitted).")
+    val_limit: int | None = Field(None, ge=1, description="Validation examples used by the conflict loop (all when omitted).")
+    test_limit: int | None = Field(None, ge=1, description="Test examples in the final comparison (all when omitted).")
+    embedder: str = Field("minilm", description="'minilm' (bundled all-MiniLM-L6-v2), 'st:NAME_OR_PATH', or 'openai:MODEL'.")
+    eps: float = Field(
+        0.3, gt=0, lt=2,
+        description="DBSCAN eps (cosine distance). The paper's 0.4 was for another embedder; MiniLM's distances "
+        "between paraphrases are larger, so use eps_sweep to pick by validation macro-F1.",
+    )
+    min_samples: int = Field(3, ge=1, description="DBSCAN min_samples (paper: 6, with hundreds of training examples).")
+    eps_sweep: list[float] | None = Field(None, description="Try each eps; keep the one with the best validation macro-F1.")
+    max_rounds: int = Field(2, ge=0, description="Conflict-resolution rounds at most (paper converged after 1-2).")
+    patience: int = Field(1, ge=1, description="Stop after this many rejected rounds in a row.")
+    failures_per_round: int = Field(16, ge=1, description="Student failures shown to the resolver per round.")
+    successes_per_round: int = Field(8, ge=0, description="Student successes shown too (guards against regressions).")
+    teacher_max_tokens: int = Field(256, ge=16, description="Generation budget per teacher reply.")
+    student_method: Literal["auto", "loglik", "generate"] = Field("auto", description="How the student answers.")
+    shots: int = Field(5, ge=0, description="k for the k-shot baseline in the comparison.")
+    cot: bool = Field(True, description="Include the chain-of-thought baseline (the student reasons, then answers).")
+    cot_max_tokens: int = Field(256, ge=16, description="Reasoning budget per answer for the chain-of-thought baseline.")
+    ablation: bool = Field(False, description="Leave-one-rule-out ablation on validation (one student pass per rule).")
+    spend: SpendConfig = Field(default_factory=SpendConfig, description="Cap on the teacher's spend for this run.")

@@ -1,0 +1,1 @@
+"""Prompt-Level Distillation: the teacher's reasoning as an auditable rulebook in the student's system prompt."""

@@ -1,0 +1,41 @@
+"""Phase 1, supervised instruction extraction: the teacher sees input + gold label and writes one general
+instruction; each instruction keeps its example id."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from stillroom.backends.base import Backend, GenerationParams
+from stillroom.pld.prompts import extraction_messages, parse_single
+from stillroom.pld.teacher import ask_with_retry
+from stillroom.tasks.task import Example, Task
+
+
+@dataclass
+class Instruction:
+    """One extracted micro-instruction (text None when the teacher's reply was unreadable twice)."""
+
+    example_id: str
+    label: str
+    text: str | None
+    raw: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return self.text is not None
+
+
+def extract_instructions(task: Task, examples: Sequence[Example], teacher: Backend, params: GenerationParams) -> list[Instruction]:
+    """Phase 1 over `examples`. Failures are recorded, never raised."""
+    builders = [lambda strict, ex=ex: extraction_messages(task, ex, strict) for ex in examples]
+    answers = ask_with_retry(
+        teacher, builders,
+        parse=lambda text: parse_single(text, ("instruction", "rule")),
+        params=params, description="extract",
+    )
+    out = []
+    for ex, ans in zip(examples, answers, strict=True):
+        text = ans.value if isinstance(ans.value, str) and ans.value.strip().lower() not in (ex.input.strip().lower(), str(ex.label).lower()) else None
+        out.append(Instruction(example_id=ex.id, label=str(ex.label), text=text, raw=ans.raw))
+    return out

@@ -1,0 +1,130 @@
+"""Phase 3, conflict resolution: the student runs with the rules on validation data; its failures and a
+sample of its successes (which the method's authors found essential against regressions) go to the teacher,
+which rewrites the rules. A revision is accepted only if validation macro-F1 improves (regression gate);
+the loop stops after `patience` rejected rounds or `max_rounds`. Every version is kept."""
+
+from __future__ import annotations
+
+import difflib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from stillroom.backends.base import Backend, GenerationParams
+from stillroom.evaluate.runner import EvalResult
+from stillroom.pld.prompts import parse_rule_list, resolution_messages
+from stillroom.pld.rulebook import Rule, Rulebook
+from stillroom.pld.teacher import ask_with_retry
+from stillroom.tasks.task import Task
+
+INHERIT_SIMILARITY = 0.6
+"""A revised rule at least this similar (difflib ratio) to an old one inherits its id and provenance."""
+
+
+@dataclass
+class Round:
+    """One round of the loop, for the report."""
+
+    round: int
+    candidate_version: int
+    val_macro_f1_before: float
+    val_macro_f1_after: float | None
+    accepted: bool
+    failures_sent: int
+    successes_sent: int
+    note: str = ""
+
+
+@dataclass
+class Resolution:
+    best: Rulebook
+    versions: list[Rulebook] = field(default_factory=list)
+    rounds: list[Round] = field(default_factory=list)
+    best_val: EvalResult | None = None
+
+
+def revise(old: Rulebook, new_texts: list[str], failure_ids: list[str], version: int) -> Rulebook:
+    """Build the revised rulebook, carrying provenance over to rules that survive (nearly) unchanged."""
+    rules, used = [], set()
+    for k, text in enumerate(new_texts):
+        best, best_r = None, 0.0
+        for j, r in enumerate(old.rules):
+            if j in used:
+                continue
+            ratio = difflib.SequenceMatcher(None, r.text.lower(), text.lower()).ratio()
+            if ratio > best_r:
+                best, best_r = j, ratio
+        if best is not None and best_r >= INHERIT_SIMILARITY:
+            used.add(best)
+            o = old.rules[best]
+            same = o.text.strip() == text.strip()
+            rules.append(Rule(id=o.id, text=text, version=o.version if same else o.version + 1, cluster=o.cluster,
+                              example_ids=list(o.example_ids), labels=list(o.labels), origin=o.origin if same else "resolution"))
+        else:
+            rules.append(Rule(id=f"v{version}r{k + 1}", text=text, version=1, cluster=None,
+                              example_ids=list(failure_ids), labels=[], origin="resolution"))
+    return Rulebook(task=old.task, rules=rules, version=version, meta={"parent_version": old.version})
+
+
+def resolve_conflicts(
+    task: Task,
+    rulebook: Rulebook,
+    teacher: Backend,
+    evaluate_val: Callable[[Rulebook], EvalResult],
+    params: GenerationParams,
+    *,
+    max_rounds: int = 3,
+    patience: int = 1,
+    max_failures: int = 16,
+    max_successes: int = 8,
+    seed: int = 0,
+    on_version: Callable[[Rulebook, EvalResult | None], None] | None = None,
+) -> Resolution:
+    """Run the loop from `rulebook` and return the best version by validation macro-F1."""
+    rng = random.Random(seed)
+    current_val = evaluate_val(rulebook)
+    res = Resolution(best=rulebook, versions=[rulebook], best_val=current_val)
+    if on_version:
+        on_version(rulebook, current_val)
+    best_f1 = float(current_val.metrics["macro_f1"] or 0.0)
+    stale = 0
+    version = rulebook.version
+    for rnd in range(1, max_rounds + 1):
+        preds = res.best_val.predictions
+        failures = [p for p in preds if not p["correct"]]
+        successes = [p for p in preds if p["correct"]]
+        if not failures:
+            res.rounds.append(Round(rnd, version, best_f1, None, False, 0, 0, "no failures left on validation"))
+            break
+        failures = rng.sample(failures, min(max_failures, len(failures)))
+        successes = rng.sample(successes, min(max_successes, len(successes)))
+        texts = [r.text for r in res.best.rules]
+        ans = ask_with_retry(
+            teacher, [lambda strict: resolution_messages(task, texts, failures, successes, strict)],
+            parse=parse_rule_list, params=params, description=f"resolve round {rnd}",
+        )[0]
+        version += 1
+        if not ans.ok:
+            res.rounds.append(Round(rnd, version, best_f1, None, False, len(failures), len(successes),
+                                    "teacher reply unreadable after one retry; rulebook kept"))
+            stale += 1
+            if stale >= patience:
+                break
+            continue
+        cand = revise(res.best, list(ans.value), [p["id"] for p in failures], version)
+        val = evaluate_val(cand)
+        res.versions.append(cand)
+        f1 = float(val.metrics["macro_f1"] or 0.0)
+        accepted = f1 > best_f1
+        cand.meta.update({"val_macro_f1": f1, "accepted": accepted})
+        if on_version:
+            on_version(cand, val)
+        res.rounds.append(Round(rnd, version, best_f1, f1, accepted, len(failures), len(successes),
+                                "accepted" if accepted else "rejected by the regression gate"))
+        if accepted:
+            res.best, res.best_val, best_f1, stale = cand, val, f1, 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    return res

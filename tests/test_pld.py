@@ -1,0 +1,165 @@
+"""PLD end to end with a scripted teacher and student whose behaviour follows planted rules."""
+
+import hashlib
+import json
+import re
+
+import numpy as np
+import pytest
+
+from stillroom.backends.scripted import ScriptedBackend
+from stillroom.config import BackendConfig, PLDConfig, TaskConfig
+from stillroom.pld.pipeline import run_pld
+from stillroom.pld.prompts import EXTRACT_SYSTEM, RESOLVE_SYSTEM, SYNTH_SYSTEM, parse_rule_list, parse_single
+from stillroom.tasks.task import Example, Task
+
+WORDS = {"fruit": ["apple", "banana", "cherry"], "vehicle": ["car", "bus", "truck"], "tool": ["hammer", "saw", "drill"]}
+RULE = {
+    "fruit": "Sweet edible produce grown on plants, like apple banana cherry, is labelled fruit.",
+    "vehicle": "Anything people drive or ride on roads, like car bus truck, is labelled vehicle.",
+    "tool": "Handheld workshop implements, like hammer saw drill, are labelled tool.",
+}
+VARIANTS = [" This holds in general.", " Check this rule first.", " Apply it to every input.", ""]
+
+
+def make_task(n=90) -> Task:
+    exs = []
+    for i in range(n):
+        lab = ["fruit", "vehicle", "fruit", "vehicle", "tool"][i % 5]
+        exs.append(Example(id=f"e{i}", input=f"a shiny {WORDS[lab][i % 3]} number {i}", label=lab))
+    return Task(name="items", instruction="Say what kind of item this is.", kind="classification",
+                examples=exs, labels=("fruit", "vehicle", "tool"), source="test")
+
+
+def bow_embed(texts):
+    """Deterministic bag-of-words embedding: paraphrases of one rule land close, idiosyncratic text far."""
+    out = np.zeros((len(texts), 128))
+    for k, t in enumerate(texts):
+        for w in re.findall(r"[a-z0-9]+", t.lower()):
+            out[k, int(hashlib.md5(w.encode()).hexdigest(), 16) % 128] += 1
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+def teacher_fn(garbage=False):
+    def fn(prompt, params):
+        system, user = prompt[0]["content"], prompt[-1]["content"]
+        if garbage:
+            return "lorem ipsum {{{"
+        if system == EXTRACT_SYSTEM:
+            gold = re.search(r"Correct answer: (\w+)", user).group(1)
+            num = int(re.search(r"number (\d+)", user).group(1))
+            if num % 11 == 0 and "could not be read" not in user:
+                return "hmm"  # unreadable once; the strict retry then succeeds
+            if gold == "tool":  # minority label: idiosyncratic instructions that DBSCAN calls noise
+                return json.dumps({"instruction": " ".join(f"w{num}x{k}" for k in range(6))})
+            return json.dumps({"reasoning": "r", "instruction": RULE[gold] + VARIANTS[num % 4]})
+        if system == SYNTH_SYSTEM:
+            labs = re.findall(r"^- \((\w+)\)", user, flags=re.M)
+            top = max(set(labs), key=labs.count)
+            return json.dumps({"rule": RULE[top]})
+        if system == RESOLVE_SYSTEM:
+            return json.dumps({"analysis": "tools lack a rule", "rules": [RULE["fruit"], RULE["vehicle"], RULE["tool"]]})
+        raise AssertionError("unexpected teacher prompt")
+
+    return fn
+
+
+def student_fn(prompt, params):
+    """Follows only the rules in its system prompt; without a matching rule it says 'fruit'."""
+    system, user = prompt[0]["content"], prompt[-1]["content"].lower()
+    for lab, words in WORDS.items():
+        if all(w in system for w in words) and any(w in user for w in words):
+            return lab
+    return "fruit"
+
+
+def cfg(tmp_path, **kw) -> PLDConfig:
+    base = dict(task=TaskConfig(spec="items"), teacher=BackendConfig(spec="scripted:teacher"),
+                student=BackendConfig(spec="scripted:student"), eps=0.3, min_samples=3, max_rounds=2, shots=0, cot=False)
+    base.update(kw)
+    return PLDConfig(**base)
+
+
+def run(tmp_path, name, teacher, student=None, **kw):
+    student = student or ScriptedBackend(student_fn, "student")
+    return run_pld(cfg(tmp_path, **kw), tmp_path / name, teacher=teacher, student=student, embedder=bow_embed, task=make_task())
+
+
+def test_pipeline_finds_rule_clusters_drops_noise_and_loop_raises_f1(tmp_path):
+    teacher = ScriptedBackend(teacher_fn(), "teacher")
+    m = run(tmp_path, "r", teacher)
+    cl = m["clustering"]
+    assert cl["clusters"] == 2  # fruit and vehicle rules
+    assert cl["noise"] > 0 and cl["uncovered_labels"] == ["tool"]
+    assert m["extraction"]["failed"] == 0  # the unreadable replies were rescued by the retry
+    rb = json.loads((tmp_path / "r" / "rulebook.json").read_text())
+    v1 = json.loads((tmp_path / "r" / "rulebook_v1.json").read_text())
+    # Provenance: each cluster's rule lists exactly the training examples of its label that were extracted.
+    clusters = json.loads((tmp_path / "r" / "clusters.json").read_text())
+    for rule in v1["rules"]:
+        members = [a["example_id"] for a in clusters["assignments"] if a["cluster"] == rule["cluster"]]
+        assert sorted(rule["example_ids"]) == sorted(members)
+        assert rule["labels"] == [a["label"] for a in clusters["assignments"] if a["cluster"] == rule["cluster"]][:1]
+    rounds = m["conflict_rounds"]
+    assert rounds[0]["accepted"] and rounds[0]["val_macro_f1_after"] > rounds[0]["val_macro_f1_before"]
+    assert any("tool" in r["text"] for r in rb["rules"])
+    assert m["conditions"]["PLD"]["macro_f1"] == 1.0 > m["conditions"]["zero-shot"]["macro_f1"]
+    assert "Coverage: no rule speaks for label(s) tool" in (tmp_path / "r" / "report.html").read_text()
+    prompt = (tmp_path / "r" / "system_prompt.txt").read_text()
+    assert all(RULE[lab] in prompt for lab in RULE)
+
+
+class Interrupt(ScriptedBackend):
+    """A teacher that is 'killed' (KeyboardInterrupt) at its n-th call."""
+
+    def __init__(self, fn, stop_at):
+        super().__init__(fn, "teacher")
+        self.stop_at, self.seen = stop_at, []
+
+    def generate(self, prompt, params):
+        if self.calls + 1 == self.stop_at:
+            raise KeyboardInterrupt
+        self.seen.append(json.dumps(prompt))
+        return super().generate(prompt, params)
+
+
+@pytest.mark.parametrize("phase", ["extraction", "conflict loop"])
+def test_interrupt_and_resume_repays_nothing_and_gives_same_rulebook(tmp_path, phase):
+    ref = ScriptedBackend(teacher_fn(), "teacher")
+    run(tmp_path, "ref", ref)
+    # The reference run's last teacher call is the resolver's; the 7th is an extraction.
+    stop_at = 7 if phase == "extraction" else ref.calls
+    first = Interrupt(teacher_fn(), stop_at)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "r", first)
+    assert any("conflict resolver" in p for p in first.seen) is False
+    assert any("consolidate overlapping" in p for p in first.seen) is (phase == "conflict loop")
+    second = Interrupt(teacher_fn(), stop_at=10**9)
+    run(tmp_path, "r", second)
+    assert not set(first.seen) & set(second.seen), "a teacher call was repaid after resuming"
+    assert len(first.seen) + len(second.seen) == ref.calls
+    assert (tmp_path / "r" / "rulebook.json").read_text() == (tmp_path / "ref" / "rulebook.json").read_text()
+    third = Interrupt(teacher_fn(), stop_at=10**9)
+    run(tmp_path, "r", third)
+    assert third.calls == 0
+
+
+def test_garbage_teacher_all_noise_and_invalid_student_are_reported_not_crashed(tmp_path):
+    m = run(tmp_path, "g", ScriptedBackend(teacher_fn(garbage=True), "teacher"),
+            student=ScriptedBackend(lambda p, k: "no idea at all", "student"))
+    assert m["extraction"]["readable"] == 0 and m["clustering"]["clusters"] == 0
+    assert m["rulebook"]["rules"] == 0
+    report = (tmp_path / "g" / "report.html").read_text()
+    assert "unreadable" in report and "every instruction was noise" in report
+    assert "never produced a valid label" in report
+    assert m["conditions"]["PLD"]["invalid_rate"] == 1.0
+
+
+def test_tolerant_parsing():
+    assert parse_single('Sure! {"instruction": "Prefer the literal reading of the text."}', ["instruction"]) == \
+        "Prefer the literal reading of the text."
+    assert parse_single("Instruction: Check who acts before deciding.\nmore", ["instruction"]) == "Check who acts before deciding."
+    assert parse_single("{broken json", ["instruction"]) is None
+    assert parse_single("ok", ["instruction"]) is None
+    assert parse_rule_list("1. First rule is this one.\n2) Second rule is that one.") == ["First rule is this one.", "Second rule is that one."]
+    assert parse_rule_list('{"rules": ["Always read the whole input."]}') == ["Always read the whole input."]
