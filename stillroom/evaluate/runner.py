@@ -8,7 +8,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from stillroom.backends.base import Backend, GenerationParams, ScoreRequest
 from stillroom.evaluate.metrics import classification_metrics, cost_metrics

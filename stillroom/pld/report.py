@@ -7,7 +7,14 @@ import html
 import yaml
 
 from stillroom.pld.rulebook import Rulebook
-from stillroom.report.html import QUALITY_HEADERS, page, per_class_plot, quality_latency_plot, quality_row, table
+from stillroom.report.html import (
+    QUALITY_HEADERS,
+    page,
+    per_class_plot,
+    quality_latency_plot,
+    quality_row,
+    table,
+)
 
 
 def pld_report(metrics: dict, rulebook: Rulebook, config: dict) -> str:

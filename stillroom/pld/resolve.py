@@ -100,7 +100,7 @@ def resolve_conflicts(
         successes = rng.sample(successes, min(max_successes, len(successes)))
         texts = [r.text for r in res.best.rules]
         ans = ask_with_retry(
-            teacher, [lambda strict: resolution_messages(task, texts, failures, successes, strict)],
+            teacher, [lambda strict, t=texts, f=failures, s=successes: resolution_messages(task, t, f, s, strict)],
             parse=parse_rule_list, params=params, description=f"resolve round {rnd}",
         )[0]
         version += 1
