@@ -3,9 +3,10 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stillroom-installed
-EXTRAS ?= dev,embedded,train,bench
+EXTRAS ?= dev,embedded,train
 
 .PHONY: demo test test-slow bench lint setup clean
+BENCH_STAMP := $(VENV)/.stillroom-bench-installed
 
 setup: $(STAMP)
 
@@ -24,13 +25,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The benchmarks compare against lm-evaluation-harness and DSPy, installed only for them.
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[$(EXTRAS),bench]'
+	@touch $(BENCH_STAMP)
+
 # Real-model tests (Gemma-3 270M), minutes on CPU: run by the benchmark script, not by CI.
-test-slow: $(STAMP)
+test-slow: $(BENCH_STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m pytest -q -m slow
-	$(BIN)/python bench/eval_speed.py
+	bash bench/run_all.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -91,5 +91,7 @@ def open_cached_backend(cfg: BackendConfig, cache_path: Path, spend: SpendConfig
     cache = ResponseCache(cache_path)
     prices = {backend.model: Prices(input_per_mtok=cfg.price_in_per_mtok, output_per_mtok=cfg.price_out_per_mtok)}
     cap = SpendCap(max_tokens=spend.max_tokens, max_cost_usd=spend.max_cost_usd) if spend else None
-    meter = UsageMeter(prices=prices, cap=cap, prior=cache.total_usage())
+    # The cap covers this backend's spend in the run folder, earlier invocations included (not the other
+    # models sharing the cache file, e.g. a local student next to a paid teacher).
+    meter = UsageMeter(prices=prices, cap=cap, prior=cache.total_usage(identity=backend.identity))
     return CachedBackend(backend, cache, meter)

@@ -1,0 +1,332 @@
+"""The durable response cache: a completed call is never paid for twice.
+
+`ResponseCache` is one SQLite file per run folder (WAL mode, one connection per thread and per process,
+every row committed on its own), so several threads and several processes can write to it at once, and a
+run killed at any moment (even `kill -9`) keeps every answer it had received. `CachedBackend` wraps any
+backend: hits are served from the file without a backend call; misses are charged to the `UsageMeter`
+(which enforces the spend cap) and written the moment each answer arrives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from pathlib import Path
+
+from stillroom.backends.base import (
+    Backend,
+    Generation,
+    GenerationParams,
+    Prompt,
+    ScoreRequest,
+    Usage,
+    normalise_prompt,
+    prompt_text,
+    request_key,
+)
+from stillroom.backends.usage import UsageMeter
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    key TEXT PRIMARY KEY,
+    identity TEXT NOT NULL,
+    model TEXT NOT NULL,
+    request TEXT NOT NULL,
+    text TEXT NOT NULL,
+    finish_reason TEXT,
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    latency_s REAL NOT NULL DEFAULT 0,
+    cost_usd REAL NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL
+)
+"""
+
+# Long enough to ride out another process's write burst; SQLite retries internally until then.
+_BUSY_TIMEOUT_MS = 60_000
+
+
+def request_json(identity: str, prompt: Prompt, params: GenerationParams) -> str:
+    """The request as stored next to its answer (for audits and for rebuilding datasets from the cache)."""
+    return json.dumps(
+        {"backend": identity, "params": params.as_dict(), "prompt": normalise_prompt(prompt)},
+        sort_keys=True,
+        ensure_ascii=False,
+    )
+
+
+class ResponseCache:
+    """SQLite store of answers keyed by `request_key(identity, prompt, params)`.
+
+    Safe for concurrent writers. Within a process, threads share one connection behind a lock: SQLite
+    serialises writes anyway, and a connection per thread would leak one file handle per worker thread of
+    every batch. Across processes, WAL lets readers and a writer proceed together and `busy_timeout` queues
+    the writers. A process that inherits the object through `fork` opens its own connection. Every `put` is
+    its own committed transaction, so nothing finished is lost when the process dies, even by `kill -9`.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db: sqlite3.Connection | None = None
+        self._pid = 0
+        self._query("SELECT 1")  # create the file and schema now, so errors surface at open time
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: autocommit, so each INSERT is durable the moment it returns.
+        conn = sqlite3.connect(
+            self.path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+        )
+        conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit survives power loss too, not only a killed process; an fsync is cheap next to a model call.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(_SCHEMA)
+        return conn
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            # A connection inherited through fork must not be used in the child: open a fresh one there.
+            if self._db is None or self._pid != os.getpid():
+                self._db, self._pid = self._connect(), os.getpid()
+            return self._db.execute(sql, args).fetchall()
+
+    def get(self, key: str) -> Generation | None:
+        """The cached answer for `key` (with `usage.cached=True`), or None."""
+        rows = self._query(
+            "SELECT text, finish_reason, input_tokens, output_tokens, latency_s FROM responses WHERE key = ?",
+            (key,),
+        )
+        if not rows:
+            return None
+        text, finish, tin, tout, latency = rows[0]
+        return Generation(
+            text=text,
+            usage=Usage(input_tokens=tin, output_tokens=tout, latency_s=latency, cached=True),
+            finish_reason=finish,
+        )
+
+    def put(
+        self,
+        key: str,
+        *,
+        identity: str,
+        model: str,
+        request: str,
+        generation: Generation,
+        cost_usd: float = 0.0,
+    ) -> None:
+        """Store one answer and commit it immediately. The first answer stored for a key wins."""
+        u = generation.usage
+        self._query(
+            "INSERT OR IGNORE INTO responses (key, identity, model, request, text, finish_reason, input_tokens, "
+            "output_tokens, latency_s, cost_usd, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                key,
+                identity,
+                model,
+                request,
+                generation.text,
+                generation.finish_reason,
+                int(u.input_tokens),
+                int(u.output_tokens),
+                float(u.latency_s),
+                float(cost_usd),
+                time.time(),
+            ),
+        )
+
+    def total_usage(self, identity: str | None = None) -> dict:
+        """Spend recorded in the file (all backends, or one `identity`): calls, input/output tokens, cost."""
+        sql = "SELECT COUNT(*), SUM(input_tokens), SUM(output_tokens), SUM(cost_usd) FROM responses"
+        args: tuple = ()
+        if identity is not None:
+            sql, args = sql + " WHERE identity = ?", (identity,)
+        n, tin, tout, cost = self._query(sql, args)[0]
+        return {
+            "calls": n or 0,
+            "input_tokens": tin or 0,
+            "output_tokens": tout or 0,
+            "cost_usd": cost or 0.0,
+        }
+
+    def journal_mode(self) -> str:
+        """SQLite's journal mode for this file ('wal')."""
+        return self._query("PRAGMA journal_mode")[0][0]
+
+    def __len__(self) -> int:
+        return self._query("SELECT COUNT(*) FROM responses")[0][0]
+
+    def __contains__(self, key: str) -> bool:
+        return bool(self._query("SELECT 1 FROM responses WHERE key = ?", (key,)))
+
+    def close(self) -> None:
+        """Close this process's connection (a later call reopens it)."""
+        with self._lock:
+            if self._db is not None and self._pid == os.getpid():
+                self._db.close()
+            self._db = None
+
+
+class CachedBackend:
+    """Any backend behind the durable cache and the usage meter; implements the `Backend` interface.
+
+    `calls` counts real backend calls made through this wrapper (one per prompt sent), so a resumed run can
+    be checked to repeat nothing.
+    """
+
+    def __init__(self, backend: Backend, cache: ResponseCache, meter: UsageMeter | None = None):
+        self.backend = backend
+        self.cache = cache
+        self.meter = meter if meter is not None else UsageMeter()
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    # --- delegated interface -------------------------------------------------------------------------------
+    @property
+    def identity(self) -> str:
+        return self.backend.identity
+
+    @property
+    def model(self) -> str:
+        return self.backend.model
+
+    @property
+    def supports_score(self) -> bool:
+        return self.backend.supports_score
+
+    @property
+    def supports_chat(self) -> bool:
+        return self.backend.supports_chat
+
+    def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
+        """Delegated uncached: scoring runs on local models, where it costs nothing but time."""
+        return self.backend.score(requests)
+
+    def count_tokens(self, text: str) -> int:
+        """Delegated to the wrapped backend."""
+        return self.backend.count_tokens(text)
+
+    # --- generation ----------------------------------------------------------------------------------------
+    def generate(self, prompt: Prompt, params: GenerationParams) -> Generation:
+        """A cached answer (no backend call), or a real call that is charged, cached and returned."""
+        key = request_key(self.identity, prompt, params)
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.meter.record_hit()
+            return hit
+        return self._call_one(key, prompt, params)
+
+    def generate_many(self, prompts: list[Prompt], params: GenerationParams) -> list[Generation]:
+        """Answers in input order: hits from the cache first, then the misses, each committed as it arrives.
+
+        Identical prompts in one batch are sent once. A backend with `max_concurrency > 1` gets one thread per
+        in-flight request; otherwise misses go through `backend.generate_many` in chunks of its `batch_size`.
+        If a call fails (or the spend cap is reached), in-flight calls still finish and are cached before the
+        error propagates; calls not yet started are not made.
+        """
+        keys = [request_key(self.identity, p, params) for p in prompts]
+        results: list[Generation | None] = [None] * len(prompts)
+        misses: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
+            if key in misses:
+                misses[key].append(i)
+                continue
+            hit = self.cache.get(key)
+            if hit is not None:
+                results[i] = hit
+                self.meter.record_hit()
+            else:
+                misses[key] = [i]
+        if misses:
+            todo = [(key, prompts[idx[0]]) for key, idx in misses.items()]
+            if int(getattr(self.backend, "max_concurrency", 1) or 1) > 1:
+                answers = self._run_threaded(todo, params)
+            else:
+                answers = self._run_batched(todo, params)
+            for key, gen in answers.items():
+                for i in misses[key]:
+                    results[i] = gen
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+    def _estimate_input(self, prompt: Prompt) -> int:
+        # Only a cap needs the estimate; skip the tokenizer otherwise. Chat adds a few template tokens per
+        # message, so count them to keep the worst case a worst case.
+        if self.meter.cap is None:
+            return 0
+        overhead = 0 if isinstance(prompt, str) else 4 * len(prompt) + 3
+        return self.backend.count_tokens(prompt_text(prompt)) + overhead
+
+    def _commit(
+        self, key: str, prompt: Prompt, params: GenerationParams, gen: Generation, cost: float
+    ) -> None:
+        self.cache.put(
+            key,
+            identity=self.identity,
+            model=self.model,
+            request=request_json(self.identity, prompt, params),
+            generation=gen,
+            cost_usd=cost,
+        )
+
+    def _call_one(self, key: str, prompt: Prompt, params: GenerationParams) -> Generation:
+        reservation = self.meter.reserve(self._estimate_input(prompt), params.max_tokens, self.model)
+        try:
+            gen = self.backend.generate(prompt, params)
+        except BaseException:
+            self.meter.cancel(reservation)
+            raise
+        with self._lock:
+            self.calls += 1
+        cost = self.meter.settle(reservation, gen.usage)
+        self._commit(key, prompt, params, gen, cost)
+        return gen
+
+    def _run_threaded(
+        self, todo: list[tuple[str, Prompt]], params: GenerationParams
+    ) -> dict[str, Generation]:
+        workers = min(int(self.backend.max_concurrency), len(todo))  # type: ignore[attr-defined]
+        out: dict[str, Generation] = {}
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stillroom-call")
+        try:
+            futures = {pool.submit(self._call_one, key, prompt, params): key for key, prompt in todo}
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [f for f in done if f.exception() is not None]
+            if failed:
+                raise failed[0].exception()  # type: ignore[misc]
+            for f, key in futures.items():
+                out[key] = f.result()
+        finally:
+            # On an error (or Ctrl-C) start no new calls; those already running finish and are cached.
+            pool.shutdown(wait=True, cancel_futures=True)
+        return out
+
+    def _run_batched(self, todo: list[tuple[str, Prompt]], params: GenerationParams) -> dict[str, Generation]:
+        size = max(1, int(getattr(self.backend, "batch_size", 1) or 1))
+        out: dict[str, Generation] = {}
+        for start in range(0, len(todo), size):
+            chunk = todo[start : start + size]
+            reservations = []
+            try:
+                for _, prompt in chunk:
+                    reservations.append(
+                        self.meter.reserve(self._estimate_input(prompt), params.max_tokens, self.model)
+                    )
+                gens = self.backend.generate_many([p for _, p in chunk], params)
+            except BaseException:
+                for r in reservations:
+                    self.meter.cancel(r)
+                raise
+            with self._lock:
+                self.calls += len(chunk)
+            for (key, prompt), gen, r in zip(chunk, gens, reservations, strict=True):
+                cost = self.meter.settle(r, gen.usage)
+                self._commit(key, prompt, params, gen, cost)
+                out[key] = gen
+        return out

@@ -1,0 +1,215 @@
+"""Usage accounting and the spend cap.
+
+`UsageMeter` counts every real backend call (tokens, latency, cost) and every cache hit, and enforces a
+`SpendCap` over the whole run: spend from earlier invocations on the same run folder (read back from the
+durable cache) counts too, so stopping and rerunning never resets the budget.
+
+The cap is enforced *before* each call. A call reserves its worst case (estimated input tokens plus
+`max_tokens` of output) under a lock; after the call the reservation is settled to the actual usage. With
+many threads in flight, reservations are what stop them from together overshooting the cap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from stillroom.backends.base import Usage
+from stillroom.errors import SpendCapReached
+
+
+@dataclass(frozen=True)
+class Prices:
+    """USD per million input and output tokens for one model (0 for local models)."""
+
+    input_per_mtok: float = 0.0
+    output_per_mtok: float = 0.0
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        """Cost in USD of a call with these token counts."""
+        return (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / 1_000_000
+
+
+@dataclass(frozen=True)
+class SpendCap:
+    """Upper bounds on a run's total spend; None means unbounded. Tokens are input + output."""
+
+    max_tokens: int | None = None
+    max_cost_usd: float | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether any bound is set."""
+        return self.max_tokens is not None or self.max_cost_usd is not None
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A call's worst case, held against the cap until the call is settled or cancelled."""
+
+    model: str
+    tokens: int
+    cost_usd: float
+
+
+_FREE = Prices()
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) of `values` by linear interpolation; 0.0 for an empty list."""
+    if not values:
+        return 0.0
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    """Write JSON so readers see the old file or the new one, never half of one (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class UsageMeter:
+    """Thread-safe counter of calls, cache hits, tokens, latency and cost, with the run's spend cap.
+
+    `prices` maps model name to `Prices` (models not listed cost 0). `prior` is the spend of earlier
+    invocations on the same run folder, as returned by `ResponseCache.total_usage()`; it counts against the
+    cap but is reported separately from this invocation's numbers.
+    """
+
+    def __init__(
+        self,
+        prices: Mapping[str, Prices] | None = None,
+        cap: SpendCap | None = None,
+        prior: dict | None = None,
+    ):
+        self.prices: dict[str, Prices] = dict(prices or {})
+        self.cap = cap if cap is not None and cap.active else None
+        prior = prior or {}
+        self.prior_calls = int(prior.get("calls", 0))
+        self.prior_tokens = int(prior.get("input_tokens", 0)) + int(prior.get("output_tokens", 0))
+        self.prior_cost_usd = float(prior.get("cost_usd", 0.0))
+        self.calls = 0
+        self.cache_hits = 0
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.cost_usd = 0.0
+        self.latencies: list[float] = []
+        self._reserved_tokens = 0
+        self._reserved_cost = 0.0
+        self._lock = threading.Lock()
+
+    def price_of(self, model: str) -> Prices:
+        """Prices for `model` (free when not listed)."""
+        return self.prices.get(model, _FREE)
+
+    @property
+    def spent_tokens(self) -> int:
+        """Tokens spent by the run so far, earlier invocations included (reservations excluded)."""
+        return self.prior_tokens + self.input_tokens + self.output_tokens
+
+    @property
+    def spent_cost_usd(self) -> float:
+        """USD spent by the run so far, earlier invocations included (reservations excluded)."""
+        return self.prior_cost_usd + self.cost_usd
+
+    def reserve(self, estimated_input_tokens: int, max_output_tokens: int, model: str) -> Reservation:
+        """Hold a call's worst case against the cap, or raise `SpendCapReached` if it could exceed the cap.
+
+        Call before every real backend call; follow with `settle` (after success) or `cancel` (after failure).
+        """
+        tokens = max(0, int(estimated_input_tokens)) + max(0, int(max_output_tokens))
+        cost = self.price_of(model).cost(max(0, int(estimated_input_tokens)), max(0, int(max_output_tokens)))
+        with self._lock:
+            if self.cap is not None:
+                self._check_cap(tokens, cost)
+            self._reserved_tokens += tokens
+            self._reserved_cost += cost
+        return Reservation(model=model, tokens=tokens, cost_usd=cost)
+
+    def _check_cap(self, tokens: int, cost: float) -> None:
+        # Called with the lock held: committed spend + every in-flight worst case + this call's worst case.
+        cap = self.cap
+        assert cap is not None
+        busy_tokens = self.spent_tokens + self._reserved_tokens
+        busy_cost = self.spent_cost_usd + self._reserved_cost
+        over = []
+        if cap.max_tokens is not None and busy_tokens + tokens > cap.max_tokens:
+            over.append(f"{self.spent_tokens:,} tokens spent of a cap of {cap.max_tokens:,}")
+        if cap.max_cost_usd is not None and busy_cost + cost > cap.max_cost_usd + 1e-12:
+            over.append(f"${self.spent_cost_usd:.4f} spent of a cap of ${cap.max_cost_usd:.4f}")
+        if over:
+            raise SpendCapReached(
+                "spend cap reached: "
+                + "; ".join(over)
+                + f" (this run folder, earlier invocations included; the next call could use up to {tokens:,} "
+                f"tokens / ${cost:.4f}). Nothing is lost: every completed call is cached, so rerunning with a "
+                "higher cap resumes where this run stopped."
+            )
+
+    def settle(self, reservation: Reservation, usage: Usage) -> float:
+        """Replace a reservation by the call's actual usage; returns the call's cost in USD."""
+        cost = self.price_of(reservation.model).cost(usage.input_tokens, usage.output_tokens)
+        with self._lock:
+            self._release(reservation)
+            self.calls += 1
+            self.input_tokens += usage.input_tokens
+            self.output_tokens += usage.output_tokens
+            self.cost_usd += cost
+            self.latencies.append(usage.latency_s)
+        return cost
+
+    def cancel(self, reservation: Reservation) -> None:
+        """Drop a reservation whose call failed (nothing was spent that we know of)."""
+        with self._lock:
+            self._release(reservation)
+
+    def _release(self, reservation: Reservation) -> None:
+        self._reserved_tokens -= reservation.tokens
+        self._reserved_cost -= reservation.cost_usd
+
+    def record_hit(self, n: int = 1) -> None:
+        """Count answers served from the cache (never charged)."""
+        with self._lock:
+            self.cache_hits += n
+
+    def summary(self) -> dict:
+        """This invocation's usage, plus the run's totals including earlier invocations (`run_*`)."""
+        with self._lock:
+            return {
+                "calls": self.calls,
+                "cache_hits": self.cache_hits,
+                "input_tokens": self.input_tokens,
+                "output_tokens": self.output_tokens,
+                "cost_usd": round(self.cost_usd, 8),
+                "latency_p50_s": round(percentile(self.latencies, 50), 6),
+                "latency_p95_s": round(percentile(self.latencies, 95), 6),
+                "run_calls": self.prior_calls + self.calls,
+                "run_tokens": self.spent_tokens,
+                "run_cost_usd": round(self.spent_cost_usd, 8),
+                "cap_max_tokens": self.cap.max_tokens if self.cap else None,
+                "cap_max_cost_usd": self.cap.max_cost_usd if self.cap else None,
+            }
+
+    def save(self, path: str | Path) -> None:
+        """Write `summary()` to `path` as JSON, atomically."""
+        write_json_atomic(path, self.summary())
