@@ -197,26 +197,12 @@ def pld(
 
 @app.command()
 def demo(
-    task: Annotated[str, typer.Option(help="BIG-bench task (or any task spec).")] = "bigbench:sports_understanding",
-    limit: Annotated[int, typer.Option(help="Test examples to evaluate.")] = 40,
-    shots: Annotated[int, typer.Option(help="k for the few-shot condition.")] = 5,
+    config: Annotated[Path | None, typer.Option(help="PLD config (default: the packaged stillroom/configs/pld_demo.yaml).")] = None,
     run_dir: RunDirOpt = None,
 ) -> None:
-    """The offline demo: the embedded Gemma-3 270M on a BIG-bench task, zero-shot and few-shot."""
-
-    def body():
-        from stillroom.config import EvalConfig, TaskConfig
-        from stillroom.evaluate.job import Condition, run_eval
-        from stillroom.runs import run_dir_for
-
-        cfg = EvalConfig(task=TaskConfig(spec=task), limit=limit, shots=shots)
-        out = run_dir or run_dir_for("demo", cfg.model_dump(mode="json"))
-        conds = [Condition("zero-shot", 0), Condition(f"{shots}-shot", shots)]
-        results = run_eval(cfg, out, conditions=conds)
-        print_results({n: r.metrics for n, r in results.items()})
-        console.print(f"report: [bold]{out / 'report.html'}[/]")
-
-    _run_guarded(body)
+    """The offline demo (what `make demo` runs): PLD end to end with the embedded Gemma-3 270M as teacher and
+    student on a BIG-bench task, compared with zero-shot, k-shot and chain-of-thought."""
+    pld(config=config or Path(__file__).parent / "configs" / "pld_demo.yaml", run_dir=run_dir)
 
 
 @tasks_app.command("show")
