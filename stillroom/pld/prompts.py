@@ -34,6 +34,12 @@ RESOLVE_SYSTEM = (
     'individual cases. Reply with JSON only: {"analysis": "<short>", "rules": ["<rule 1>", "<rule 2>", ...]}'
 )
 STRICT_REMINDER = "Your previous reply could not be read. Reply with the JSON object only, nothing else."
+# Each user message ends with a cue line. Chat models answer the system prompt's JSON request anyway; base
+# models (no chat template, e.g. the embedded Gemma-3 270M) complete the cue, and the plain-text fallback of
+# the parser reads their first line.
+EXTRACT_CUE = "General instruction:"
+SYNTH_CUE = "Consolidated rule:"
+RESOLVE_CUE = "Revised rules (numbered list):"
 
 
 def extraction_messages(task: Task, ex: Example, strict: bool = False) -> list[Message]:
@@ -45,6 +51,7 @@ def extraction_messages(task: Task, ex: Example, strict: bool = False) -> list[M
     user += f"Input: {ex.input}\nCorrect answer: {ex.label}"
     if strict:
         user += "\n\n" + STRICT_REMINDER
+    user += "\n" + EXTRACT_CUE
     return [{"role": "system", "content": EXTRACT_SYSTEM}, {"role": "user", "content": user}]
 
 
@@ -53,6 +60,7 @@ def synthesis_messages(task: Task, instructions: Sequence[str], labels: Sequence
     user = f"Task: {task.instruction.strip() or task.name}\nInstructions (answer they led to in brackets):\n" + "\n".join(lines)
     if strict:
         user += "\n\n" + STRICT_REMINDER
+    user += "\n" + SYNTH_CUE
     return [{"role": "system", "content": SYNTH_SYSTEM}, {"role": "user", "content": user}]
 
 
@@ -69,6 +77,7 @@ def resolution_messages(task: Task, rules: Sequence[str], failures: Sequence[dic
     )
     if strict:
         user += "\n\n" + STRICT_REMINDER
+    user += "\n" + RESOLVE_CUE
     return [{"role": "system", "content": RESOLVE_SYSTEM}, {"role": "user", "content": user}]
 
 

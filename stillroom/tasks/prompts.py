@@ -69,7 +69,11 @@ def render_chat(
 
 
 def chat_to_text(messages: Sequence[Message]) -> str:
-    """Plain-text rendering of chat messages for base models that have no chat template."""
+    """Plain-text rendering of chat messages for base models that have no chat template.
+
+    Ends with 'Answer:' for the model to complete, unless the last user message already ends with a cue of
+    its own (a line ending in ':', such as 'General instruction:'), which a base model then completes.
+    """
     out = []
     for m in messages:
         role = m["role"]
@@ -79,4 +83,6 @@ def chat_to_text(messages: Sequence[Message]) -> str:
             out.append(m["content"].strip())
         else:
             out.append("Answer: " + m["content"].strip() + "\n")
+    if messages and messages[-1]["role"] == "user" and messages[-1]["content"].rstrip().endswith(":"):
+        return "\n".join(out)
     return "\n".join(out) + "\nAnswer:"
