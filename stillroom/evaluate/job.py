@@ -47,7 +47,8 @@ def run_eval(cfg: EvalConfig, run_dir: Path, conditions: list[Condition] | None 
     examples, train = pick_examples(task, cfg)
     if conditions is None:
         system_prompt = Path(cfg.system_prompt_file).read_text(encoding="utf-8") if cfg.system_prompt_file else None
-        conditions = [Condition(name=f"{cfg.shots}-shot" if cfg.shots else "zero-shot", shots=cfg.shots,
+        name = f"{cfg.shots}-shot" if cfg.shots else "zero-shot"
+        conditions = [Condition(name=name + (" + system prompt" if system_prompt else ""), shots=cfg.shots,
                                 system_prompt=system_prompt, method=cfg.method)]
     cached = open_cached_backend(cfg.model, run.cache_path, cfg.spend, backend=backend)
     results: dict[str, EvalResult] = {}
