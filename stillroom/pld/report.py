@@ -9,6 +9,7 @@ import yaml
 from stillroom.pld.rulebook import Rulebook
 from stillroom.report.html import (
     QUALITY_HEADERS,
+    confusion_plot,
     page,
     per_class_plot,
     quality_latency_plot,
@@ -26,6 +27,7 @@ def pld_report(metrics: dict, rulebook: Rulebook, config: dict) -> str:
     classed = {n: m for n, m in conds.items() if m.get("per_class")}
     if classed:
         plots += per_class_plot(classed)
+        plots += "".join(confusion_plot(classed[n], f"Confusion: {n}") for n in ("zero-shot", "PLD") if n in classed)
     sections.append(("Trade-off", f"<div class='plots'>{plots}</div>"))
     b = metrics["build"]
     sections.append(("Build cost of the rulebook (teacher)", table(["item", "value"], [
