@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 INVALID = "<invalid>"
 
@@ -17,6 +16,9 @@ def classification_metrics(gold: Sequence[str], pred: Sequence[str | None], labe
     class, so it lowers recall without inflating any class's precision. The confusion matrix has one extra
     column for invalid answers.
     """
+    # scikit-learn is imported here, not at module level, so `stillroom --help` starts fast.
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
     if len(gold) != len(pred):
         raise ValueError(f"{len(gold)} gold labels but {len(pred)} predictions")
     labels = list(labels)
