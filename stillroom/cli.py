@@ -35,7 +35,8 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML con
 
 
 def _fail(exc: BaseException) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+    # soft_wrap: an error line is never broken at the terminal width (logs and tests read it whole).
+    console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -249,6 +250,17 @@ def fetch_model() -> None:
         console.print(f"embedded model ready: {ensure_embedded_gemma()}")
 
     _run_guarded(body)
+
+
+def _register_routes() -> None:
+    from stillroom.kd.cli import register as register_kd
+    from stillroom.prune.cli import register as register_prune
+
+    register_prune(app)
+    register_kd(app)
+
+
+_register_routes()
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -1,0 +1,667 @@
+"""Local transformers backend: generation and fast, lm-evaluation-harness-exact log-likelihood scoring.
+
+Scoring (`HFBackend.score`) returns exactly what lm-evaluation-harness's `HFLM.loglikelihood` returns for the
+same model, so argmax predictions over the options are identical. Tokenization mirrors HFLM:
+
+* `_encode_pair` moves trailing whitespace of the context onto the continuation, encodes
+  `whole = context + continuation` and `context` separately, and takes the continuation tokens as
+  `whole_enc[len(context_enc):]`;
+* the model input is `context_enc + continuation_enc` (note: `context_enc`, not `whole_enc[:len(context_enc)]`;
+  when a token merge crosses the context/continuation boundary the two differ, and HFLM feeds the former);
+* special tokens follow the tokenizer's default (HFLM's `add_bos_token=None`), except that a string already
+  starting with the BOS text is encoded without special tokens; an empty context becomes the BOS (or EOS) token;
+* `(context_enc + continuation_enc)[-(max_length + 1):][:-1]` is the model input (left truncation), where
+  `max_length` is resolved from the config/tokenizer as HFLM does.
+
+Each continuation token's log-probability is a full-vocabulary log-softmax at the position before it (float32).
+
+Speed. HFLM runs one full forward per (context, continuation) and a log-softmax over every position of the
+sequence (the Gemma-3 vocabulary is 262k, so the head and softmax dominate). Here the computation is split along
+shared token prefixes and only the logits that are scored are ever computed:
+
+1. **Shared prefix across requests.** Requests are sorted by their tokens; the longest common token prefix of a
+   call (e.g. instruction + few-shot examples) is run once, batch 1, and its KV cache (`DynamicCache`) is kept
+   across calls too: the next call reuses the longest common part (cropping the cache where needed).
+2. **Per-request context.** Requests are taken in chunks of `batch_size`; each chunk extends the prefix to the
+   chunk's own common prefix, then runs every request's remaining context in one right-padded batch over a
+   copy of the prefix cache repeated per request (`logits_to_keep=1`: no vocabulary projection to speak of).
+3. **Continuations.** Every continuation of the chunk becomes one row `[last context token] + continuation[:-1]`
+   over its request's cached context (cache rows selected with `batch_select_indices`), in one batched forward
+   with an explicit attention mask (padding inside the cache is masked) and explicit position ids. Logits are
+   computed for these few positions only; this is where every scored log-probability comes from.
+
+Because the last context token is run with the continuation rows, a token merge at the boundary needs no special
+case. Rows are mathematically identical to the full-sequence computation; float32 results agree with HFLM to ~1e-5.
+For sliding-window models (Gemma-3: 512) a chunk whose padded length could reach the window is processed one
+request at a time (no padding inside the cache), so the window never sees padding.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from stillroom.backends.base import (
+    BackendBase,
+    Generation,
+    GenerationParams,
+    Prompt,
+    ScoreRequest,
+    Usage,
+    normalise_prompt,
+)
+from stillroom.errors import ConfigError
+
+DEFAULT_MAX_LENGTH = 2048
+"""HFLM's fallback context length when neither config nor tokenizer names one."""
+_TOKENIZER_INFINITY = 1000000000000000019884624838656
+_LOGITS_BUDGET = 64 * 1024 * 1024
+"""Max floats of logits materialised at once while scoring continuations (256 MB in float32)."""
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' -> 'cuda' if available, else 'mps' if available, else 'cpu'."""
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(dtype: str, device: str):
+    """'auto' -> float32 on CPU/MPS, bfloat16 on CUDA (float16 where bf16 is unsupported)."""
+    import torch
+
+    names = {
+        "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+        "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+        "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    }
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in names:
+        raise ConfigError(f"unknown dtype {dtype!r}: expected auto, float32, bfloat16 or float16")
+    return names[dtype]
+
+
+def resolve_max_length(config: Any, tokenizer: Any) -> int:
+    """The model's context length, resolved exactly as lm-eval's HFLM does."""
+    cfg = getattr(config, "text_config", None) or config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(cfg, attr, None)
+        if value is not None:
+            return int(value)
+    mml = getattr(tokenizer, "model_max_length", None)
+    if mml is not None and mml != _TOKENIZER_INFINITY:
+        return int(mml)
+    return DEFAULT_MAX_LENGTH
+
+
+def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class _StopOnStrings:
+    """Stopping criterion: a row is done once its generated text contains any stop string."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str], prompt_len: int):
+        self.tokenizer, self.stops, self.prompt_len = tokenizer, list(stops), prompt_len
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        done = []
+        for row in input_ids[:, self.prompt_len :]:
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            done.append(any(s in text for s in self.stops))
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class HFBackend(BackendBase):
+    """A local causal LM through transformers: chat/raw generation and log-likelihood scoring.
+
+    `model` is a local folder, a model name already in the local Hugging Face cache (loaded offline), or, with
+    `gguf_file=`, the folder holding that GGUF file (dequantised by transformers). `identity` is
+    `hf:<resolved path or name>` (`hf:<folder>/<file>:gguf` for GGUF). Use `from_objects` to wrap a model and
+    tokenizer built in-process.
+    """
+
+    supports_score = True
+    supports_chat = True
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        gguf_file: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = 8,
+        trust_remote_code: bool = False,
+    ):
+        import torch  # noqa: F401  (fail early with a clear message if torch is missing)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        dev = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, dev)
+        path = Path(model).expanduser()
+        local = path.exists()
+        src = str(path.resolve()) if local else model
+        common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+        if not local:
+            common["local_files_only"] = True
+        if gguf_file:
+            common["gguf_file"] = gguf_file
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(src, **common)
+            hf_model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype, **common)
+        except (OSError, ValueError) as e:
+            where = f"{src}/{gguf_file}" if gguf_file else src
+            raise ConfigError(
+                f"cannot load transformers model {where!r}: {e}. Give a local folder, a GGUF file, or a model name "
+                "already in the local Hugging Face cache (Stillroom loads models offline)"
+            ) from e
+        hf_model.to(dev)
+        name = f"{src}/{gguf_file}" if gguf_file else src
+        identity = f"hf:{name}:gguf" if gguf_file else f"hf:{name}"
+        self._setup(hf_model, tokenizer, name=name, identity=identity, batch_size=batch_size)
+
+    @classmethod
+    def from_objects(cls, model: Any, tokenizer: Any, name: str = "in-memory", batch_size: int = 8) -> HFBackend:
+        """Wrap an already-built transformers causal LM and tokenizer (tests, notebooks, trained students)."""
+        self = cls.__new__(cls)
+        self._setup(model, tokenizer, name=name, identity=f"hf:{name}", batch_size=batch_size)
+        return self
+
+    def _setup(self, hf_model: Any, tokenizer: Any, *, name: str, identity: str, batch_size: int) -> None:
+        hf_model.eval()
+        self.hf_model = hf_model
+        self.tokenizer = tokenizer
+        self.model = name
+        self.identity = identity
+        self.batch_size = max(1, int(batch_size))
+        self.device = next(hf_model.parameters()).device
+        # Pad token as lm-eval's configure_pad_token picks it (unk, else eos).
+        if tokenizer.pad_token_id is None:
+            if getattr(tokenizer, "unk_token", None):
+                tokenizer.pad_token_id = tokenizer.unk_token_id
+            elif getattr(tokenizer, "eos_token", None):
+                tokenizer.pad_token_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.prefix_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        self._prefix_text = tokenizer.decode(self.prefix_token_id) if self.prefix_token_id is not None else None
+        self.max_length = resolve_max_length(hf_model.config, tokenizer)
+        text_cfg = hf_model.config.get_text_config() if hasattr(hf_model.config, "get_text_config") else hf_model.config
+        layer_types = getattr(text_cfg, "layer_types", None)
+        window = getattr(text_cfg, "sliding_window", None)
+        uses_window = window is not None and (layer_types is None or any("sliding" in str(t) for t in layer_types))
+        self.sliding_window: int | None = int(window) if uses_window else None
+        params = inspect.signature(hf_model.forward).parameters
+        self._has_logits_to_keep = "logits_to_keep" in params
+        self._split_head: bool | None = None
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        self._memo: tuple[tuple[int, ...], Any] | None = None
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ tokenization (mirrors lm-eval HFLM)
+
+    def tok_encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
+        """HFLM.tok_encode with `add_bos_token=None`: tokenizer defaults, none when `text` starts with BOS."""
+        kwargs: dict[str, Any] = {}
+        if add_special_tokens is not None:
+            kwargs["add_special_tokens"] = add_special_tokens
+        elif self._prefix_text and text.startswith(self._prefix_text):
+            kwargs["add_special_tokens"] = False
+        return list(self.tokenizer.encode(text, **kwargs))
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context tokens, continuation tokens) exactly as lm-eval's `loglikelihood` / `_encode_pair` build them."""
+        if context == "":
+            cont = self.tok_encode(continuation, add_special_tokens=False)
+            if cont and self.prefix_token_id == cont[0]:
+                return cont[:1], cont[1:]
+            return [self.prefix_token_id], cont
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces > 0:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        whole = self.tok_encode(context + continuation)
+        ctx = self.tok_encode(context)
+        return ctx, whole[len(ctx) :]
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    # ------------------------------------------------------------------ scoring
+
+    def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
+        """Summed log-probability of each continuation given its context (identical to lm-eval HFLM).
+
+        See the module docstring for the prefix-sharing scheme: shared prefix once (KV cache kept across calls),
+        each request's remaining context once (batched over requests), then all continuations in one batched
+        forward over the cached contexts, computing logits only at the scored positions.
+        """
+        import torch
+
+        with self._lock, torch.inference_mode():
+            return self._score(requests)
+
+    def _score(self, requests: list[ScoreRequest]) -> list[list[float]]:
+        out: list[list[float]] = [[0.0] * len(r.continuations) for r in requests]
+        # Per request: its scored rows (input tokens, n scored, targets) and its KV-prefix tokens.
+        reqs: list[dict] = []
+        for ri, r in enumerate(requests):
+            if not r.continuations:
+                continue
+            ctx_cache: dict[str, list[int]] = {}
+            rows = []
+            for ci, cont in enumerate(r.continuations):
+                ctx_enc, cont_enc = self._encode_pair_cached(r.context, cont, ctx_cache)
+                if not cont_enc:
+                    continue  # empty continuation: log-probability 0
+                full = (ctx_enc + cont_enc)[-(self.max_length + 1) :]
+                inp = full[:-1]
+                n = min(len(cont_enc), len(inp))
+                rows.append({"ci": ci, "inp": inp, "n": n, "targets": full[-n:]})
+            if not rows:
+                continue
+            p = min(len(x["inp"]) - x["n"] for x in rows)
+            first = rows[0]["inp"]
+            for x in rows[1:]:
+                p = min(p, _lcp(first, x["inp"]))
+            reqs.append({"ri": ri, "rows": rows, "prefix": first[:p]})
+        if not reqs:
+            return out
+        reqs.sort(key=lambda q: q["prefix"])
+        global_prefix = reqs[0]["prefix"]
+        for q in reqs[1:]:
+            global_prefix = global_prefix[: _lcp(global_prefix, q["prefix"])]
+        base_cache = self._prefix_cache(global_prefix)
+        G = len(global_prefix)
+        chunks = [reqs[i : i + self.batch_size] for i in range(0, len(reqs), self.batch_size)]
+        for k, chunk in enumerate(chunks):
+            cache = base_cache if len(chunks) == 1 or k == len(chunks) - 1 else _copy_cache(base_cache)
+            self._score_chunk(chunk, cache, G, out)
+        return out
+
+    def _encode_pair_cached(self, context: str, cont: str, ctx_cache: dict[str, list[int]]):
+        if context == "":
+            return self.encode_pair(context, cont)
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            cont, context = context[-n_spaces:] + cont, context[:-n_spaces]
+        if context not in ctx_cache:
+            ctx_cache[context] = self.tok_encode(context)
+        ctx = ctx_cache[context]
+        whole = self.tok_encode(context + cont)
+        return ctx, whole[len(ctx) :]
+
+    def _forward(self, input_ids, cache, *, attention_mask=None, position_ids=None, keep: int = 1):
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "past_key_values": cache, "use_cache": True}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        if self._has_logits_to_keep:
+            kwargs["logits_to_keep"] = keep
+        return self.hf_model(**kwargs)
+
+    def _advance(self, input_ids, cache):
+        """Run tokens over `cache` (None: a fresh one) only to extend the KV cache; returns the cache."""
+        if self._split_head is None:
+            self._split_head = self._check_split_head()
+        if self._split_head:
+            kwargs: dict[str, Any] = {"input_ids": input_ids, "past_key_values": cache, "use_cache": True}
+            return self.hf_model.get_decoder()(**kwargs).past_key_values
+        return self._forward(input_ids, cache, keep=1).past_key_values
+
+    def _prefix_cache(self, tokens: list[int]):
+        """KV cache (batch 1) of `tokens`, reusing the longest common part of the previous call's prefix.
+
+        The memo holds one prefix with past-state recording on (so sliding-window layers can be cropped); a
+        private copy is returned.
+        """
+        import torch
+
+        if not tokens:
+            return None
+        key = tuple(tokens)
+        cache, done = None, 0
+        if self._memo is not None:
+            mtoks, mcache = self._memo
+            c = _lcp(mtoks, key)
+            if c > 0:
+                cache = _copy_cache(mcache)
+                if c < len(mtoks) and not _truncate_cache(cache, c):
+                    cache = None
+                else:
+                    done = c
+        if cache is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.hf_model.config)
+            if hasattr(cache, "activate_past_recording"):
+                cache.activate_past_recording()
+        if done < len(key):
+            ids = torch.tensor([list(key[done:])], dtype=torch.long, device=self.device)
+            self._advance(ids, cache)
+        self._memo = (key, cache)
+        return _copy_cache(cache)
+
+    def _window_ok(self, total_len: int) -> bool:
+        return self.sliding_window is None or total_len < self.sliding_window - 1
+
+    def _score_chunk(self, chunk: list[dict], cache, G: int, out: list[list[float]]) -> None:
+        """Score one chunk of requests sharing the cached prefix of length G (cache batch 1, or None if G=0)."""
+        import torch
+
+        # Extend the shared prefix to this chunk's own common prefix (batch 1).
+        P = chunk[0]["prefix"]
+        for q in chunk[1:]:
+            P = P[: _lcp(P, q["prefix"])]
+        if len(P) > G:
+            if cache is None:
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=self.hf_model.config)
+            ids = torch.tensor([P[G:]], dtype=torch.long, device=self.device)
+            self._advance(ids, cache)
+            G = len(P)
+        suffixes = [q["prefix"][G:] for q in chunk]
+        lens = [len(s) for s in suffixes]
+        A = max(lens)
+        max_row = max(len(x["inp"]) - len(q["prefix"]) for q in chunk for x in q["rows"])
+        padded = any(n != A for n in lens)
+        if padded and len(chunk) > 1 and not self._window_ok(G + A + max_row):
+            # Padding inside the cache could shift what a sliding window sees: one request at a time.
+            for q in chunk:
+                self._score_chunk([q], _copy_cache(cache) if cache is not None else None, G, out)
+            return
+        B = len(chunk)
+        # Each request's remaining context, right-padded, over the prefix cache repeated per request.
+        if cache is not None and B > 1:
+            cache.batch_repeat_interleave(B)
+        if A > 0:
+            ids = torch.full((B, A), self.pad_id, dtype=torch.long, device=self.device)
+            for i, s in enumerate(suffixes):
+                if s:
+                    ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            cache = self._advance(ids, cache)
+        # Continuation rows: everything after the request's prefix (the last context token + continuation[:-1]).
+        # A row that is a prefix of another row of the same request (" plausible" vs " impl|ausible": both are
+        # predicted from the last context token) is read off the longer row: one forward row per distinct branch.
+        groups = []  # (batch row of the request, row tokens, [(member row dict, request)])
+        for bi, q in enumerate(chunk):
+            mine: list[tuple[int, list[int], list]] = []
+            for x in sorted(q["rows"], key=lambda x: -(len(x["inp"]) - len(q["prefix"]))):
+                r = x["inp"][len(q["prefix"]) :]
+                for g in mine:
+                    if g[1][: len(r)] == r:
+                        g[2].append((x, q, len(r)))
+                        break
+                else:
+                    mine.append((bi, r, [(x, q, len(r))]))
+            groups.extend(mine)
+        subs = self._row_batches(groups)
+        for j, sub in enumerate(subs):
+            sub_cache = cache
+            if cache is not None:
+                # A forward appends to its cache: every sub-batch but the last works on a copy.
+                if j < len(subs) - 1:
+                    sub_cache = _copy_cache(cache)
+                idx = [g[0] for g in sub]
+                if idx != list(range(B)):
+                    sub_cache.batch_select_indices(torch.tensor(idx, device=self.device))
+            self._score_rows(sub, sub_cache, G, A, lens, padded, out)
+
+    def _row_batches(self, groups: list) -> list[list]:
+        """Split forward rows so that at most ~_LOGITS_BUDGET logits exist at once."""
+        vocab = self._vocab_size()
+        per_pos = max(1, _LOGITS_BUDGET // max(1, vocab))
+        subs, cur, npos = [], [], 0
+        for g in groups:
+            n = len(g[1])
+            if cur and npos + n > per_pos:
+                subs.append(cur)
+                cur, npos = [], 0
+            cur.append(g)
+            npos += n
+        if cur:
+            subs.append(cur)
+        return subs
+
+    def _vocab_size(self) -> int:
+        cfg = self.hf_model.config
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        return int(getattr(cfg, "vocab_size", 0) or len(self.tokenizer))
+
+    def _score_rows(self, sub, cache, G: int, A: int, lens: list[int], padded: bool, out) -> None:
+        """One batched forward of continuation rows over the cached contexts; logits only where scored."""
+        import torch
+
+        R, L = len(sub), max(len(g[1]) for g in sub)
+        ids = torch.full((R, L), self.pad_id, dtype=torch.long, device=self.device)
+        for i, g in enumerate(sub):
+            ids[i, : len(g[1])] = torch.tensor(g[1], dtype=torch.long)
+        mask = pos = None
+        past = G + A if cache is not None else 0
+        if cache is not None and padded:
+            mask = torch.ones((R, past + L), dtype=torch.long, device=self.device)
+            pos = torch.empty((R, L), dtype=torch.long, device=self.device)
+            for i, g in enumerate(sub):
+                a = lens[g[0]]
+                mask[i, G + a : G + A] = 0
+                pos[i] = torch.arange(G + a, G + a + L, device=self.device)
+        # The (row, position) pairs whose next-token distribution is scored, each computed once.
+        where: dict[tuple[int, int], int] = {}
+        for i, g in enumerate(sub):
+            for x, _, rlen in g[2]:
+                for t in range(rlen - x["n"], rlen):
+                    where.setdefault((i, t), len(where))
+        rows_t = torch.tensor([i for i, _ in where], device=self.device)
+        pos_t = torch.tensor([t for _, t in where], device=self.device)
+        if self._split_head is None:
+            self._split_head = self._check_split_head()
+        if self._split_head:
+            hidden = self._decoder_forward(ids, cache, attention_mask=mask, position_ids=pos)
+            logits = self._head(hidden[rows_t, pos_t])
+        else:
+            logits = self._forward(ids, cache, attention_mask=mask, position_ids=pos, keep=0).logits[rows_t, pos_t]
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        for i, g in enumerate(sub):
+            for x, q, rlen in g[2]:
+                k = [where[(i, t)] for t in range(rlen - x["n"], rlen)]
+                tgt = torch.tensor(x["targets"], dtype=torch.long, device=lp.device)
+                out[q["ri"]][x["ci"]] = float(lp[k].gather(1, tgt[:, None]).sum())
+
+    def _decoder_forward(self, input_ids, cache, *, attention_mask=None, position_ids=None):
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "past_key_values": cache, "use_cache": True}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        return self.hf_model.get_decoder()(**kwargs).last_hidden_state
+
+    def _head(self, hidden):
+        """The output projection as the model's own forward applies it (incl. Gemma-2 style soft-capping)."""
+        import torch
+
+        logits = self.hf_model.get_output_embeddings()(hidden)
+        cfg = self.hf_model.config
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        cap = getattr(cfg, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _check_split_head(self) -> bool:
+        """Whether decoder + output head reproduce the model's logits (then scored positions alone are projected).
+
+        Models that post-process logits some other way fall back to full forwards (still only at the few
+        continuation positions per row).
+        """
+        import torch
+
+        try:
+            with torch.no_grad():
+                if self.hf_model.get_decoder() is None or self.hf_model.get_output_embeddings() is None:
+                    return False
+                ids = torch.tensor([[self.prefix_token_id or 0, 5, 7, 11]], device=self.device) % self._vocab_size()
+                ref = self.hf_model(input_ids=ids).logits.float()
+                mine = self._head(self._decoder_forward(ids, None)).float()
+                return bool(torch.allclose(ref, mine, rtol=1e-4, atol=1e-4 * max(1.0, float(ref.abs().max()))))
+        except Exception:
+            return False
+
+    # ------------------------------------------------------------------ generation
+
+    def render(self, prompt: Prompt) -> tuple[str, bool]:
+        """Prompt text and whether it came from the chat template (then it carries its own special tokens)."""
+        p = normalise_prompt(prompt)
+        if isinstance(p, str):
+            return p, False
+        if self.has_chat_template:
+            try:
+                text = self.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                return str(text), True
+            except Exception:  # e.g. a template that rejects a system role
+                pass
+        from stillroom.tasks.prompts import chat_to_text
+
+        return chat_to_text(p), False
+
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        text, templated = self.render(prompt)
+        if templated:
+            return self.tok_encode(text, add_special_tokens=False)
+        return self.tok_encode(text)
+
+    def generate(self, prompt: Prompt, params: GenerationParams) -> Generation:
+        return self.generate_many([prompt], params)[0]
+
+    def generate_many(self, prompts: list[Prompt], params: GenerationParams) -> list[Generation]:
+        """Batched generation (left padding), `batch_size` prompts per `model.generate` call."""
+        import torch
+
+        results: list[Generation] = []
+        with self._lock, torch.inference_mode():
+            for i in range(0, len(prompts), self.batch_size):
+                results.extend(self._generate_batch(prompts[i : i + self.batch_size], params))
+        return results
+
+    def _generation_config(self, params: GenerationParams):
+        from transformers import GenerationConfig
+
+        base = getattr(self.hf_model, "generation_config", None)
+        eos = getattr(base, "eos_token_id", None) if base is not None else None
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max(1, int(params.max_tokens)),
+            "pad_token_id": self.pad_id,
+            "eos_token_id": eos,
+            "bos_token_id": self.tokenizer.bos_token_id,
+        }
+        if params.temperature and params.temperature > 0:
+            kwargs.update(do_sample=True, temperature=float(params.temperature), top_p=float(params.top_p), top_k=0)
+        else:
+            kwargs.update(do_sample=False)
+        return GenerationConfig(**kwargs)
+
+    def _eos_ids(self, gen_config) -> set[int]:
+        eos = gen_config.eos_token_id
+        if eos is None:
+            return set()
+        return set(eos) if isinstance(eos, list | tuple) else {int(eos)}
+
+    def _generate_batch(self, prompts: list[Prompt], params: GenerationParams) -> list[Generation]:
+        import torch
+        from transformers import StoppingCriteriaList
+
+        t0 = time.perf_counter()
+        limit = max(1, self.max_length - max(1, int(params.max_tokens)))
+        encoded = [self._prompt_ids(p)[-limit:] for p in prompts]
+        L = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(encoded), L), dtype=torch.long)
+        for i, e in enumerate(encoded):
+            ids[i, L - len(e) :] = torch.tensor(e, dtype=torch.long)
+            mask[i, L - len(e) :] = 1
+        gen_config = self._generation_config(params)
+        stopping = StoppingCriteriaList([_StopOnStrings(self.tokenizer, params.stop, L)]) if params.stop else None
+        if gen_config.do_sample and params.seed is not None:
+            torch.manual_seed(int(params.seed) + int(params.n_sample))
+        out = self.hf_model.generate(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            generation_config=gen_config,
+            stopping_criteria=stopping,
+        )
+        latency = (time.perf_counter() - t0) / len(prompts)
+        eos_ids = self._eos_ids(gen_config)
+        gens = []
+        for i, e in enumerate(encoded):
+            new = out[i, L:].tolist()
+            finish = "length"
+            n_out = len(new)
+            for j, t in enumerate(new):
+                if t in eos_ids:
+                    new, n_out, finish = new[:j], j + 1, "stop"
+                    break
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            if params.stop:
+                cut = [text.find(s) for s in params.stop if s and s in text]
+                if cut:
+                    text, finish = text[: min(cut)], "stop"
+            gens.append(Generation(text=text, usage=Usage(input_tokens=len(e), output_tokens=n_out, latency_s=latency),
+                                   finish_reason=finish))
+        return gens
+
+
+def _truncate_cache(cache, n: int) -> bool:
+    """Keep only the first `n` positions of a cache built with past-state recording; False if unsupported.
+
+    Unlike `Cache.crop`, this never loses sliding-window states, because recording keeps them all.
+    """
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return False
+    for layer in layers:
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            return False
+        sliding = isinstance(layer, DynamicSlidingWindowLayer)
+        if sliding and not (layer.record_past and (not layer.is_initialized or layer.keys.shape[-2] == layer.cumulative_length)):
+            return False
+    for layer in layers:
+        if layer.is_initialized and layer.keys is not None and layer.keys.numel():
+            layer.keys = layer.keys[..., :n, :]
+            layer.values = layer.values[..., :n, :]
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            layer.cumulative_length = min(layer.cumulative_length, n)
+    return True
+
+
+def _copy_cache(cache):
+    """Private copy of a KV cache (tensors are cloned), so forwards on it never touch the original."""
+    if cache is None:
+        return None
+    return copy.deepcopy(cache)

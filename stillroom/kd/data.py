@@ -1,0 +1,251 @@
+"""Black-box KD (`stillroom kd data`): distil through the teacher's text, so any backend works, API teachers
+included.
+
+Modes:
+
+* ``answers`` (SeqKD, Kim & Rush 2016): the teacher answers each training input; its answers become the
+  student's SFT targets.
+* ``cot`` (chain-of-thought distillation): the teacher reasons, then answers ('Answer: ...'); rationale + answer
+  become the targets, and the student is evaluated reasoning the same way.
+* ``demos`` (in-context distillation): the teacher labels a pool of inputs; k of its labelled examples become
+  the student's few-shot demonstrations. No training.
+
+Every teacher call goes through the run folder's durable cache (`open_cached_backend`), so a rerun (or a run
+cut short by Ctrl-C or a spend cap) repays nothing. When an example has a gold label, the teacher's output is
+kept only if its final answer matches it (`filter_correct`); with `samples` > 1 (and a temperature > 0) the
+teacher is re-sampled for the examples it got wrong (rejection sampling). Fine-tuning is the one SFT helper,
+`stillroom.train.sft.train_sft` (completion-only loss, LoRA by default).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from stillroom.config import BackendConfig, SpendConfig, TaskConfig
+from stillroom.errors import ConfigError
+
+Mode = Literal["answers", "cot", "demos"]
+
+
+class KDDataConfig(BaseModel):
+    """`stillroom kd data`: teacher outputs → filtered SFT set (or demonstrations) → student."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: TaskConfig
+    teacher: BackendConfig = Field(default_factory=BackendConfig, description="Any backend: local, OpenAI-compatible, scripted.")
+    student: str = Field(..., description="Student: 'gemma3-270m', 'hf:PATH' or a local model folder.")
+    mode: Mode = Field("answers", description="'answers' (SeqKD), 'cot' (rationales + answers) or 'demos' (few-shot).")
+    filter_correct: bool = Field(True, description="Keep a teacher output only if its answer matches the gold label (when there is one).")
+    samples: int = Field(1, ge=1, description="Teacher attempts per example at most (re-sampled while wrong; needs temperature > 0).")
+    temperature: float = Field(0.0, ge=0, description="Teacher sampling temperature (0 = greedy).")
+    teacher_max_tokens: int | None = Field(None, ge=1, description="Teacher generation budget (default 32, or 256 for cot).")
+    teacher_shots: int = Field(0, ge=0, description="Gold-labelled training examples shown to the teacher as shots.")
+    shots: int = Field(
+        0, ge=0,
+        description="Gold-labelled training examples in the student's prompt, in training and evaluation (the same k "
+        "the teacher sees when teacher_shots equals it). Ignored in 'demos' mode, where the teacher's labelled "
+        "examples are the shots.",
+    )
+    demos: int = Field(5, ge=1, description="'demos' mode: teacher-labelled demonstrations in the student's prompt.")
+    train_limit: int | None = Field(None, ge=1, description="Use a deterministic sample of N training examples.")
+    eval_split: Literal["val", "test"] = Field("test", description="Split the student is evaluated on.")
+    eval_limit: int | None = Field(None, ge=1, description="Evaluate on a deterministic sample of N examples.")
+    eval_before: bool = Field(True, description="Also evaluate the student before distillation.")
+    lora: bool = Field(True, description="LoRA (merged into the saved student) or full fine-tuning.")
+    epochs: float = Field(1.0, gt=0, description="SFT passes over the kept examples.")
+    max_steps: int = Field(-1, description="SFT optimizer steps (-1: use epochs).")
+    learning_rate: float = Field(1e-4, gt=0, description="SFT learning rate.")
+    batch_size: int = Field(8, ge=1, description="SFT batch size.")
+    max_length: int = Field(1024, ge=8, description="SFT tokens per example.")
+    seed: int = Field(0, description="SFT seed.")
+    spend: SpendConfig = Field(default_factory=SpendConfig, description="Cap on the teacher's spend for this run.")
+
+
+def teacher_answer(task, ex, text: str) -> str | None:
+    """The final answer in a teacher output: an option for option tasks, extracted text for free text."""
+    from stillroom.evaluate.runner import parse_choice
+
+    if task.kind == "free_text":
+        return task.extract_answer(text) or None
+    return parse_choice(text, task.options(ex))
+
+
+def is_correct(task, ex, answer: str | None) -> bool | None:
+    """Whether the teacher's answer matches the gold label; None when the example has no label."""
+    if ex.label is None:
+        return None
+    if answer is None:
+        return False
+    if task.kind == "free_text":
+        norm = lambda s: re.sub(r"[\W_]+", " ", s.lower()).strip()  # noqa: E731
+        return norm(answer) == norm(str(ex.label))
+    return answer == ex.label
+
+
+def collect_teacher_outputs(task, examples, teacher, *, mode: Mode, shots=(), samples: int = 1,
+                            temperature: float = 0.0, max_tokens: int = 32, filter_correct: bool = True) -> list[dict]:
+    """Ask the (cached) teacher for every example; one row per example with its text, parsed answer, correctness
+    and whether it is kept. With `samples` > 1, examples still without a kept output are re-sampled."""
+    from stillroom.backends.base import GenerationParams
+    from stillroom.tasks.prompts import render_chat
+
+    reason = mode == "cot"
+    rows: dict[str, dict] = {}
+    pending = list(examples)
+    for attempt in range(samples):
+        if not pending:
+            break
+        params = GenerationParams(max_tokens=max_tokens, temperature=temperature, n_sample=attempt,
+                                  seed=attempt if temperature > 0 else None)
+        gens = teacher.generate_many([render_chat(task, ex, shots, reason=reason) for ex in pending], params)
+        still = []
+        for ex, g in zip(pending, gens, strict=True):
+            ans = teacher_answer(task, ex, g.text)
+            ok = is_correct(task, ex, ans)
+            keep = ans is not None and (ok is not False or not filter_correct)
+            rows[ex.id] = {"id": ex.id, "input": ex.input, "gold": ex.label, "text": g.text, "answer": ans,
+                           "correct": ok, "kept": keep, "attempt": attempt, "cached": g.usage.cached}
+            if not keep:
+                still.append(ex)
+        pending = still
+        if temperature == 0:
+            break  # greedy decoding would only repeat itself
+    return [rows[ex.id] for ex in examples if ex.id in rows]
+
+
+def sft_records(task, examples, rows: list[dict], *, mode: Mode, render, shots=()) -> list[dict]:
+    """Prompt/completion pairs for `train_sft` from the kept teacher rows.
+
+    Option tasks in 'answers' mode train on the log-likelihood prompt (`render_prompt` + ' <option>'), the very
+    text the evaluator scores; free text and 'cot' train on the rendered chat prompt (`render`, as the student's
+    backend renders it when generating) followed by the teacher's answer or rationale. `shots` are the student's
+    solved examples, in the prompt as the evaluator will show them.
+    """
+    from stillroom.tasks.prompts import continuation, render_chat, render_prompt
+
+    by_id = {ex.id: ex for ex in examples}
+    out = []
+    for r in rows:
+        if not r["kept"]:
+            continue
+        ex = by_id[r["id"]]
+        if mode == "answers" and task.kind != "free_text":
+            out.append({"prompt": render_prompt(task, ex, shots), "completion": continuation(r["answer"])})
+        elif mode == "answers":
+            out.append({"prompt": render(render_chat(task, ex, shots)), "completion": " " + r["answer"].strip()})
+        else:
+            out.append({"prompt": render(render_chat(task, ex, shots, reason=True)),
+                        "completion": " " + r["text"].strip()})
+    return out
+
+
+def distill_data(cfg: KDDataConfig, run_dir: str | Path, *, teacher_backend=None) -> dict:
+    """The `kd data` route. Writes teacher_outputs.jsonl, sft_data.jsonl (or demos.jsonl), student/,
+    train.json, predictions.jsonl, metrics.json, usage.json and report.html. Rerunning resumes from the cache."""
+    import dataclasses
+
+    from stillroom.backends import open_cached_backend
+    from stillroom.backends.embedded import is_converted, save_model_folder
+    from stillroom.backends.hf import HFBackend
+    from stillroom.evaluate.runner import evaluate
+    from stillroom.kd.trainer import load_causal_lm, load_tokenizer, resolve_model_path
+    from stillroom.report.html import eval_report
+    from stillroom.runs import RunFolder
+    from stillroom.tasks import load_task
+    from stillroom.tasks.task import sample
+
+    run = RunFolder(run_dir)
+    config_dict = cfg.model_dump(mode="json")
+    run.save_config(config_dict)
+    task = load_task(cfg.task.spec, instruction=cfg.task.instruction, labels=cfg.task.labels)
+    splits = task.splits(seed=cfg.task.seed, val_fraction=cfg.task.val_fraction, test_fraction=cfg.task.test_fraction)
+    teacher_shots = sample(splits.train, cfg.teacher_shots, seed=cfg.task.seed) if cfg.teacher_shots else []
+    student_shots = sample(splits.train, cfg.shots, seed=cfg.task.seed) if cfg.shots and cfg.mode != "demos" else []
+    shot_ids = {s.id for s in teacher_shots} | {s.id for s in student_shots}
+    train = [e for e in sample(splits.train, cfg.train_limit, seed=cfg.task.seed) if e.id not in shot_ids]
+    eval_examples = sample(splits.get(cfg.eval_split), cfg.eval_limit, seed=cfg.task.seed)
+    if cfg.samples > 1 and cfg.temperature == 0:
+        raise ConfigError("samples > 1 needs temperature > 0 (greedy decoding repeats the same answer)")
+    student_path = resolve_model_path(cfg.student)
+    max_tokens = cfg.teacher_max_tokens or (256 if cfg.mode == "cot" else 32)
+
+    teacher = open_cached_backend(cfg.teacher, run.cache_path, cfg.spend, backend=teacher_backend)
+    try:
+        rows = collect_teacher_outputs(task, train, teacher, mode=cfg.mode, shots=teacher_shots, samples=cfg.samples,
+                                       temperature=cfg.temperature, max_tokens=max_tokens,
+                                       filter_correct=cfg.filter_correct)
+    finally:
+        run.write_json("usage.json", teacher.meter.summary())
+    run.write_jsonl("teacher_outputs.jsonl", rows)
+    labelled = [r for r in rows if r["correct"] is not None]
+    data_stats = {
+        "examples": len(rows), "kept": sum(r["kept"] for r in rows),
+        "teacher_accuracy": (sum(bool(r["correct"]) for r in labelled) / len(labelled)) if labelled else None,
+        "unparsed": sum(r["answer"] is None for r in rows),
+        "teacher_calls_cached": sum(r["cached"] for r in rows),
+    }
+    if not data_stats["kept"]:
+        raise ConfigError(f"the teacher produced no usable output for {len(rows)} examples (accuracy "
+                          f"{data_stats['teacher_accuracy']}); nothing to distil. Try cot, more samples or another teacher")
+
+    tok = load_tokenizer(student_path)
+    student = load_causal_lm(student_path)
+    conditions: dict[str, Any] = {}
+    method = "cot" if cfg.mode == "cot" else "auto"
+    if cfg.eval_before or cfg.mode == "demos":
+        base = HFBackend.from_objects(student, tok, name="student-base")
+        conditions["student (no KD)"] = evaluate(task, eval_examples, base, shots=student_shots, method=method,
+                                                 description="student-base")
+    notes: list[str] = []
+    train_info: dict[str, Any] = {"data": data_stats}
+    if cfg.mode == "demos":
+        kept = [r for r in rows if r["kept"]][: cfg.demos]
+        by_id = {ex.id: ex for ex in train}
+        demos = [dataclasses.replace(by_id[r["id"]], label=r["answer"]) for r in kept]
+        run.write_jsonl("demos.jsonl", [{"id": d.id, "input": d.input, "label": d.label} for d in demos])
+        backend = HFBackend.from_objects(student, tok, name="student-demos")
+        conditions[f"student + {len(demos)} teacher demos"] = evaluate(
+            task, eval_examples, backend, shots=demos, method=method, description="student-demos")
+        notes.append("demos mode: no training; the teacher's labelled examples are the student's few-shot prompt")
+    else:
+        from stillroom.train.sft import SFTSettings, train_sft
+
+        render = HFBackend.from_objects(student, tok, name="render").render
+        records = sft_records(task, train, rows, mode=cfg.mode, render=lambda m: render(m)[0], shots=student_shots)
+        run.write_jsonl("sft_data.jsonl", records)
+        student_dir = run.file("student")
+        if is_converted(student_dir) and run.read_json("train.json"):
+            notes.append("resumed: the student was already fine-tuned in this run folder")
+            trained = load_causal_lm(student_dir)
+            train_info = run.read_json("train.json")
+        else:
+            settings = SFTSettings(lora=cfg.lora, epochs=cfg.epochs, max_steps=cfg.max_steps,
+                                   learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
+                                   max_length=cfg.max_length, seed=cfg.seed)
+            res = train_sft(student, tok, records, settings, output_dir=run.file("trainer"))
+            trained = res.model
+            save_model_folder(trained, tok, student_dir)
+            train_info = {"data": data_stats, "sft": {"examples": len(records), "steps": res.steps,
+                                                      "seconds": round(res.seconds, 2), "losses": res.losses,
+                                                      "trainable_parameters": res.trainable_parameters,
+                                                      "settings": dataclasses.asdict(settings)}}
+            run.write_json("train.json", train_info)
+        backend = HFBackend.from_objects(trained, tok, name="student-kd")
+        conditions[f"student ({cfg.mode} KD)"] = evaluate(task, eval_examples, backend, shots=student_shots,
+                                                          method=method, description="student-kd")
+    rows_out = [{"condition": name, **p} for name, r in conditions.items() for p in r.predictions]
+    run.write_jsonl("predictions.jsonl", rows_out)
+    metrics = {"task": task.name, "split": cfg.eval_split, "examples": len(eval_examples), "mode": cfg.mode,
+               "teacher": teacher.identity, "student": str(student_path), "data": data_stats,
+               "conditions": {n: {"method": r.method, **r.metrics} for n, r in conditions.items()},
+               "train": {k: v for k, v in train_info.items() if k != "data"}, "notes": notes}
+    run.write_json("metrics.json", metrics)
+    run.write_text("report.html", eval_report(f"Stillroom KD (data, {cfg.mode}): {task.name}",
+                                              {n: r.metrics for n, r in conditions.items()}, config_dict,
+                                              usage=teacher.meter.summary(), notes=notes))
+    return metrics
