@@ -6,7 +6,15 @@ import threading
 import time
 from collections.abc import Callable
 
-from stillroom.backends.base import BackendBase, Generation, GenerationParams, Prompt, Usage, estimate_tokens, prompt_text
+from stillroom.backends.base import (
+    BackendBase,
+    Generation,
+    GenerationParams,
+    Prompt,
+    Usage,
+    estimate_tokens,
+    prompt_text,
+)
 
 ScriptFn = Callable[[Prompt, GenerationParams], str]
 
