@@ -14,6 +14,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from tiny import tiny_tokenizer  # noqa: E402
+
 from stillroom.backends.base import GenerationParams  # noqa: E402
 from stillroom.backends.scripted import ScriptedBackend  # noqa: E402
 from stillroom.prune.angular import analyze_layers, decoder_layers  # noqa: E402
@@ -35,19 +37,7 @@ CORPUS = [
 @pytest.fixture(scope="module")
 def tok():
     """A small byte-level BPE tokenizer trained in-process that prepends <bos>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    t = Tokenizer(models.BPE(unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    t.train_from_iterator(CORPUS * 20, trainer)
-    bos = t.token_to_id("<bos>")
-    t.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    return tiny_tokenizer(CORPUS, vocab_size=300)
 
 
 def tiny_llama(tok, layers=6, seed=0, eos=True):

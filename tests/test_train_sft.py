@@ -12,6 +12,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
 pytest.importorskip("peft")
 
+from tiny import tiny_tokenizer  # noqa: E402
+
 from stillroom.train.sft import (  # noqa: E402
     SFTSettings,
     _head_transform,
@@ -31,19 +33,7 @@ CORPUS = [
 @pytest.fixture(scope="module")
 def tok():
     """A small byte-level BPE tokenizer trained in-process that prepends <bos>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    t = Tokenizer(models.BPE(unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    t.train_from_iterator(CORPUS * 20, trainer)
-    bos = t.token_to_id("<bos>")
-    t.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    return tiny_tokenizer(CORPUS, vocab_size=280)
 
 
 def tiny_llama(tok, seed=0):

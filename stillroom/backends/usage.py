@@ -12,9 +12,6 @@ many threads in flight, reservations are what stop them from together overshooti
 from __future__ import annotations
 
 import json
-import math
-import os
-import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +19,10 @@ from pathlib import Path
 
 from stillroom.backends.base import Usage
 from stillroom.errors import SpendCapReached
+from stillroom.evaluate.metrics import percentile
+from stillroom.runs import atomic_write_text
+
+__all__ = ["Prices", "SpendCap", "UsageMeter", "percentile", "write_json_atomic"]
 
 
 @dataclass(frozen=True)
@@ -61,31 +62,9 @@ class Reservation:
 _FREE = Prices()
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) of `values` by linear interpolation; 0.0 for an empty list."""
-    if not values:
-        return 0.0
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def write_json_atomic(path: str | Path, data: dict) -> None:
     """Write JSON so readers see the old file or the new one, never half of one (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(Path(path), json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 class UsageMeter:
