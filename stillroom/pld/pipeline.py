@@ -37,8 +37,10 @@ def open_backends(cfg: PLDConfig, run: RunFolder, teacher=None, student=None):
         teacher = load_backend(cfg.teacher)
     if student is None:
         student = teacher if cfg.student == cfg.teacher else load_backend(cfg.student)
+    # Separate wrappers even when one model plays both parts: the teacher's meter (build cost, spend cap)
+    # must count only teacher calls.
     t = open_cached_backend(cfg.teacher, run.cache_path, cfg.spend, backend=teacher)
-    s = t if student is teacher else open_cached_backend(cfg.student, run.cache_path, None, backend=student)
+    s = open_cached_backend(cfg.student, run.cache_path, None, backend=student)
     return t, s
 
 
