@@ -375,8 +375,8 @@ def test_pruned_draft_counts_are_consistent(tok):
     target = tiny_llama(tok, layers=4, seed=6, eos=False)
     draft = copy.deepcopy(target)
     drop_layers(draft, 1, 3)
-    prompts = ["the quick brown fox", "Options: red; green; blue. Answer:", "The capital of France is"]
-    res = measure_speculative(target, draft, tok, prompts, k=3, max_new_tokens=12)
+    prompts = ["the quick brown fox", "The capital of France is"]
+    res = measure_speculative(target, draft, tok, prompts, k=3, max_new_tokens=10)
     assert res["rounds"] == res["target_forward_calls"] > 0
     assert res["new_tokens"] == res["accepted"] + res["rounds"] == res["target_alone_tokens"]
     assert 0 <= res["acceptance_rate"] <= 1 and 1 <= res["mean_accepted_length"] <= 4

@@ -57,6 +57,11 @@ class KDDataConfig(BaseModel):
     eval_limit: int | None = Field(None, ge=1, description="Evaluate on a deterministic sample of N examples.")
     eval_before: bool = Field(True, description="Also evaluate the student before distillation.")
     lora: bool = Field(True, description="LoRA (merged into the saved student) or full fine-tuning.")
+    lora_r: int = Field(8, ge=1, description="LoRA rank (the SFT helper's default).")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    lora_target_modules: list[str] = Field(["q_proj", "v_proj"], description="Modules that get LoRA adapters.")
+    lr_scheduler: str = Field("cosine", description="transformers scheduler name.")
     epochs: float = Field(1.0, gt=0, description="SFT passes over the kept examples.")
     max_steps: int = Field(-1, description="SFT optimizer steps (-1: use epochs).")
     learning_rate: float = Field(1e-4, gt=0, description="SFT learning rate.")
@@ -100,8 +105,9 @@ def collect_teacher_outputs(task, examples, teacher, *, mode: Mode, shots=(), sa
     for attempt in range(samples):
         if not pending:
             break
+        # An answer is one line: base models otherwise run on into a made-up next example.
         params = GenerationParams(max_tokens=max_tokens, temperature=temperature, n_sample=attempt,
-                                  seed=attempt if temperature > 0 else None)
+                                  seed=attempt if temperature > 0 else None, stop=() if reason else ("\n",))
         gens = teacher.generate_many([render_chat(task, ex, shots, reason=reason) for ex in pending], params)
         still = []
         for ex, g in zip(pending, gens, strict=True):
@@ -153,7 +159,7 @@ def distill_data(cfg: KDDataConfig, run_dir: str | Path, *, teacher_backend=None
     from stillroom.backends.embedded import is_converted, save_model_folder
     from stillroom.backends.hf import HFBackend
     from stillroom.evaluate.runner import evaluate
-    from stillroom.kd.trainer import load_causal_lm, load_tokenizer, resolve_model_path
+    from stillroom.kd.trainer import load_causal_lm, load_tokenizer, resolve_model_path, training_digest
     from stillroom.report.html import eval_report
     from stillroom.runs import RunFolder
     from stillroom.tasks import load_task
@@ -219,21 +225,23 @@ def distill_data(cfg: KDDataConfig, run_dir: str | Path, *, teacher_backend=None
         records = sft_records(task, train, rows, mode=cfg.mode, render=lambda m: render(m)[0], shots=student_shots)
         run.write_jsonl("sft_data.jsonl", records)
         student_dir = run.file("student")
-        if is_converted(student_dir) and run.read_json("train.json"):
+        digest = training_digest(cfg)
+        if is_converted(student_dir) and (run.read_json("train.json") or {}).get("config_digest") == digest:
             notes.append("resumed: the student was already fine-tuned in this run folder")
             trained = load_causal_lm(student_dir)
             train_info = run.read_json("train.json")
         else:
-            settings = SFTSettings(lora=cfg.lora, epochs=cfg.epochs, max_steps=cfg.max_steps,
-                                   learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
-                                   max_length=cfg.max_length, seed=cfg.seed)
+            settings = SFTSettings(lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                   target_modules=tuple(cfg.lora_target_modules), lr_scheduler_type=cfg.lr_scheduler,
+                                   epochs=cfg.epochs, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
+                                   batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed)
             res = train_sft(student, tok, records, settings, output_dir=run.file("trainer"))
             trained = res.model
             save_model_folder(trained, tok, student_dir)
-            train_info = {"data": data_stats, "sft": {"examples": len(records), "steps": res.steps,
-                                                      "seconds": round(res.seconds, 2), "losses": res.losses,
-                                                      "trainable_parameters": res.trainable_parameters,
-                                                      "settings": dataclasses.asdict(settings)}}
+            train_info = {"data": data_stats, "config_digest": digest,
+                          "sft": {"examples": len(records), "steps": res.steps, "seconds": round(res.seconds, 2),
+                                  "losses": res.losses, "trainable_parameters": res.trainable_parameters,
+                                  "settings": dataclasses.asdict(settings)}}
             run.write_json("train.json", train_info)
         backend = HFBackend.from_objects(trained, tok, name="student-kd")
         conditions[f"student ({cfg.mode} KD)"] = evaluate(task, eval_examples, backend, shots=student_shots,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -563,6 +564,16 @@ def evaluate_model(task, examples, model, tokenizer, *, shots=(), name: str = "s
     return evaluate(task, examples, backend, shots=shots, description=name)
 
 
+EVAL_ONLY_FIELDS = ("eval_split", "eval_limit", "eval_before", "eval_teacher")
+
+
+def training_digest(cfg: BaseModel) -> str:
+    """Hash of the settings that shape the trained student (not the evaluation ones): a run folder's student is
+    reused on a rerun only when this matches."""
+    data = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in EVAL_ONLY_FIELDS}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _release_memory() -> None:
     """Return freed model memory (call after dropping the last reference to a model)."""
     gc.collect()
@@ -629,7 +640,8 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
     student_dir = run.file("student")
     train_info = run.read_json("train.json")
     cache_info: dict[str, Any] = {}
-    if is_converted(student_dir) and train_info is not None:
+    digest = training_digest(cfg)
+    if is_converted(student_dir) and train_info is not None and train_info.get("config_digest") == digest:
         notes.append("resumed: the distilled student was already trained in this run folder")
         if cfg.eval_before:
             base = load_causal_lm(student_path, dtype=cfg.dtype)
@@ -674,7 +686,7 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
             result = train_kd(student, s_tok, encoded, cfg, output_dir=run.file("trainer"), cache=cache,
                               teacher=teacher, vocab_size=plan.size)
         trained = merged(result.model)
-        train_info = {**result.summary(), "cache": cache_info, "examples": len(encoded)}
+        train_info = {**result.summary(), "cache": cache_info, "examples": len(encoded), "config_digest": digest}
         del teacher, result
         _release_memory()
         if not PartialState().is_main_process:
