@@ -365,3 +365,44 @@ def test_meter_summary_percentiles_and_atomic_save(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(s))
     assert [p.name for p in out.parent.iterdir()] == ["usage.json"]  # no temp file left behind
     assert percentile([], 50) == 0.0 and percentile([2.0], 95) == 2.0
+
+
+class ScoringBackend(BackendBase):
+    """A local-style backend that scores continuations by length and counts every request it scores."""
+
+    supports_score = True
+    supports_chat = False
+
+    def __init__(self):
+        self.identity, self.model, self.scored = "scoring:len", "len", 0
+
+    def generate(self, prompt, params):
+        raise AssertionError("not used")
+
+    def score(self, requests):
+        time.sleep(0.01 * len(requests))
+        self.scored += len(requests)
+        return [[-float(len(c)) - 0.5 * len(r.context) for c in r.continuations] for r in requests]
+
+
+def test_scores_are_cached_across_runs_and_metered(tmp_path):
+    from stillroom.backends.base import ScoreRequest
+
+    reqs = [ScoreRequest(f"ctx {i}:", (" yes", " no")) for i in range(5)]
+    first = CachedBackend(ScoringBackend(), ResponseCache(tmp_path / "c.sqlite"))
+    want = first.score(reqs[:3])
+    assert first.backend.scored == 3 and first.score_calls == 3
+    assert first.meter.summary()["score_requests"] == 3
+    assert first.meter.summary()["score_input_tokens"] > 0
+
+    # A new process on the same run folder: the three known requests come from the file, only two are scored.
+    again = CachedBackend(ScoringBackend(), ResponseCache(tmp_path / "c.sqlite"))
+    got = again.score(reqs)
+    assert again.backend.scored == 2 and again.score_calls == 2
+    assert got[:3] == want and got == ScoringBackend().score(reqs)
+    assert again.meter.summary()["cache_hits"] == 3
+    # Hits keep the latency measured when they were scored, so a resumed report shows real latencies.
+    assert all(x >= 0.005 for x in again.last_score_latencies)
+    # Scores never count as paid calls.
+    assert again.meter.summary()["calls"] == 0
+    assert again.score(reqs) == got and again.backend.scored == 2

@@ -42,7 +42,7 @@ def bow_embed(texts):
 
 def teacher_fn(garbage=False):
     def fn(prompt, params):
-        system, user = prompt[0]["content"], prompt[-1]["content"]
+        system, user = prompt[0]["content"], prompt[-1]["content"].split("Now the real case:")[-1]
         if garbage:
             return "lorem ipsum {{{"
         if system == EXTRACT_SYSTEM:
@@ -163,6 +163,43 @@ def test_tolerant_parsing():
     assert parse_single("ok", ["instruction"]) is None
     assert parse_rule_list("1. First rule is this one.\n2) Second rule is that one.") == ["First rule is this one.", "Second rule is that one."]
     assert parse_rule_list('{"rules": ["Always read the whole input."]}') == ["Always read the whole input."]
+
+
+def test_parsing_rejects_echoes_and_prompt_fields():
+    inp = "Joe Flacco threw a touchdown pass in the third period."
+    forbid = (inp, "plausible")
+    # The input repeated, in full, in part, or reworded from its own words: unreadable (so it is retried).
+    assert parse_single(inp, ["instruction"], forbid) is None
+    assert parse_single("Joe Flacco threw a touchdown pass", ["instruction"], forbid) is None
+    assert parse_single("Input: " + inp, ["instruction"], forbid) is None
+    assert parse_single("Correct answer: plausible because it is", ["instruction"], forbid) is None
+    # A real instruction may name the label, and a labelled line after echoed fields is found.
+    good = "Check that the athlete's sport matches the action; if so, answer plausible."
+    assert parse_single(good, ["instruction"], forbid) == good
+    assert parse_single(f"Input: {inp}\nGeneral instruction: {good}", ["instruction"], forbid) == good
+    # Resolver lists: echoed case lines and duplicates are dropped; nothing left is unreadable.
+    reply = f"1. {good}\n- Input: {inp}\n- Correct answer: plausible and so on\n2. {good}\n3. {inp}"
+    assert parse_rule_list(reply, forbid=[inp]) == [good]
+    assert parse_rule_list(f"- Input: {inp}\n- Model answered: implausible for sure", forbid=[inp]) is None
+
+
+def test_echoed_extraction_is_retried_and_teacher_calls_carry_stop_strings(tmp_path):
+    seen = []
+
+    def echo_first(prompt, params):
+        seen.append(params.stop)
+        user = prompt[-1]["content"].split("Now the real case:")[-1]
+        if prompt[0]["content"] == EXTRACT_SYSTEM and "could not be read" not in user:
+            inp = re.search(r"Input: (.*)", user).group(1)
+            return inp + "\nTask: more made-up examples"  # a base model continuing the pattern
+        return teacher_fn()(prompt, params)
+
+    teacher = ScriptedBackend(echo_first, "teacher")
+    m = run(tmp_path, "echo", teacher, max_rounds=0, extract_sample=12)
+    rows = [json.loads(x) for x in (tmp_path / "echo" / "extractions.jsonl").read_text().splitlines()]
+    assert m["extraction"]["failed"] == 0 and all(len(r["raw"]) == 2 for r in rows)
+    assert all(r["text"] and "shiny" not in r["text"] for r in rows)
+    assert all(stop and "\nTask:" in stop and "\nInput:" in stop for stop in seen)
 
 
 def test_pld_command_with_yaml_config_writes_the_run_folder(tmp_path):

@@ -9,6 +9,7 @@ backend: hits are served from the file without a backend call; misses are charge
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -42,6 +43,14 @@ CREATE TABLE IF NOT EXISTS responses (
     output_tokens INTEGER NOT NULL DEFAULT 0,
     latency_s REAL NOT NULL DEFAULT 0,
     cost_usd REAL NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS scores (
+    key TEXT PRIMARY KEY,
+    identity TEXT NOT NULL,
+    loglik TEXT NOT NULL,
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    latency_s REAL NOT NULL DEFAULT 0,
     created_at REAL NOT NULL
 )
 """
@@ -86,7 +95,7 @@ class ResponseCache:
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit survives power loss too, not only a killed process; an fsync is cheap next to a model call.
         conn.execute("PRAGMA synchronous=FULL")
-        conn.execute(_SCHEMA)
+        conn.executescript(_SCHEMA)
         return conn
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
@@ -141,6 +150,20 @@ class ResponseCache:
             ),
         )
 
+    def get_score(self, key: str) -> tuple[list[float], float] | None:
+        """Cached log-likelihoods for a score request key and the latency they took, or None."""
+        rows = self._query("SELECT loglik, latency_s FROM scores WHERE key = ?", (key,))
+        return ([float(x) for x in json.loads(rows[0][0])], float(rows[0][1])) if rows else None
+
+    def put_score(self, key: str, *, identity: str, loglik: list[float], input_tokens: int = 0,
+                  latency_s: float = 0.0) -> None:
+        """Store one request's log-likelihoods and commit them immediately."""
+        self._query(
+            "INSERT OR IGNORE INTO scores (key, identity, loglik, input_tokens, latency_s, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (key, identity, json.dumps([float(x) for x in loglik]), int(input_tokens), float(latency_s), time.time()),
+        )
+
     def total_usage(self, identity: str | None = None) -> dict:
         """Spend recorded in the file (all backends, or one `identity`): calls, input/output tokens, cost."""
         sql = "SELECT COUNT(*), SUM(input_tokens), SUM(output_tokens), SUM(cost_usd) FROM responses"
@@ -173,11 +196,21 @@ class ResponseCache:
             self._db = None
 
 
+def score_key(identity: str, request: ScoreRequest) -> str:
+    """Stable cache key of a log-likelihood request (distinct from every completion key)."""
+    payload = json.dumps(
+        {"backend": identity, "score": {"context": request.context, "continuations": list(request.continuations)}},
+        sort_keys=True,
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
 class CachedBackend:
     """Any backend behind the durable cache and the usage meter; implements the `Backend` interface.
 
-    `calls` counts real backend calls made through this wrapper (one per prompt sent), so a resumed run can
-    be checked to repeat nothing.
+    `calls` counts real backend calls made through this wrapper (one per prompt sent), and `score_calls` the
+    log-likelihood requests scored by the backend, so a resumed run can be checked to repeat nothing.
     """
 
     def __init__(self, backend: Backend, cache: ResponseCache, meter: UsageMeter | None = None):
@@ -185,6 +218,7 @@ class CachedBackend:
         self.cache = cache
         self.meter = meter if meter is not None else UsageMeter()
         self.calls = 0
+        self.score_calls = 0
         self._lock = threading.Lock()
 
     # --- delegated interface -------------------------------------------------------------------------------
@@ -205,8 +239,41 @@ class CachedBackend:
         return self.backend.supports_chat
 
     def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
-        """Delegated uncached: scoring runs on local models, where it costs nothing but time."""
-        return self.backend.score(requests)
+        """Log-likelihoods, cached like completions: a resumed run re-scores nothing.
+
+        Scoring only exists on local backends, so it is never charged against the spend cap, but the meter
+        counts the requests and their tokens. Misses go to the backend in one call, so requests that share a
+        prefix still share its forward pass. `last_score_latencies` holds each request's share of the time it
+        took when it was scored (also for cache hits), so reports keep the real latency after a resume.
+        """
+        if not self.backend.supports_score:
+            return self.backend.score(requests)  # raises NotImplementedError with the backend's own message
+        keys = [score_key(self.identity, r) for r in requests]
+        out: list[list[float] | None] = [None] * len(requests)
+        latencies = [0.0] * len(requests)
+        for i, key in enumerate(keys):
+            hit = self.cache.get_score(key)
+            if hit is not None:
+                out[i], latencies[i] = hit
+        hits = sum(o is not None for o in out)
+        if hits:
+            self.meter.record_hit(hits)
+        todo = [i for i, o in enumerate(out) if o is None]
+        if todo:
+            t0 = time.perf_counter()
+            scored = self.backend.score([requests[i] for i in todo])
+            share = (time.perf_counter() - t0) / len(todo)
+            tokens = 0
+            for i, sc in zip(todo, scored, strict=True):
+                n = self.backend.count_tokens(requests[i].context)
+                tokens += n
+                self.cache.put_score(keys[i], identity=self.identity, loglik=list(sc), input_tokens=n, latency_s=share)
+                out[i], latencies[i] = [float(x) for x in sc], share
+            self.meter.record_scores(len(todo), tokens)
+            with self._lock:
+                self.score_calls += len(todo)
+        self.last_score_latencies = latencies
+        return out  # type: ignore[return-value]
 
     def count_tokens(self, text: str) -> int:
         """Delegated to the wrapped backend."""

@@ -93,6 +93,8 @@ class UsageMeter:
         self.output_tokens = 0
         self.cost_usd = 0.0
         self.latencies: list[float] = []
+        self.score_requests = 0
+        self.score_input_tokens = 0
         self._reserved_tokens = 0
         self._reserved_cost = 0.0
         self._lock = threading.Lock()
@@ -171,6 +173,12 @@ class UsageMeter:
         with self._lock:
             self.cache_hits += n
 
+    def record_scores(self, n: int, input_tokens: int) -> None:
+        """Count log-likelihood requests scored by a local backend (free: never charged to the cap)."""
+        with self._lock:
+            self.score_requests += n
+            self.score_input_tokens += input_tokens
+
     def summary(self) -> dict:
         """This invocation's usage, plus the run's totals including earlier invocations (`run_*`)."""
         with self._lock:
@@ -180,6 +188,8 @@ class UsageMeter:
                 "input_tokens": self.input_tokens,
                 "output_tokens": self.output_tokens,
                 "cost_usd": round(self.cost_usd, 8),
+                "score_requests": self.score_requests,
+                "score_input_tokens": self.score_input_tokens,
                 "latency_p50_s": round(percentile(self.latencies, 50), 6),
                 "latency_p95_s": round(percentile(self.latencies, 95), 6),
                 "run_calls": self.prior_calls + self.calls,

@@ -131,15 +131,19 @@ def _score_chunk(task, chunk, backend, shots, system_prompt) -> list[dict]:
     ]
     t0 = time.perf_counter()
     scores = backend.score(requests)
-    # Requests are scored together (shared prefixes), so per-example latency is the chunk's share.
+    # Requests are scored together (shared prefixes), so per-example latency is the chunk's share. A cached
+    # backend reports the share measured when each request was really scored (cache hits included).
     per_ex = (time.perf_counter() - t0) / max(1, len(chunk))
+    lats = getattr(backend, "last_score_latencies", None)
+    if not isinstance(lats, list) or len(lats) != len(chunk):
+        lats = [per_ex] * len(chunk)
     out = []
-    for ex, req, sc in zip(chunk, requests, scores, strict=True):
+    for ex, req, sc, latency in zip(chunk, requests, scores, lats, strict=True):
         opts = task.options(ex)
         best = max(range(len(opts)), key=lambda i: sc[i])
         pred = opts[best]
         out.append(
-            _record(task, ex, pred, raw={"loglik": [float(x) for x in sc]}, latency=per_ex,
+            _record(task, ex, pred, raw={"loglik": [float(x) for x in sc]}, latency=latency,
                     tokens_in=backend.count_tokens(req.context), tokens_out=0, cached=False)
         )
     return out

@@ -29,13 +29,9 @@ class Instruction:
 def extract_instructions(task: Task, examples: Sequence[Example], teacher: Backend, params: GenerationParams) -> list[Instruction]:
     """Phase 1 over `examples`. Failures are recorded, never raised."""
     builders = [lambda strict, ex=ex: extraction_messages(task, ex, strict) for ex in examples]
-    answers = ask_with_retry(
-        teacher, builders,
-        parse=lambda text: parse_single(text, ("instruction", "rule")),
-        params=params, description="extract",
-    )
-    out = []
-    for ex, ans in zip(examples, answers, strict=True):
-        text = ans.value if isinstance(ans.value, str) and ans.value.strip().lower() not in (ex.input.strip().lower(), str(ex.label).lower()) else None
-        out.append(Instruction(example_id=ex.id, label=str(ex.label), text=text, raw=ans.raw))
-    return out
+    # A reply that repeats the input (or the label) is no instruction: the parser rejects it, so it is retried.
+    parsers = [lambda text, ex=ex: parse_single(text, ("instruction", "rule"), forbid=(ex.input, str(ex.label)))
+               for ex in examples]
+    answers = ask_with_retry(teacher, builders, parse=parsers, params=params, description="extract")
+    return [Instruction(example_id=ex.id, label=str(ex.label), text=ans.value if isinstance(ans.value, str) else None,
+                        raw=ans.raw) for ex, ans in zip(examples, answers, strict=True)]

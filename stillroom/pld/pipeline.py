@@ -21,6 +21,7 @@ from stillroom.config import PLDConfig
 from stillroom.evaluate.runner import EvalResult, evaluate
 from stillroom.pld.cluster import Embedder, cluster_instructions, coverage_report, load_embedder
 from stillroom.pld.extract import extract_instructions
+from stillroom.pld.prompts import TEACHER_STOPS
 from stillroom.pld.resolve import Resolution, resolve_conflicts
 from stillroom.pld.rulebook import Rulebook
 from stillroom.pld.synthesize import synthesize_rules
@@ -64,7 +65,7 @@ def run_pld(cfg: PLDConfig, run_dir: Path, *, teacher=None, student=None, embedd
     val = sample(splits.val, cfg.val_limit, seed=cfg.task.seed)
     test = sample(splits.test, cfg.test_limit, seed=cfg.task.seed)
     teacher_b, student_b = open_backends(cfg, run, teacher, student)
-    tparams = GenerationParams(max_tokens=cfg.teacher_max_tokens, temperature=0.0)
+    tparams = GenerationParams(max_tokens=cfg.teacher_max_tokens, temperature=0.0, stop=TEACHER_STOPS)
     notes: list[str] = []
     try:
         # Phase 1: extraction.

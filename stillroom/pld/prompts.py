@@ -38,12 +38,28 @@ STRICT_REMINDER = "Your previous reply could not be read. Reply with the JSON ob
 # models (no chat template, e.g. the embedded Gemma-3 270M) complete the cue, and the plain-text fallback of
 # the parser reads their first line.
 EXTRACT_CUE = "General instruction:"
+# One worked case from an unrelated task opens the extraction and synthesis prompts. Chat models still reply
+# in JSON; a base model, which otherwise tends to repeat the input, sees what a general instruction looks
+# like and completes the cue in kind.
+EXTRACT_DEMO = (
+    "Example for a different task:\nTask: Decide whether a product review is positive or negative.\n"
+    "Possible answers: positive, negative\nInput: The battery died after two days and support never replied.\n"
+    "Correct answer: negative\nGeneral instruction: When a review says the product failed soon after purchase, "
+    "answer negative.\n\nNow the real case:\n"
+)
+SYNTH_DEMO = (
+    "Example for a different task:\nTask: Decide whether a product review is positive or negative.\n"
+    "Instructions (answer they led to in brackets):\n"
+    "- (negative) When a review says the product failed soon after purchase, answer negative.\n"
+    "- (negative) If the customer reports a defect that support did not fix, the review is negative.\n"
+    "Consolidated rule: Reviews that report defects or early failures are negative.\n\nNow the real case:\n"
+)
 SYNTH_CUE = "Consolidated rule:"
 RESOLVE_CUE = "Revised rules (numbered list):"
 
 
 def extraction_messages(task: Task, ex: Example, strict: bool = False) -> list[Message]:
-    user = f"Task: {task.instruction.strip() or task.name}\n"
+    user = EXTRACT_DEMO + f"Task: {task.instruction.strip() or task.name}\n"
     if task.labels:
         user += f"Possible answers: {', '.join(task.labels)}\n"
     elif ex.choices:
@@ -57,7 +73,7 @@ def extraction_messages(task: Task, ex: Example, strict: bool = False) -> list[M
 
 def synthesis_messages(task: Task, instructions: Sequence[str], labels: Sequence[str], strict: bool = False) -> list[Message]:
     lines = [f"- ({lab}) {ins}" for ins, lab in zip(instructions, labels, strict=True)]
-    user = f"Task: {task.instruction.strip() or task.name}\nInstructions (answer they led to in brackets):\n" + "\n".join(lines)
+    user = SYNTH_DEMO + f"Task: {task.instruction.strip() or task.name}\nInstructions (answer they led to in brackets):\n" + "\n".join(lines)
     if strict:
         user += "\n\n" + STRICT_REMINDER
     user += "\n" + SYNTH_CUE
@@ -107,42 +123,88 @@ def _clean(s: str) -> str:
     return re.sub(r"\s+", " ", s).strip().strip('"').strip()
 
 
+# Lines that repeat a field of our own prompts: a small base model often continues the prompt's pattern
+# instead of answering, and such a line is never an instruction.
+_PROMPT_FIELD = re.compile(
+    r"^\s*(?:[-*]\s*)?(?:task|input|correct answer|possible answers|model answered|current rules|"
+    r"cases answered (?:wrong|right)|instructions \(answer)\b[^:\n]{0,40}:", re.I)
+# Stop strings for every teacher reply: the start of a new prompt field, or the cue again, ends the answer.
+# A JSON reply from a chat model never contains them; a base model's continuation is cut where it starts
+# to invent the next example, instead of running to max_tokens.
+TEACHER_STOPS = ("\nTask:", "\nInput:", "\n- Input:", "\nCorrect answer:", "\nPossible answers:",
+                 "\nCases answered", "\nCurrent rules:", "\nGeneral instruction:", "\nConsolidated rule:",
+                 "\nRevised rules")
+
+
+def _words(s: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", s.lower())
+
+
+def _contains(seq: list[str], sub: list[str]) -> bool:
+    n = len(sub)
+    return any(seq[i : i + n] == sub for i in range(len(seq) - n + 1))
+
+
+def echoes(cand: str, source: str, threshold: float = 0.8) -> bool:
+    """True when `cand` merely repeats `source`: it is a stretch of the source's words, it is mostly the
+    source (the whole source, a few words added), or nearly all its words come from the source's vocabulary.
+    A short source (a label) inside a longer instruction is not an echo: rules name the answer they lead to."""
+    cw, sw = _words(cand), _words(source)
+    if not cw or not sw:
+        return False
+    if _contains(sw, cw):
+        return True
+    if len(sw) >= 4 and len(sw) >= 0.6 * len(cw) and _contains(cw, sw):
+        return True
+    sv = set(sw)
+    return sum(w in sv for w in cw) / len(cw) >= threshold and len(set(cw) & sv) / len(set(cw) | sv) >= 0.5
+
+
+def _acceptable(cand: str, forbid: Sequence[str]) -> bool:
+    if not 12 <= len(cand) <= 800 or len(cand.split()) < 3:
+        return False
+    if _PROMPT_FIELD.match(cand):
+        return False
+    return not any(f and (echoes(cand, f) or _clean(f).lower() == cand.lower()) for f in forbid)
+
+
 def parse_single(text: str, keys: Sequence[str], forbid: Sequence[str] = ()) -> str | None:
     """A single instruction/rule from a reply, or None when the reply is unreadable.
 
-    Readable: JSON with one of `keys`, a line 'Key: ...', or one plain sentence of reasonable length. A reply
-    that merely repeats a forbidden string (the input, the label) is unreadable.
+    Readable: JSON with one of `keys`, a line '[General] Key: ...', or the first plain line of reasonable length
+    that is not a repeated prompt field. A reply that merely repeats a forbidden string (the input, the label),
+    even in part, is unreadable, so it gets the retry.
     """
     obj = _json_object(text)
-    cand = None
+    cands: list[str] = []
     if obj:
-        for k in keys:
-            if isinstance(obj.get(k), str) and obj[k].strip():
-                cand = obj[k]
-                break
-    if cand is None:
-        m = re.search(r"(?im)^\s*(?:" + "|".join(re.escape(k) for k in keys) + r")\s*[:\-]\s*(.+)$", text)
-        if m:
-            cand = m.group(1)
-    if cand is None and "{" not in text:
-        lines = [ln for ln in (x.strip() for x in text.splitlines()) if ln]
-        if lines:
-            cand = lines[0]
-    if cand is None:
-        return None
-    cand = _clean(cand)
-    if not 12 <= len(cand) <= 800 or len(cand.split()) < 3:
-        return None
-    if any(f and _clean(f).lower() == cand.lower() for f in forbid):
-        return None
-    return cand
+        cands += [obj[k] for k in keys if isinstance(obj.get(k), str) and obj[k].strip()][:1]
+    m = re.search(r"(?im)^\s*(?:[a-z]+\s+)?(?:" + "|".join(re.escape(k) for k in keys) + r")s?\s*[:\-]\s*(.+)$", text)
+    if m and not cands:
+        cands.append(m.group(1))
+    if not cands and "{" not in text:
+        cands += [ln for ln in (x.strip() for x in text.splitlines()) if ln and not _PROMPT_FIELD.match(ln)][:1]
+    for cand in cands:
+        cand = _clean(cand)
+        if _acceptable(cand, forbid):
+            return cand
+    return None
 
 
-def parse_rule_list(text: str) -> list[str] | None:
-    """A list of rules from a resolver reply: JSON {'rules': [...]} or a numbered / bulleted list."""
+def parse_rule_list(text: str, forbid: Sequence[str] = ()) -> list[str] | None:
+    """A list of rules from a resolver reply: JSON {'rules': [...]} or a numbered / bulleted list.
+
+    Items that repeat a prompt field ('Input: ...', 'Correct answer: ...') or echo a forbidden string (the
+    cases shown) are dropped, as are duplicates; no rule left means unreadable.
+    """
     obj = _json_object(text)
     if obj and isinstance(obj.get("rules"), list):
-        rules = [_clean(str(r)) for r in obj["rules"] if isinstance(r, str | int | float) and _clean(str(r))]
-        return [r for r in rules if len(r) >= 12] or None
-    items = re.findall(r"(?m)^\s*(?:\d+[.)]|[-*])\s+(.{12,})$", text)
-    return [_clean(x) for x in items] or None
+        items = [str(r) for r in obj["rules"] if isinstance(r, str | int | float)]
+    else:
+        items = re.findall(r"(?m)^\s*(?:\d+[.)]|[-*])\s+(.{12,})$", text)
+    rules: list[str] = []
+    for x in items:
+        r = _clean(x)
+        if _acceptable(r, forbid) and r.lower() not in (y.lower() for y in rules):
+            rules.append(r)
+    return rules or None

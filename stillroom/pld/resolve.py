@@ -101,7 +101,8 @@ def resolve_conflicts(
         texts = [r.text for r in res.best.rules]
         ans = ask_with_retry(
             teacher, [lambda strict, t=texts, f=failures, s=successes: resolution_messages(task, t, f, s, strict)],
-            parse=parse_rule_list, params=params, description=f"resolve round {rnd}",
+            parse=lambda text, f=failures, s=successes: parse_rule_list(text, forbid=[p["input"] for p in f + s]),
+            params=params, description=f"resolve round {rnd}",
         )[0]
         version += 1
         if not ans.ok:
