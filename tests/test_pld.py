@@ -177,10 +177,22 @@ def test_parsing_rejects_echoes_and_prompt_fields():
     good = "Check that the athlete's sport matches the action; if so, answer plausible."
     assert parse_single(good, ["instruction"], forbid) == good
     assert parse_single(f"Input: {inp}\nGeneral instruction: {good}", ["instruction"], forbid) == good
+    # The prompt's own list format is stripped from a reply that copies it.
+    assert parse_single(f"- (plausible) {good}", ["rule"], forbid) == good
     # Resolver lists: echoed case lines and duplicates are dropped; nothing left is unreadable.
     reply = f"1. {good}\n- Input: {inp}\n- Correct answer: plausible and so on\n2. {good}\n3. {inp}"
     assert parse_rule_list(reply, forbid=[inp]) == [good]
     assert parse_rule_list(f"- Input: {inp}\n- Model answered: implausible for sure", forbid=[inp]) is None
+
+
+def test_instruction_leading_to_another_label_contradicts_its_example():
+    from stillroom.pld.prompts import contradicts_label
+
+    labels = ["plausible", "implausible"]
+    assert contradicts_label("If the statement is plausible, answer plausible.", "implausible", labels)
+    assert not contradicts_label("If the sport does not match, answer implausible.", "implausible", labels)
+    assert not contradicts_label("Answer plausible when it fits, implausible otherwise.", "implausible", labels)
+    assert not contradicts_label("Check the athlete's sport first.", "implausible", labels)
 
 
 def test_echoed_extraction_is_retried_and_teacher_calls_carry_stop_strings(tmp_path):
@@ -191,14 +203,19 @@ def test_echoed_extraction_is_retried_and_teacher_calls_carry_stop_strings(tmp_p
         user = prompt[-1]["content"].split("Now the real case:")[-1]
         if prompt[0]["content"] == EXTRACT_SYSTEM and "could not be read" not in user:
             inp = re.search(r"Input: (.*)", user).group(1)
+            if int(re.search(r"number (\d+)", inp).group(1)) % 2:
+                return "Whatever the item looks like, answer tool."  # leads away from (most) gold labels
             return inp + "\nTask: more made-up examples"  # a base model continuing the pattern
         return teacher_fn()(prompt, params)
 
     teacher = ScriptedBackend(echo_first, "teacher")
     m = run(tmp_path, "echo", teacher, max_rounds=0, extract_sample=12)
     rows = [json.loads(x) for x in (tmp_path / "echo" / "extractions.jsonl").read_text().splitlines()]
-    assert m["extraction"]["failed"] == 0 and all(len(r["raw"]) == 2 for r in rows)
-    assert all(r["text"] and "shiny" not in r["text"] for r in rows)
+    assert m["extraction"]["failed"] == 0
+    # Echoes and instructions leading to another label were retried; a 'tool' example keeps 'answer tool'.
+    others = [r for r in rows if r["label"] != "tool"]
+    assert others and all(len(r["raw"]) == 2 and "shiny" not in r["text"] and "answer tool" not in r["text"] for r in others)
+    assert any("answer tool" in r["raw"][0] for r in others) and any("shiny" in r["raw"][0] for r in others)
     assert all(stop and "\nTask:" in stop and "\nInput:" in stop for stop in seen)
 
 

@@ -160,6 +160,21 @@ def echoes(cand: str, source: str, threshold: float = 0.8) -> bool:
     return sum(w in sv for w in cw) / len(cw) >= threshold and len(set(cw) & sv) / len(set(cw) | sv) >= 0.5
 
 
+# A reply that copies the prompt's list format: "- (label) text" or "1. text".
+_LIST_PREFIX = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])?\s*(?:\([^()]{1,40}\)\s*)?")
+
+
+def _strip_list_prefix(s: str) -> str:
+    return _LIST_PREFIX.sub("", s, count=1)
+
+
+def contradicts_label(text: str, label: str, labels: Sequence[str]) -> bool:
+    """True when `text` names answers of the task but not `label`: an instruction extracted for an example of
+    `label` that leads to another answer is wrong for its own example."""
+    named = [lab for lab in labels if re.search(r"(?<![\w-])" + re.escape(lab.lower()) + r"(?![\w-])", text.lower())]
+    return bool(named) and label not in named
+
+
 def _acceptable(cand: str, forbid: Sequence[str]) -> bool:
     if not 12 <= len(cand) <= 800 or len(cand.split()) < 3:
         return False
@@ -185,7 +200,7 @@ def parse_single(text: str, keys: Sequence[str], forbid: Sequence[str] = ()) -> 
     if not cands and "{" not in text:
         cands += [ln for ln in (x.strip() for x in text.splitlines()) if ln and not _PROMPT_FIELD.match(ln)][:1]
     for cand in cands:
-        cand = _clean(cand)
+        cand = _clean(_strip_list_prefix(_clean(cand)))
         if _acceptable(cand, forbid):
             return cand
     return None
@@ -204,7 +219,7 @@ def parse_rule_list(text: str, forbid: Sequence[str] = ()) -> list[str] | None:
         items = re.findall(r"(?m)^\s*(?:\d+[.)]|[-*])\s+(.{12,})$", text)
     rules: list[str] = []
     for x in items:
-        r = _clean(x)
+        r = _clean(_strip_list_prefix(_clean(x)))
         if _acceptable(r, forbid) and r.lower() not in (y.lower() for y in rules):
             rules.append(r)
     return rules or None
