@@ -253,11 +253,13 @@ def fetch_model() -> None:
 
 
 def _register_routes() -> None:
+    from stillroom.gad.cli import register as register_gad
     from stillroom.kd.cli import register as register_kd
     from stillroom.prune.cli import register as register_prune
 
     register_prune(app)
     register_kd(app)
+    register_gad(app)
 
 
 _register_routes()

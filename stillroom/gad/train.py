@@ -1,0 +1,359 @@
+"""GAD's two training stages and the route behind `stillroom gad`.
+
+Warm-up (`warm_up`): first `disc_warmup_steps` discriminator-only steps (teacher answers vs samples of the
+untouched student), then SeqKD — the one SFT helper, `stillroom.train.sft`, on the teacher's answers — with one
+discriminator step after every SFT step (a `TrainerCallback` that samples the student as it is at that step).
+
+Adversarial stage (`adversarial`): TRL's `GRPOTrainer`. Each step it samples G completions per prompt
+(temperature 0.8 in the paper), calls the reward function, normalises the rewards within each group (GRPO
+advantages) and takes a clipped policy-gradient step with a KL penalty (β = 0.001) to the reference model, which
+is the warmed-up student (TRL disables the LoRA adapters for it, or reloads the warmed-up folder for full
+fine-tuning). The reward function is `GADReward`: the discriminator's score of each completion, after which the
+discriminator takes its own Bradley-Terry step on the same samples against the teacher's answers.
+
+Why a callable and not TRL's reward-model slot: `reward_funcs` also accepts an
+`AutoModelForSequenceClassification`, but TRL scores it under `torch.inference_mode` and never trains it: exactly
+the frozen discriminator that the student learns to hack. Why the discriminator update lives in the reward
+callable rather than in a `TrainerCallback`: TRL hands the reward function exactly what that update needs, the
+fresh samples (`completions`), their prompts, and every extra dataset column repeated per completion (here
+`teacher`, the teacher's answer; see `GRPOTrainer._calculate_rewards`), once per generation batch. A callback's
+`on_step_end` sees neither the samples nor the dataset columns, so it would have to sample the student a second
+time. The reward is read before the update, so the student is rewarded by the discriminator it actually played
+against.
+
+Limits: the discriminator is updated by whichever process calls the reward function; under multi-process
+training (`accelerate launch`) each rank would update its own copy on its own samples, so GAD here is a
+single-process route (TRL has no hook to synchronise a second trainable model). The discriminator is fully
+fine-tuned (a full copy of the student in memory, with its own AdamW state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from stillroom.errors import ConfigError
+from stillroom.gad.config import ADVERSARIAL_FIELDS, EVAL_FIELDS, GADConfig
+from stillroom.gad.discriminator import Discriminator, sample_completions
+
+# ------------------------------------------------------------------------------------------------ reward
+
+
+class GADReward:
+    """TRL reward function: the discriminator's score of each completion (then, optionally, one BT update).
+
+    TRL calls it as `fn(prompts=..., completions=..., completion_ids=..., teacher=[...], trainer_state=...,
+    log_metric=..., ...)`, with one entry per completion (each prompt and its dataset columns repeated G times).
+    """
+
+    __name__ = "discriminator"  # TRL names the reward after it in its logs ("rewards/discriminator/mean")
+
+    def __init__(self, discriminator: Discriminator, *, update: bool = True, teacher_column: str = "teacher"):
+        self.disc = discriminator
+        self.update = update
+        self.teacher_column = teacher_column
+        self.history: list[dict] = []
+
+    def __call__(self, prompts, completions, log_metric=None, trainer_state=None, **kwargs) -> list[float]:
+        if prompts and not isinstance(prompts[0], str):
+            raise ConfigError("GAD scores plain-text prompts; conversational datasets are not supported")
+        scores = self.disc.score(prompts, completions)
+        record: dict[str, Any] = {"step": getattr(trainer_state, "global_step", None),
+                                  "reward_mean": float(scores.mean()),
+                                  "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+                                  "completion_chars": sum(map(len, completions)) / max(1, len(completions))}
+        teacher = kwargs.get(self.teacher_column)
+        if self.update:
+            if teacher is None:
+                raise ConfigError(f"the training dataset needs a {self.teacher_column!r} column (the teacher's answer)")
+            stats = self.disc.step(prompts, teacher, completions)
+            record.update({f"disc_{k}": v for k, v in stats.items()})
+            if log_metric is not None:
+                for k, v in stats.items():
+                    log_metric(f"gad/disc_{k}", v)
+        if log_metric is not None:
+            log_metric("gad/completion_chars", record["completion_chars"])
+        self.history.append(record)
+        return scores.tolist()
+
+
+# ------------------------------------------------------------------------------------------------ warm-up
+
+
+class _DiscriminatorAlongside(TrainerCallback):
+    """One discriminator step after every SFT step, on samples of the student as it is at that step."""
+
+    def __init__(self, step_fn, history: list[dict]):
+        self.step_fn, self.history = step_fn, history
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.history.append({"stage": "seqkd", "step": int(state.global_step), **self.step_fn(model)})
+
+
+@dataclass
+class StageResult:
+    """What a stage produced: the (plain, merged) student and a JSON-ready summary."""
+
+    model: Any
+    info: dict = field(default_factory=dict)
+
+
+def warm_up(student: Any, tokenizer: Any, records: list[dict], disc: Discriminator, cfg: GADConfig,
+            output_dir: str | Path) -> StageResult:
+    """Discriminator-only steps, then SeqKD on the teacher's answers with the discriminator trained alongside."""
+    from stillroom.train.sft import SFTSettings, _unpatch, build_trainer
+
+    prompts = [r["prompt"] for r in records]
+    answers = [r["completion"] for r in records]
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    def disc_step(model) -> dict:
+        idx = rng.sample(range(len(records)), k=min(cfg.batch_size, len(records)))
+        ps = [prompts[i] for i in idx]
+        samples = sample_completions(model, tokenizer, ps, temperature=cfg.temperature,
+                                     max_new_tokens=cfg.max_completion_length)
+        return disc.step(ps, [answers[i] for i in idx], samples)
+
+    history: list[dict] = []
+    t0 = time.perf_counter()
+    for s in range(cfg.disc_warmup_steps):
+        history.append({"stage": "disc-only", "step": s + 1, **disc_step(student)})
+    info: dict[str, Any] = {"disc_only_steps": cfg.disc_warmup_steps, "discriminator": history}
+    do_sft = cfg.warmup_steps > 0 or (cfg.warmup_steps < 0 and cfg.warmup_epochs > 0)
+    if do_sft:
+        settings = SFTSettings(lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                               target_modules=tuple(cfg.lora_target_modules), learning_rate=cfg.warmup_learning_rate,
+                               epochs=cfg.warmup_epochs or 1.0, max_steps=cfg.warmup_steps, batch_size=cfg.batch_size,
+                               max_length=cfg.max_length, seed=cfg.seed)
+        callbacks = [_DiscriminatorAlongside(disc_step, history)] if cfg.warmup_disc else None
+        # `build_trainer` + the same tail as `train_sft` (which takes no callbacks): the SFT helper is unchanged.
+        trainer = build_trainer(student, tokenizer, records, settings, output_dir, callbacks=callbacks)
+        trainer.train()
+        student = trainer.model
+        if settings.lora and hasattr(student, "merge_and_unload"):
+            student = student.merge_and_unload()
+        _unpatch(student)
+        logs = list(trainer.state.log_history)
+        info["seqkd"] = {"steps": int(trainer.state.global_step), "losses": [h["loss"] for h in logs if "loss" in h],
+                         "settings": dataclasses.asdict(settings)}
+    info["seconds"] = round(time.perf_counter() - t0, 2)
+    return StageResult(model=student, info=info)
+
+
+# ------------------------------------------------------------------------------------------------ adversarial
+
+
+def _bf16() -> bool:
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def grpo_config(cfg: GADConfig, output_dir: str | Path):
+    """TRL's `GRPOConfig` for GAD: G samples per prompt, group-normalised advantages, clipped loss, KL β."""
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=str(output_dir),
+        num_generations=cfg.num_generations,
+        temperature=cfg.temperature,
+        top_p=1.0, top_k=0,
+        max_completion_length=cfg.max_completion_length,
+        beta=cfg.beta,
+        epsilon=cfg.epsilon,
+        loss_type=cfg.loss_type,
+        scale_rewards="group",  # GRPO: (r − mean_group) / std_group
+        learning_rate=cfg.learning_rate,
+        # TRL counts the batch in completions: prompts_per_step prompts × G samples each.
+        per_device_train_batch_size=cfg.prompts_per_step * cfg.num_generations,
+        gradient_accumulation_steps=1,
+        max_steps=cfg.adversarial_steps,
+        logging_steps=cfg.logging_steps,
+        # GRPOConfig's own defaults (bf16 on, checkpointing on) assume a GPU; follow the device instead.
+        bf16=_bf16(), fp16=False,
+        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5 name of gradient_checkpointing
+        seed=cfg.seed, data_seed=cfg.seed,
+        remove_unused_columns=False,  # keep the `teacher` column: TRL passes it to the reward function
+        save_strategy="no", report_to="none", disable_tqdm=True, log_completions=False,
+    )
+
+
+def adversarial(student: Any, tokenizer: Any, records: list[dict], disc: Discriminator, cfg: GADConfig,
+                output_dir: str | Path) -> StageResult:
+    """The adversarial stage through TRL's GRPOTrainer; returns the plain (LoRA-merged) student."""
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    peft_config = None
+    if cfg.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM", bias="none")
+    reward = GADReward(disc, update=cfg.update_discriminator)
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "teacher": r["completion"]} for r in records])
+    trainer = GRPOTrainer(model=student, reward_funcs=[reward], args=grpo_config(cfg, output_dir),
+                          train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    keys = {"reward": "reward_mean", "reward_std": "reward_std", "gad/disc_accuracy": "disc_accuracy",
+            "gad/disc_loss": "disc_loss", "gad/disc_r_teacher": "r_teacher", "gad/disc_r_student": "r_student",
+            "kl": "kl", "loss": "loss", "completions/mean_length": "completion_tokens",
+            "gad/completion_chars": "completion_chars", "frac_reward_zero_std": "frac_reward_zero_std"}
+    log = [{"step": h["step"], **{new: h[old] for old, new in keys.items() if old in h}}
+           for h in trainer.state.log_history if "reward" in h]
+    info = {"steps": int(trainer.state.global_step), "seconds": round(seconds, 2), "log": log,
+            "discriminator_updates": sum(1 for h in reward.history if "disc_loss" in h),
+            "trainer": "trl.GRPOTrainer", "lora": cfg.lora, "beta": cfg.beta, "num_generations": cfg.num_generations,
+            "temperature": cfg.temperature}
+    return StageResult(model=model, info=info)
+
+
+# ------------------------------------------------------------------------------------------------ the route
+
+
+def _digest(cfg: GADConfig, exclude: tuple[str, ...]) -> str:
+    data = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in exclude}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_gad(cfg: GADConfig, run_dir: str | Path, *, teacher_backend=None) -> dict:
+    """The `stillroom gad` route: teacher answers (cached) → warm-up → adversarial stage → evaluation.
+
+    Writes config.yaml (redacted), cache.sqlite (every teacher call), teacher_outputs.jsonl, gad_data.jsonl,
+    warmup/ and discriminator_warmup/ (after the warm-up), student/ and discriminator/ (after the adversarial
+    stage), train.json, predictions.jsonl, metrics.json, usage.json and report.html. Rerunning resumes: the
+    teacher's answers come from the cache, and a finished stage (same settings) is loaded instead of retrained.
+    """
+    from stillroom.backends import open_cached_backend
+    from stillroom.backends.embedded import is_converted, save_model_folder
+    from stillroom.backends.hf import HFBackend
+    from stillroom.kd.data import collect_teacher_outputs, sft_records
+    from stillroom.kd.trainer import (
+        _release_memory,
+        evaluate_model,
+        load_causal_lm,
+        load_tokenizer,
+        resolve_model_path,
+    )
+    from stillroom.report.html import eval_report
+    from stillroom.runs import RunFolder
+    from stillroom.tasks import load_task
+    from stillroom.tasks.task import sample
+
+    run = RunFolder(run_dir)
+    config_dict = cfg.model_dump(mode="json")
+    run.save_config(config_dict)
+    task = load_task(cfg.task.spec, instruction=cfg.task.instruction, labels=cfg.task.labels)
+    splits = task.splits(seed=cfg.task.seed, val_fraction=cfg.task.val_fraction, test_fraction=cfg.task.test_fraction)
+    teacher_shots = sample(splits.train, cfg.teacher_shots, seed=cfg.task.seed) if cfg.teacher_shots else []
+    student_shots = sample(splits.train, cfg.shots, seed=cfg.task.seed) if cfg.shots else []
+    shot_ids = {s.id for s in teacher_shots} | {s.id for s in student_shots}
+    train = [e for e in sample(splits.train, cfg.train_limit, seed=cfg.task.seed) if e.id not in shot_ids]
+    eval_examples = sample(splits.get(cfg.eval_split), cfg.eval_limit, seed=cfg.task.seed)
+    student_path = resolve_model_path(cfg.student)
+    notes: list[str] = []
+
+    # The teacher is black-box: only its text is used, and every call goes through the run's durable cache.
+    teacher = open_cached_backend(cfg.teacher, run.cache_path, cfg.spend, backend=teacher_backend)
+    try:
+        rows = collect_teacher_outputs(task, train, teacher, mode="answers", shots=teacher_shots, samples=1,
+                                       temperature=cfg.teacher_temperature, max_tokens=cfg.teacher_max_tokens,
+                                       filter_correct=cfg.filter_correct)
+    finally:
+        run.write_json("usage.json", teacher.meter.summary())
+    run.write_jsonl("teacher_outputs.jsonl", rows)
+    labelled = [r for r in rows if r["correct"] is not None]
+    data_stats = {
+        "examples": len(rows), "kept": sum(r["kept"] for r in rows),
+        "teacher_accuracy": (sum(bool(r["correct"]) for r in labelled) / len(labelled)) if labelled else None,
+        "unparsed": sum(r["answer"] is None for r in rows),
+        "teacher_calls_cached": sum(r["cached"] for r in rows),
+    }
+    if not data_stats["kept"]:
+        raise ConfigError(f"the teacher produced no usable answer for {len(rows)} examples; nothing to distil")
+
+    tok = load_tokenizer(student_path)
+    student = load_causal_lm(student_path)
+    render = HFBackend.from_objects(student, tok, name="render").render
+    records = sft_records(task, train, rows, mode="answers", render=lambda m: render(m)[0], shots=student_shots)
+    run.write_jsonl("gad_data.jsonl", records)
+    conditions: dict[str, Any] = {}
+    if cfg.eval_before:
+        conditions["student (no distillation)"] = evaluate_model(task, eval_examples, student, tok, shots=student_shots,
+                                                                 name="student-base")
+    disc_kw = {"learning_rate": cfg.disc_learning_rate, "max_length": cfg.max_length, "micro_batch": cfg.disc_micro_batch}
+    info = run.read_json("train.json") or {}
+
+    # Stage 1: warm-up.
+    warm_dir, disc_warm_dir = run.file("warmup"), run.file("discriminator_warmup")
+    w_digest = _digest(cfg, EVAL_FIELDS + ADVERSARIAL_FIELDS)
+    if is_converted(warm_dir) and is_converted(disc_warm_dir) and (info.get("warmup") or {}).get("digest") == w_digest:
+        notes.append("resumed: the warm-up was already finished in this run folder")
+    else:
+        disc = Discriminator.from_student(student, tok, **disc_kw)
+        res = warm_up(student, tok, records, disc, cfg, run.file("trainer-warmup"))
+        save_model_folder(res.model, tok, warm_dir)
+        disc.save(disc_warm_dir)
+        info = {"warmup": {**res.info, "digest": w_digest}}
+        run.write_json("train.json", info)
+        del disc, res
+    del student
+    _release_memory()
+
+    # Stage 2: adversarial.
+    student_dir, disc_dir = run.file("student"), run.file("discriminator")
+    a_digest = _digest(cfg, EVAL_FIELDS)
+    if is_converted(student_dir) and (info.get("adversarial") or {}).get("digest") == a_digest:
+        notes.append("resumed: the adversarial stage was already finished in this run folder")
+        trained = load_causal_lm(student_dir)
+    else:
+        # Loaded from the warm-up folder, so that TRL's reference model (full fine-tuning, β > 0) is this folder.
+        student = load_causal_lm(warm_dir)
+        p = next(student.parameters())
+        disc = Discriminator.load(disc_warm_dir, tok, device=p.device, dtype=p.dtype, **disc_kw)
+        res = adversarial(student, tok, records, disc, cfg, run.file("trainer-grpo"))
+        trained = res.model
+        save_model_folder(trained, tok, student_dir)
+        disc.save(disc_dir)
+        info["adversarial"] = {**res.info, "digest": a_digest}
+        run.write_json("train.json", info)
+        del disc, res, student
+    conditions["student (GAD)"] = evaluate_model(task, eval_examples, trained, tok, shots=student_shots, name="student-gad")
+    _release_memory()
+
+    rows_out = [{"condition": name, **p} for name, r in conditions.items() for p in r.predictions]
+    run.write_jsonl("predictions.jsonl", rows_out)
+    adv = info.get("adversarial") or {}
+    if adv.get("log") and cfg.update_discriminator:
+        acc = [x["disc_accuracy"] for x in adv["log"] if "disc_accuracy" in x]
+        if acc and min(acc) >= 0.99:
+            notes.append("the discriminator separated teacher and student perfectly at every logged step: the "
+                         "student's reward carried little signal (try a lower disc_learning_rate)")
+    if not cfg.update_discriminator:
+        notes.append("frozen discriminator (update_discriminator: false): expect reward hacking, e.g. longer answers")
+    metrics = {
+        "task": task.name, "split": cfg.eval_split, "examples": len(eval_examples), "train_examples": len(records),
+        "method": "GAD (warm-up: SeqKD + discriminator; adversarial: TRL GRPOTrainer, discriminator reward)",
+        "teacher": teacher.identity, "student": str(student_path), "data": data_stats,
+        "conditions": {n: {"method": r.method, **r.metrics} for n, r in conditions.items()},
+        "warmup": {k: v for k, v in (info.get("warmup") or {}).items() if k != "digest"},
+        "adversarial": {k: v for k, v in adv.items() if k != "digest"},
+        "notes": notes,
+    }
+    run.write_json("metrics.json", metrics)
+    run.write_text("report.html", eval_report(f"Stillroom GAD: {task.name}", {n: r.metrics for n, r in conditions.items()},
+                                              config_dict, usage=teacher.meter.summary(), notes=notes))
+    return metrics
