@@ -268,6 +268,20 @@ def main() -> None:
                 block[healing]["train_loss"] = {"first": h["first_loss"], "last": h["last_loss"]}
                 block[healing]["train_seconds"] = h["seconds"]
         results[str(n)] = block
+    sd = results["selfdistill"]
+    results["notes"] = [
+        f"Self-data acceptance was {sd['kept']}/{sd['examples']} ({sd['acceptance']:.1%}; reasons {sd['reasons']}): the "
+        "base 270M model's rewrites of a one-word intent label rarely state an intent, so the self_data healing set "
+        "is the sft set except for the rewrites kept. Where acceptance is that low, sft and self_data differ by noise "
+        f"only ({len(examples)} test examples: about ±4.5 points standard error at 50% accuracy).",
+        "recovery = score / unpruned score; healing trains on the task itself, so it can exceed 1. "
+        "recovery_vs_unpruned_sft divides by the unpruned model after the same healing instead.",
+        "Speculative decoding on CPU: the draft's own forward passes cost about as much as the target's at this size, "
+        "so speedup < 1 even with accepted length > 1.",
+        "Stage times are wall-clock on a shared 2-core CPU (the 2-block stages ran with 1 thread while other "
+        "benchmarks were running, the 4-block stages with 2 threads on a quiet machine).",
+    ]
+    results["command"] = "python bench/compression.py " + " ".join(sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
     log(f"written {args.out}")
