@@ -116,3 +116,18 @@ class RunFolder:
     def read_json(self, name: str, default=None):
         p = self.file(name)
         return json.loads(p.read_text(encoding="utf-8")) if p.exists() else default
+
+
+def start_run(cfg, run_dir: str | Path):
+    """The common start of a route: open the run folder, save the (redacted) config, load the task and split it.
+
+    `cfg` is any route config with a `task: TaskConfig` field. Returns (run, config_dict, task, splits).
+    """
+    from stillroom.tasks import load_task
+
+    run = RunFolder(run_dir)
+    config_dict = cfg.model_dump(mode="json")
+    run.save_config(config_dict)
+    task = load_task(cfg.task.spec, instruction=cfg.task.instruction, labels=cfg.task.labels)
+    splits = task.splits(seed=cfg.task.seed, val_fraction=cfg.task.val_fraction, test_fraction=cfg.task.test_fraction)
+    return run, config_dict, task, splits

@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("trl")
 pytest.importorskip("peft")
 
-from tiny import tiny_tokenizer  # noqa: E402
+from tiny import one_thread, tiny_tokenizer  # noqa: E402, F401  (one_thread: autouse fixture)
 
 from stillroom.gad.discriminator import Discriminator, bt_loss  # noqa: E402
 
@@ -28,15 +28,6 @@ LABELS = ["fruit", "colour", "vehicle"]
 GOLD = {"red": "colour", "green": "colour", "blue": "colour", "lime": "colour", "apple": "fruit", "pear": "fruit",
         "plum": "fruit", "car": "vehicle", "bus": "vehicle", "van": "vehicle"}
 CORPUS = [f"Classify the word.\n\nInput: {w} {i}\nAnswer: {lab}" for w in WORDS for i in range(4) for lab in LABELS]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread; restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("peft")
 
 import torch.nn.functional as F  # noqa: E402
+from tiny import one_thread  # noqa: E402, F401  (autouse fixture: one torch thread for tiny models)
 
 from stillroom.errors import ConfigError  # noqa: E402
 from stillroom.kd.hints import hint_loss, parse_layer_map, uniform_layer_map  # noqa: E402
@@ -61,15 +62,6 @@ def _tokenizer(corpus, vocab_size=320):
 
 
 CORPUS = [f"Input: {a} {b} {c}\nAnswer: {lab}" for a in WORDS for b in WORDS[:4] for c in ("1", "2") for lab in LABELS]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread (no intra-op hand-offs); restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

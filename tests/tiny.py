@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import pytest
+
 
 def tiny_tokenizer(corpus: Sequence[str], vocab_size: int = 300):
     """A small byte-level BPE tokenizer trained in-process on `corpus`, prepending <bos> like Gemma's."""
@@ -20,3 +22,15 @@ def tiny_tokenizer(corpus: Sequence[str], vocab_size: int = 300):
     t.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
     return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
                                    unk_token="<unk>")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread (no intra-op hand-offs); restored after the module.
+    Import it into a test module to apply it there."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -240,7 +240,7 @@ def run_gad(cfg: GADConfig, run_dir: str | Path, *, teacher_backend=None) -> dic
     from stillroom.backends import open_cached_backend
     from stillroom.backends.embedded import is_converted, save_model_folder
     from stillroom.backends.hf import HFBackend
-    from stillroom.kd.data import collect_teacher_outputs, sft_records
+    from stillroom.kd.data import collect_and_record, sft_records
     from stillroom.kd.trainer import (
         _release_memory,
         evaluate_model,
@@ -249,15 +249,10 @@ def run_gad(cfg: GADConfig, run_dir: str | Path, *, teacher_backend=None) -> dic
         resolve_model_path,
     )
     from stillroom.report.html import eval_report
-    from stillroom.runs import RunFolder
-    from stillroom.tasks import load_task
+    from stillroom.runs import start_run
     from stillroom.tasks.task import sample
 
-    run = RunFolder(run_dir)
-    config_dict = cfg.model_dump(mode="json")
-    run.save_config(config_dict)
-    task = load_task(cfg.task.spec, instruction=cfg.task.instruction, labels=cfg.task.labels)
-    splits = task.splits(seed=cfg.task.seed, val_fraction=cfg.task.val_fraction, test_fraction=cfg.task.test_fraction)
+    run, config_dict, task, splits = start_run(cfg, run_dir)
     teacher_shots = sample(splits.train, cfg.teacher_shots, seed=cfg.task.seed) if cfg.teacher_shots else []
     student_shots = sample(splits.train, cfg.shots, seed=cfg.task.seed) if cfg.shots else []
     shot_ids = {s.id for s in teacher_shots} | {s.id for s in student_shots}
@@ -268,20 +263,9 @@ def run_gad(cfg: GADConfig, run_dir: str | Path, *, teacher_backend=None) -> dic
 
     # The teacher is black-box: only its text is used, and every call goes through the run's durable cache.
     teacher = open_cached_backend(cfg.teacher, run.cache_path, cfg.spend, backend=teacher_backend)
-    try:
-        rows = collect_teacher_outputs(task, train, teacher, mode="answers", shots=teacher_shots, samples=1,
-                                       temperature=cfg.teacher_temperature, max_tokens=cfg.teacher_max_tokens,
-                                       filter_correct=cfg.filter_correct)
-    finally:
-        run.write_json("usage.json", teacher.meter.summary())
-    run.write_jsonl("teacher_outputs.jsonl", rows)
-    labelled = [r for r in rows if r["correct"] is not None]
-    data_stats = {
-        "examples": len(rows), "kept": sum(r["kept"] for r in rows),
-        "teacher_accuracy": (sum(bool(r["correct"]) for r in labelled) / len(labelled)) if labelled else None,
-        "unparsed": sum(r["answer"] is None for r in rows),
-        "teacher_calls_cached": sum(r["cached"] for r in rows),
-    }
+    rows, data_stats = collect_and_record(run, task, train, teacher, mode="answers", shots=teacher_shots, samples=1,
+                                          temperature=cfg.teacher_temperature, max_tokens=cfg.teacher_max_tokens,
+                                          filter_correct=cfg.filter_correct)
     if not data_stats["kept"]:
         raise ConfigError(f"the teacher produced no usable answer for {len(rows)} examples; nothing to distil")
 

@@ -150,6 +150,24 @@ def sft_records(task, examples, rows: list[dict], *, mode: Mode, render, shots=(
     return out
 
 
+def collect_and_record(run, task, examples, teacher, **kw) -> tuple[list[dict], dict]:
+    """`collect_teacher_outputs` through a cached teacher, written to the run folder (`teacher_outputs.jsonl`,
+    `usage.json` even when the teacher fails midway), with the data statistics the routes report."""
+    try:
+        rows = collect_teacher_outputs(task, examples, teacher, **kw)
+    finally:
+        run.write_json("usage.json", teacher.meter.summary())
+    run.write_jsonl("teacher_outputs.jsonl", rows)
+    labelled = [r for r in rows if r["correct"] is not None]
+    stats = {
+        "examples": len(rows), "kept": sum(r["kept"] for r in rows),
+        "teacher_accuracy": (sum(bool(r["correct"]) for r in labelled) / len(labelled)) if labelled else None,
+        "unparsed": sum(r["answer"] is None for r in rows),
+        "teacher_calls_cached": sum(r["cached"] for r in rows),
+    }
+    return rows, stats
+
+
 def distill_data(cfg: KDDataConfig, run_dir: str | Path, *, teacher_backend=None) -> dict:
     """The `kd data` route. Writes teacher_outputs.jsonl, sft_data.jsonl (or demos.jsonl), student/,
     train.json, predictions.jsonl, metrics.json, usage.json and report.html. Rerunning resumes from the cache."""
@@ -161,15 +179,10 @@ def distill_data(cfg: KDDataConfig, run_dir: str | Path, *, teacher_backend=None
     from stillroom.evaluate.runner import evaluate
     from stillroom.kd.trainer import load_causal_lm, load_tokenizer, resolve_model_path, training_digest
     from stillroom.report.html import eval_report
-    from stillroom.runs import RunFolder
-    from stillroom.tasks import load_task
+    from stillroom.runs import start_run
     from stillroom.tasks.task import sample
 
-    run = RunFolder(run_dir)
-    config_dict = cfg.model_dump(mode="json")
-    run.save_config(config_dict)
-    task = load_task(cfg.task.spec, instruction=cfg.task.instruction, labels=cfg.task.labels)
-    splits = task.splits(seed=cfg.task.seed, val_fraction=cfg.task.val_fraction, test_fraction=cfg.task.test_fraction)
+    run, config_dict, task, splits = start_run(cfg, run_dir)
     teacher_shots = sample(splits.train, cfg.teacher_shots, seed=cfg.task.seed) if cfg.teacher_shots else []
     student_shots = sample(splits.train, cfg.shots, seed=cfg.task.seed) if cfg.shots and cfg.mode != "demos" else []
     shot_ids = {s.id for s in teacher_shots} | {s.id for s in student_shots}
@@ -181,20 +194,9 @@ def distill_data(cfg: KDDataConfig, run_dir: str | Path, *, teacher_backend=None
     max_tokens = cfg.teacher_max_tokens or (256 if cfg.mode == "cot" else 32)
 
     teacher = open_cached_backend(cfg.teacher, run.cache_path, cfg.spend, backend=teacher_backend)
-    try:
-        rows = collect_teacher_outputs(task, train, teacher, mode=cfg.mode, shots=teacher_shots, samples=cfg.samples,
-                                       temperature=cfg.temperature, max_tokens=max_tokens,
-                                       filter_correct=cfg.filter_correct)
-    finally:
-        run.write_json("usage.json", teacher.meter.summary())
-    run.write_jsonl("teacher_outputs.jsonl", rows)
-    labelled = [r for r in rows if r["correct"] is not None]
-    data_stats = {
-        "examples": len(rows), "kept": sum(r["kept"] for r in rows),
-        "teacher_accuracy": (sum(bool(r["correct"]) for r in labelled) / len(labelled)) if labelled else None,
-        "unparsed": sum(r["answer"] is None for r in rows),
-        "teacher_calls_cached": sum(r["cached"] for r in rows),
-    }
+    rows, data_stats = collect_and_record(run, task, train, teacher, mode=cfg.mode, shots=teacher_shots,
+                                          samples=cfg.samples, temperature=cfg.temperature, max_tokens=max_tokens,
+                                          filter_correct=cfg.filter_correct)
     if not data_stats["kept"]:
         raise ConfigError(f"the teacher produced no usable output for {len(rows)} examples (accuracy "
                           f"{data_stats['teacher_accuracy']}); nothing to distil. Try cot, more samples or another teacher")

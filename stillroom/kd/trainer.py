@@ -592,16 +592,11 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
 
     from stillroom.backends.embedded import is_converted, save_model_folder
     from stillroom.report.html import eval_report
-    from stillroom.runs import RunFolder
-    from stillroom.tasks import load_task
+    from stillroom.runs import start_run
     from stillroom.tasks.prompts import continuation, render_prompt
     from stillroom.tasks.task import sample
 
-    run = RunFolder(run_dir)
-    config_dict = cfg.model_dump(mode="json")
-    run.save_config(config_dict)
-    task = load_task(cfg.task.spec, instruction=cfg.task.instruction, labels=cfg.task.labels)
-    splits = task.splits(seed=cfg.task.seed, val_fraction=cfg.task.val_fraction, test_fraction=cfg.task.test_fraction)
+    run, config_dict, task, splits = start_run(cfg, run_dir)
     shots = sample(splits.train, cfg.shots, seed=cfg.task.seed) if cfg.shots else []
     shot_ids = {s.id for s in shots}
     train = [e for e in sample(splits.train, cfg.train_limit, seed=cfg.task.seed) if e.label is not None and e.id not in shot_ids]
