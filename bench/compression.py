@@ -29,19 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from _common import ROOT, StateFile, log  # noqa: E402  (also sets the offline environment)
 
 CANDIDATES = {
     "measured_on": "60 test examples (seed 0), log-likelihood evaluator, embedded Gemma-3 270M",
@@ -51,16 +44,8 @@ CANDIDATES = {
 }
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-class Stages:
+class Stages(StateFile):
     """Results of finished stages in `state.json`: a rerun skips them."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.data = json.loads(path.read_text()) if path.exists() else {}
 
     def prefix_healed(self, budget: str) -> None:
         """Results that depend on the healing budget are stored under it (heal/, eval/ and specdec/ of healed)."""
@@ -71,15 +56,6 @@ class Stages:
         if budget and not key.endswith("/none") and key.split("/")[0] in ("heal", "eval", "specdec"):
             return f"{key}@{budget}"
         return key
-
-    def get(self, key):
-        return self.data.get(self._key(key))
-
-    def put(self, key, value) -> None:
-        from stillroom.runs import atomic_write_text
-
-        self.data[self._key(key)] = value
-        atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
 
 
 def evaluate_folder(folder: Path, task, examples, shots) -> dict:

@@ -37,37 +37,13 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from _common import ROOT, StateFile, log  # noqa: E402  (also sets the offline environment)
 
 LORA = {"lora": True, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0}
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-class State:
-    """Finished conditions in state.json (a rerun skips them)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.data = json.loads(path.read_text()) if path.exists() else {}
-
-    def get(self, key):
-        return self.data.get(key)
-
-    def put(self, key, value):
-        from stillroom.runs import atomic_write_text
-
-        self.data[key] = value
-        atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
+State = StateFile
 
 
 def summary(metrics: dict) -> dict:

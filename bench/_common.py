@@ -1,0 +1,45 @@
+"""What every benchmark script shares: offline settings, the repo on sys.path, a timestamped log, and a
+state file of finished stages so an interrupted benchmark resumes.
+
+Imported as `from _common import ...` (Python puts the script's folder, bench/, on sys.path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class StateFile:
+    """Results of finished stages in a JSON file, written atomically after each one: a rerun skips them."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {}
+
+    def _key(self, key: str) -> str:
+        return key
+
+    def get(self, key):
+        return self.data.get(self._key(key))
+
+    def put(self, key, value) -> None:
+        from stillroom.runs import atomic_write_text
+
+        self.data[self._key(key)] = value
+        atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
