@@ -80,6 +80,16 @@ def test_chat_success_parses_text_usage_and_sends_params():
     assert req["headers"]["authorization"] == f"Bearer {SECRET}"
 
 
+def test_more_than_four_stops_are_split_between_server_and_client():
+    """OpenAI refuses more than 4 stop sequences: the first 4 go to the server, the rest cut the text here."""
+    stops = ("\nA:", "\nB:", "\nC:", "\nD:", " upon")
+    with FakeOpenAIServer() as srv:
+        gen = make(srv).generate("Once upon a time", GenerationParams(max_tokens=8, stop=stops))
+    (req,) = srv.requests
+    assert req["body"]["stop"] == list(stops[:4])
+    assert gen.text == "echo: Once" and gen.finish_reason == "stop"
+
+
 def test_raw_prompt_uses_legacy_completions_and_omits_unset_options():
     with FakeOpenAIServer() as srv:
         gen = make(srv, extra_body={"top_k": 5}).generate("Once upon", GenerationParams(max_tokens=4))

@@ -219,6 +219,7 @@ class CachedBackend:
         self.meter = meter if meter is not None else UsageMeter()
         self.calls = 0
         self.score_calls = 0
+        self.last_score_latencies: list[float] = []
         self._lock = threading.Lock()
 
     # --- delegated interface -------------------------------------------------------------------------------

@@ -71,6 +71,16 @@ def _server_message(exc: openai.APIError) -> str:
     return str(exc.message)
 
 
+MAX_SERVER_STOPS = 4
+"""Stop sequences sent to the server (OpenAI's limit; vLLM, Ollama and llama.cpp accept at least as many)."""
+
+
+def _cut_at_stops(text: str, stops) -> tuple[str, bool]:
+    """`text` up to the first of `stops` (the stop itself removed), and whether one was found."""
+    cuts = [text.find(s) for s in stops if s and s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
 class OpenAIBackend(BackendBase):
     """Chat messages go to `/chat/completions`; a raw string prompt goes to legacy `/completions`.
 
@@ -126,7 +136,9 @@ class OpenAIBackend(BackendBase):
     def _sampling_kwargs(self, params: GenerationParams) -> dict:
         kw: dict = {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p}
         if params.stop:
-            kw["stop"] = list(params.stop)
+            # OpenAI's API takes at most 4 stop sequences (a 400 otherwise); the rest are applied to the text
+            # after it arrives (`_cut_at_stops`), so every backend honours every stop string.
+            kw["stop"] = list(params.stop)[:MAX_SERVER_STOPS]
         if params.seed is not None:
             kw["seed"] = params.seed
         if self.extra_body:
@@ -163,7 +175,8 @@ class OpenAIBackend(BackendBase):
             usage = Usage(
                 self.count_tokens(prompt_text(prompt)), self.count_tokens(text) if text else 0, latency
             )
-        return Generation(text=text, usage=usage, finish_reason=choice.finish_reason)
+        text, cut = _cut_at_stops(text, params.stop[MAX_SERVER_STOPS:])
+        return Generation(text=text, usage=usage, finish_reason="stop" if cut else choice.finish_reason)
 
     def generate_many(self, prompts: list[Prompt], params: GenerationParams) -> list[Generation]:
         """Up to `max_concurrency` requests in flight; results in input order."""
