@@ -34,7 +34,6 @@ prints a table.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -62,6 +61,7 @@ from stillroom.backends.usage import percentile as _pct  # noqa: E402
 from stillroom.config import BackendConfig, PLDConfig, TaskConfig  # noqa: E402
 from stillroom.evaluate.metrics import classification_metrics  # noqa: E402
 from stillroom.evaluate.runner import evaluate, parse_choice  # noqa: E402
+from stillroom.pld.cluster import hashing_embed  # noqa: E402
 from stillroom.tasks.task import Example, Task, sample  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 130)
@@ -88,15 +88,6 @@ class Alias:
 def cached(backend, path: Path) -> CachedBackend:
     """`backend` behind the durable cache at `path`, with a fresh meter (counts this process's calls)."""
     return CachedBackend(backend, ResponseCache(path), UsageMeter())
-
-
-def hashing_embedder(texts):
-    """Deterministic bag-of-words embedding for the dry run (no sentence-transformers model needed)."""
-    out = np.zeros((len(texts), 256))
-    for k, t in enumerate(texts):
-        for w in re.findall(r"[a-z0-9]+", t.lower()):
-            out[k, int(hashlib.md5(w.encode()).hexdigest(), 16) % 256] += 1
-    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
 
 
 # --------------------------------------------------------------------------------------------- dry run
@@ -535,7 +526,7 @@ def main(argv=None) -> dict:
 
     if args.dry_run:
         model_t, model_s = dry_backends(task, broken=args.dry_run == "broken")
-        embedder = hashing_embedder
+        embedder = hashing_embed
         device = "none (scripted backends)"
     else:
         import torch

