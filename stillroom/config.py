@@ -130,7 +130,7 @@ class PLDConfig(BaseModel):
     extract_sample: int | None = Field(None, ge=1, description="Extract from a sample of N training examples (all when omitted).")
     val_limit: int | None = Field(None, ge=1, description="Validation examples used by the conflict loop (all when omitted).")
     test_limit: int | None = Field(None, ge=1, description="Test examples in the final comparison (all when omitted).")
-    embedder: str = Field("minilm", description="'minilm' (bundled all-MiniLM-L6-v2), 'st:NAME_OR_PATH', or 'openai:MODEL'.")
+    embedder: str = Field("minilm", description="'minilm' (bundled all-MiniLM-L6-v2), 'st:NAME_OR_PATH', 'openai:MODEL', or 'hash' (no model; dry runs).")
     eps: float = Field(
         0.3, gt=0, lt=2,
         description="DBSCAN eps (cosine distance). The paper's 0.4 was for another embedder; MiniLM's distances "
