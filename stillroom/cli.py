@@ -7,10 +7,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from stillroom.errors import StillroomError
+from stillroom.ui import console, print_results, run_guarded
 
 app = typer.Typer(
     help=(
@@ -24,7 +22,6 @@ app = typer.Typer(
 )
 tasks_app = typer.Typer(help="Inspect tasks and data.", no_args_is_help=True)
 app.add_typer(tasks_app, name="tasks")
-console = Console()
 
 TaskOpt = Annotated[str | None, typer.Option("--task", "-t", help="A .jsonl/.csv file, 'bigbench:NAME' or 'hf:LOCAL_DATASET'.")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Model spec (default: the embedded gemma3-270m).")]
@@ -32,23 +29,6 @@ BaseUrlOpt = Annotated[str | None, typer.Option(help="Base URL of an OpenAI-comp
 KeyEnvOpt = Annotated[str | None, typer.Option(help="NAME of the environment variable holding the API key (never the key).")]
 RunDirOpt = Annotated[Path | None, typer.Option(help="Run folder (default: runs/<command>-<task>-<config hash>; rerun resumes).")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config; command-line options override it.")]
-
-
-def _fail(exc: BaseException) -> None:
-    # soft_wrap: an error line is never broken at the terminal width (logs and tests read it whole).
-    console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
-    raise typer.Exit(2)
-
-
-def _run_guarded(fn):
-    """Run a command body: one clear message for user errors, a resumable stop on Ctrl-C."""
-    try:
-        return fn()
-    except StillroomError as exc:
-        _fail(exc)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: every completed call is in the run's cache; rerun the same command to resume.")
-        raise typer.Exit(130) from None
 
 
 @app.command("eval")
@@ -115,19 +95,7 @@ def eval_cmd(
         print_results({n: r.metrics for n, r in results.items()})
         console.print(f"report: [bold]{out / 'report.html'}[/]")
 
-    _run_guarded(body)
-
-
-def print_results(named_metrics: dict) -> None:
-    """A short table of the main figures."""
-    t = Table(title="results")
-    for col in ("condition", "n", "accuracy", "macro-F1", "invalid", "latency p50 s"):
-        t.add_column(col, justify="right")
-    for name, m in named_metrics.items():
-        f1 = m.get("macro_f1")
-        t.add_row(name, str(m["n"]), f"{m['accuracy']:.3f}", "-" if f1 is None else f"{f1:.3f}",
-                  f"{m['invalid_rate']:.3f}", f"{m['latency_p50_s']:.3f}")
-    console.print(t)
+    run_guarded(body)
 
 
 @app.command()
@@ -193,7 +161,7 @@ def pld(
             console.print(f"[yellow]note:[/] {n}")
         console.print(f"report: [bold]{out / 'report.html'}[/]")
 
-    _run_guarded(body)
+    run_guarded(body)
 
 
 @app.command()
@@ -224,7 +192,7 @@ def tasks_show(
             console.print(f"labels: {', '.join(t.labels)}")
         console.print(f"examples: {len(t.examples)}  train {len(s.train)} / val {len(s.val)} / test {len(s.test)}")
 
-    _run_guarded(body)
+    run_guarded(body)
 
 
 @tasks_app.command("bigbench")
@@ -237,7 +205,7 @@ def tasks_bigbench() -> None:
         for name in list_bigbench_tasks():
             console.print(name)
 
-    _run_guarded(body)
+    run_guarded(body)
 
 
 @app.command("fetch-model")
@@ -249,7 +217,7 @@ def fetch_model() -> None:
 
         console.print(f"embedded model ready: {ensure_embedded_gemma()}")
 
-    _run_guarded(body)
+    run_guarded(body)
 
 
 def _register_routes() -> None:

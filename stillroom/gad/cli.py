@@ -10,22 +10,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-console = Console()
+from stillroom.ui import console, print_results, run_guarded
 
 Opt = typer.Option
 
 
-def _guarded(fn):
-    from stillroom.cli import _run_guarded
-
-    return _run_guarded(fn)
-
-
 def _print(metrics: dict, run_dir: Path) -> None:
-    from stillroom.cli import print_results
-
     print_results(metrics["conditions"])
     d = metrics["data"]
     acc = "-" if d["teacher_accuracy"] is None else f"{d['teacher_accuracy']:.3f}"
@@ -117,4 +108,4 @@ def register(app: typer.Typer) -> None:
             out = run_dir or run_dir_for("gad", cfg.model_dump(mode="json"))
             _print(run_gad(cfg, out), out)
 
-        _guarded(body)
+        run_guarded(body)

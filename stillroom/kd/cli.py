@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-console = Console()
+from stillroom.ui import console, print_results, run_guarded
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="Optional YAML config; options override it.")]
 TaskOpt = Annotated[str | None, typer.Option("--task", "-t", help="A .jsonl/.csv file, 'bigbench:NAME' or 'hf:LOCAL_DATASET'.")]
@@ -28,12 +27,6 @@ BatchOpt = Annotated[int | None, typer.Option(help="Batch size per device.")]
 LoraOpt = Annotated[bool | None, typer.Option("--lora/--full", help="LoRA adapters (default) or full fine-tuning.")]
 
 
-def _guarded(fn):
-    from stillroom.cli import _run_guarded
-
-    return _run_guarded(fn)
-
-
 def _load(config: Path | None, model, overrides: dict, require: str, have: bool):
     from stillroom.config import deep_merge, load_yaml_config, validate_config
 
@@ -45,8 +38,6 @@ def _load(config: Path | None, model, overrides: dict, require: str, have: bool)
 
 
 def _print(metrics: dict, run_dir: Path) -> None:
-    from stillroom.cli import print_results
-
     if not metrics:  # a non-main rank under `accelerate launch`
         return
     print_results(metrics["conditions"])
@@ -118,7 +109,7 @@ def register(app: typer.Typer) -> None:
             out = run_dir or run_dir_for("kd-logits", cfg.model_dump(mode="json"))
             _print(distill_logits(cfg, out), out)
 
-        _guarded(body)
+        run_guarded(body)
 
     @kd_app.command("hints")
     def hints_cmd(
@@ -149,7 +140,7 @@ def register(app: typer.Typer) -> None:
             out = run_dir or run_dir_for("kd-hints", cfg.model_dump(mode="json"))
             _print(distill_logits(cfg, out), out)
 
-        _guarded(body)
+        run_guarded(body)
 
     @kd_app.command("data")
     def data_cmd(
@@ -196,4 +187,4 @@ def register(app: typer.Typer) -> None:
             console.print(f"teacher: {d['examples']} examples, accuracy {acc}, kept {d['kept']}")
             _print(m, out)
 
-        _guarded(body)
+        run_guarded(body)

@@ -11,19 +11,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
+from stillroom.ui import console, run_guarded
 
 ModelArg = Annotated[str, typer.Option("--model", "-m", help="Model: 'gemma3-270m', 'hf:PATH' or a model folder.")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: under runs/).")]
-
-
-def _guarded(fn):
-    from stillroom.cli import _run_guarded
-
-    return _run_guarded(fn)
 
 
 def _default_out(command: str, config: dict) -> Path:
@@ -102,7 +95,7 @@ def register(app: typer.Typer) -> None:
             _print_analysis(data)
             console.print(f"written: [bold]{dest / 'angular.json'}[/], {dest / 'angular_heatmap.png'}")
 
-        _guarded(body)
+        run_guarded(body)
 
     @prune_app.command("apply")
     def prune_apply(
@@ -162,7 +155,7 @@ def register(app: typer.Typer) -> None:
                     g = m.generate(**ids, max_new_tokens=8, do_sample=False)
                 console.print(f"reload + generate ok: {tok.decode(g[0, ids['input_ids'].shape[1]:])!r}")
 
-        _guarded(body)
+        run_guarded(body)
 
     @app.command("selfdistill")
     def selfdistill_cmd(
@@ -183,8 +176,8 @@ def register(app: typer.Typer) -> None:
         selfdistill.json (acceptance share)."""
 
         def body():
-            from stillroom.evaluate.runner import progress_bar
             from stillroom.prune.selfdistill import run_selfdistill
+            from stillroom.ui import progress_bar
 
             dest = run_dir or _default_out("selfdistill", {"teacher": teacher, "task": {"spec": task}, "limit": limit,
                                                            "shots": shots, "seed": seed, "chat": chat,
@@ -200,7 +193,7 @@ def register(app: typer.Typer) -> None:
             console.print(f"healing data: [bold]{dest / 'sft_self_data.jsonl'}[/] (self-data), "
                           f"{dest / 'sft_original.jsonl'} (original answers)")
 
-        _guarded(body)
+        run_guarded(body)
 
     @app.command("heal")
     def heal_cmd(
@@ -233,7 +226,7 @@ def register(app: typer.Typer) -> None:
             console.print(f"{rec['steps']} steps in {rec['seconds']:.0f} s, loss {rec['first_loss']:.4f} -> "
                           f"{rec['last_loss']:.4f}: [bold]{dest}[/]")
 
-        _guarded(body)
+        run_guarded(body)
 
     @merge_app.command("slerp")
     def merge_slerp(
@@ -256,7 +249,7 @@ def register(app: typer.Typer) -> None:
             saved = slerp_model_folders(a, b, dest, schedule)
             console.print(f"merged (t={schedule}): [bold]{saved}[/]")
 
-        _guarded(body)
+        run_guarded(body)
 
     @app.command("specdec")
     def specdec_cmd(
@@ -272,10 +265,10 @@ def register(app: typer.Typer) -> None:
         speed-up of the draft for the target (transformers assisted generation, greedy, fixed K)."""
 
         def body():
-            from stillroom.evaluate.runner import progress_bar
             from stillroom.prune.specdec import load_prompts, measure_speculative
             from stillroom.prune.surgery import load_causal_lm, model_folder
             from stillroom.runs import RunFolder
+            from stillroom.ui import progress_bar
 
             tf, df = model_folder(target), model_folder(draft)
             texts = load_prompts(prompts, limit)
@@ -294,4 +287,4 @@ def register(app: typer.Typer) -> None:
                           f"({res['rounds']} rounds, identical outputs {res['identical_outputs']:.0%}): "
                           f"[bold]{dest / 'specdec.json'}[/]")
 
-        _guarded(body)
+        run_guarded(body)

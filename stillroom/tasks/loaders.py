@@ -540,6 +540,6 @@ def _check_header(header: list[str], path: Path, line: int, input_field: str) ->
 
 
 def _cache_root(cache_dir: str | Path | None) -> Path:
-    from stillroom.runs import cache_root  # one definition of $STILLROOM_CACHE for the whole package
+    from stillroom.paths import cache_root  # one definition of $STILLROOM_CACHE for the whole package
 
     return Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
