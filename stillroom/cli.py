@@ -221,10 +221,12 @@ def fetch_model() -> None:
 
 
 def _register_routes() -> None:
+    from stillroom.compare.cli import register as register_compare
     from stillroom.gad.cli import register as register_gad
     from stillroom.kd.cli import register as register_kd
     from stillroom.prune.cli import register as register_prune
 
+    register_compare(app)
     register_prune(app)
     register_kd(app)
     register_gad(app)
