@@ -166,12 +166,15 @@ def pld(
 
 @app.command()
 def demo(
-    config: Annotated[Path | None, typer.Option(help="PLD config (default: the packaged stillroom/configs/pld_demo.yaml).")] = None,
+    config: Annotated[Path | None, typer.Option(help="Compare config (default: the packaged stillroom/configs/compare_demo.yaml).")] = None,
     run_dir: RunDirOpt = None,
 ) -> None:
-    """The offline demo (what `make demo` runs): PLD end to end with the embedded Gemma-3 270M as teacher and
-    student on a BIG-bench task, compared with zero-shot, k-shot and chain-of-thought."""
-    pld(config=config or Path(__file__).parent / "configs" / "pld_demo.yaml", run_dir=run_dir)
+    """The offline demo (what `make demo` runs): `stillroom compare` with the embedded Gemma-3 270M as teacher
+    and student on a BIG-bench task: zero-shot, k-shot, PLD, SeqKD, logit KD and prune + heal on the same test
+    examples, in one report."""
+    from stillroom.compare.cli import compare
+
+    compare(config=config or Path(__file__).parent / "configs" / "compare_demo.yaml", run_dir=run_dir)
 
 
 @tasks_app.command("show")
