@@ -20,7 +20,9 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("peft")
 
 import torch.nn.functional as F  # noqa: E402
-from tiny import one_thread  # noqa: E402, F401  (autouse fixture: one torch thread for tiny models)
+from conftest import tiny_gemma, tiny_tokenizer  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 from stillroom.errors import ConfigError  # noqa: E402
 from stillroom.kd.hints import hint_loss, parse_layer_map, uniform_layer_map  # noqa: E402
@@ -44,42 +46,16 @@ WORDS = ["red", "green", "blue", "apple", "pear", "car", "bus", "the", "a", "is"
 LABELS = ["fruit", "colour", "vehicle"]
 
 
-def _tokenizer(corpus, vocab_size=320):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    t = Tokenizer(models.BPE(unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    t.train_from_iterator(corpus, trainer)
-    bos = t.token_to_id("<bos>")
-    t.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
-                                                     special_tokens=[("<bos>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")
-
-
 CORPUS = [f"Input: {a} {b} {c}\nAnswer: {lab}" for a in WORDS for b in WORDS[:4] for c in ("1", "2") for lab in LABELS]
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return _tokenizer(CORPUS * 3)
+    return tiny_tokenizer(CORPUS, vocab_size=320)
 
 
 def tiny_lm(tok, *, seed=0, layers=2, hidden=16, vocab=None):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(seed)
-    cfg = Gemma3TextConfig(
-        vocab_size=vocab or len(tok), hidden_size=hidden, intermediate_size=32, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
-        layer_types=["full_attention"] * layers, initializer_range=0.3, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )
-    return Gemma3ForCausalLM(cfg)
+    return tiny_gemma(tok, seed=seed, layers=layers, hidden=hidden, vocab=vocab)
 
 
 def pairs(n=16):
@@ -282,7 +258,7 @@ def test_vocab_same_family_padded_ok_different_refused(tok):
     assert check_vocab(tok, tok, len(tok), len(tok)).size == len(tok)
     plan = check_vocab(tok, tok, len(tok) + 16, len(tok))  # student's head padded by 16 rows
     assert plan.size == len(tok) and "truncated" in plan.note
-    other = _tokenizer([f"completely different text {w} zebra {i}" for w in WORDS for i in range(30)], vocab_size=360)
+    other = tiny_tokenizer([f"completely different text {w} zebra {i}" for w in WORDS for i in range(30)], vocab_size=360)
     with pytest.raises(ConfigError) as err:
         check_vocab(tok, other, len(tok), len(other))
     msg = str(err.value)

@@ -14,7 +14,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from tiny import tiny_tokenizer  # noqa: E402
+from conftest import tiny_gemma as _gemma  # noqa: E402
+from conftest import tiny_llama as _llama  # noqa: E402
+from conftest import tiny_tokenizer  # noqa: E402
 
 from stillroom.backends.base import GenerationParams  # noqa: E402
 from stillroom.backends.scripted import ScriptedBackend  # noqa: E402
@@ -41,14 +43,7 @@ def tok():
 
 
 def tiny_llama(tok, layers=6, seed=0, eos=True):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                      initializer_range=0.3, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id if eos else None)
-    return LlamaForCausalLM(cfg).eval()
+    return _llama(tok, layers=layers, seed=seed, eos=eos).eval()
 
 
 GEMMA_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention",
@@ -56,14 +51,7 @@ GEMMA_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "slid
 
 
 def tiny_gemma(tok, seed=0):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(seed)
-    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=6,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
-                           sliding_window=4, layer_types=list(GEMMA_TYPES), initializer_range=0.3,
-                           pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    return Gemma3ForCausalLM(cfg).eval()
+    return _gemma(tok, layers=6, seed=seed, sliding_window=4, layer_types=GEMMA_TYPES).eval()
 
 
 def greedy_without_cache(model, ids, n):
