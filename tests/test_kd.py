@@ -457,7 +457,7 @@ def test_kd_data_scripted_teacher_resumes_free(tok, model_dirs, tmp_path):
     assert be2.calls == 0 and m2["data"]["teacher_calls_cached"] == len(rows)
 
 
-def test_kd_logits_cli_end_to_end_and_resume(model_dirs, tmp_path):
+def test_kd_logits_cli_end_to_end_and_resume(model_dirs, tmp_path, monkeypatch):
     import typer
     from typer.testing import CliRunner
 
@@ -473,9 +473,18 @@ def test_kd_logits_cli_end_to_end_and_resume(model_dirs, tmp_path):
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert set(m["conditions"]) == {"student (no KD)", "student (KD)"}
     assert m["train"]["steps"] == 2 and m["train"]["cache"]["computed_shards"] == [0]
-    res = CliRunner().invoke(app, args)  # rerun: nothing recomputed, nothing retrained
+    import stillroom.kd.trainer as trainer_mod
+
+    shards = {p: p.stat().st_mtime_ns for p in (tmp_path / "teacher_logits").rglob("*.safetensors")}
+    loaded = []
+    real_load = trainer_mod.load_causal_lm
+    monkeypatch.setattr(trainer_mod, "load_causal_lm", lambda path, **kw: (loaded.append(str(path)), real_load(path, **kw))[1])
+    monkeypatch.setattr(trainer_mod, "train_kd", lambda *a, **k: pytest.fail("a finished student was retrained"))
+    res = CliRunner().invoke(app, args)  # rerun: no shard computed, teacher not loaded, nothing retrained
     assert res.exit_code == 0, res.output
-    assert "already trained" in " ".join(json.loads((tmp_path / "metrics.json").read_text())["notes"])
+    assert not any("teacher" in p for p in loaded) and loaded  # the student (before and after) was loaded
+    assert shards and {p: p.stat().st_mtime_ns for p in shards} == shards
+    monkeypatch.undo()
     hints = CliRunner().invoke(app, ["kd", "hints", *args[2:-1], str(tmp_path / "hints"), "--metric", "cosine",
                                      "--layer-map", "uniform:1"])
     assert hints.exit_code == 0, hints.output
