@@ -39,7 +39,7 @@ from pathlib import Path
 
 from _common import ROOT, StateFile, log  # noqa: E402  (also sets the offline environment)
 
-LORA = {"lora": True, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0}
+LORA = {"lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}}
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -164,8 +164,8 @@ def main(argv=None) -> dict:
         cfg = KDDataConfig(task=TaskConfig(spec=args.task), teacher=BackendConfig(spec=f"hf:{teacher_path}", batch_size=8),
                            student=str(student), mode="answers", filter_correct=False, teacher_shots=args.shots,
                            teacher_max_tokens=12, train_limit=args.train, eval_before=False, max_length=512,
-                           **{k: v for k, v in common.items() if k != "shots"}, shots=args.shots, lora=True,
-                           lora_r=16, lora_alpha=32, lora_dropout=0.0, lora_target_modules=list(ALL_LINEAR),
+                           **{k: v for k, v in common.items() if k != "shots"}, shots=args.shots,
+                           lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": list(ALL_LINEAR)},
                            lr_scheduler="linear")
         m = timed("SeqKD", lambda: distill_data(cfg, work / "seqkd"))
         st.put("SeqKD", {**summary(m["conditions"]["student (answers KD)"]), "teacher_label_accuracy":

@@ -163,7 +163,7 @@ def arm_stillroom(args, data) -> dict:
 
     enc = [Encoded(**e) for e in data["examples"]]
     cache = LogitCache(next(p for p in (Path(args.work) / "teacher_logits").iterdir() if p.is_dir()))
-    cfg = KDConfig(divergence="fkl", ce_weight=0.0, top_k=args.top_k, lora=True, lora_r=16, lora_alpha=32,
+    cfg = KDConfig(divergence="fkl", ce_weight=0.0, top_k=args.top_k, lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
                    learning_rate=1e-4, batch_size=args.batch_size, max_steps=args.steps + 1, logging_steps=1)
     student = apply_lora(load_causal_lm(data["student"]), cfg)
     collator = _Counting(KDCollator(pad_id=data["pad_id"]))

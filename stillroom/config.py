@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from stillroom.errors import ConfigError
 
@@ -38,6 +38,33 @@ class BackendConfig(BaseModel):
     dtype: str = Field("auto", description="Local models: 'auto', 'float32', 'bfloat16', 'float16'.")
     price_in_per_mtok: float = Field(0.0, ge=0, description="USD per million input tokens (for cost accounting).")
     price_out_per_mtok: float = Field(0.0, ge=0, description="USD per million output tokens.")
+
+
+class LoraSettings(BaseModel):
+    """LoRA adapters (PEFT) for every route that trains a student: one block, one default. The defaults follow the
+    self-data distillation reference code (q_proj and v_proj, r 8, alpha 16, dropout 0.05); the adapters are
+    merged into the saved student, so what a route deploys is a plain model folder. `lora: false` in YAML (or
+    `--full`) means full fine-tuning."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Train LoRA adapters (True) or every weight (False).")
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: int = Field(16, ge=1, description="LoRA scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        ["q_proj", "v_proj"], description="Modules that get adapters: a list of names, or 'all-linear'.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_bool(cls, data):
+        return {"enabled": data} if isinstance(data, bool) else data
+
+    def peft(self):
+        """The PEFT `LoraConfig`."""
+        from stillroom.models import lora_config
+
+        return lora_config(self.r, self.alpha, self.dropout, self.target_modules)
 
 
 class SpendConfig(BaseModel):

@@ -206,7 +206,7 @@ def test_lora_warm_up_and_adversarial_stage_change_only_adapted_modules(tok, tmp
     disc = Discriminator.from_student(student, tok, learning_rate=1e-3)
     prompts, teacher, _ = fixed_pairs()
     records = [{"prompt": p, "completion": t} for p, t in zip(prompts, teacher, strict=True)]
-    cfg = GADConfig(task=TaskConfig(spec="unused.jsonl"), student="unused", lora=True, lora_r=2,
+    cfg = GADConfig(task=TaskConfig(spec="unused.jsonl"), student="unused", lora={"r": 2},
                     num_generations=2, prompts_per_step=2, adversarial_steps=1, temperature=1.0,
                     max_completion_length=5, disc_warmup_steps=1, warmup_steps=2, batch_size=4,
                     warmup_learning_rate=1e-2, learning_rate=1e-2, beta=0.0)

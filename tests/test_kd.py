@@ -308,7 +308,7 @@ def test_student_moves_towards_teacher(kind, tok, teacher, encoded, shared_cache
 
 def test_lora_student_every_adapter_changes(tok, teacher, encoded, shared_cache, tmp_path):
     student = tiny_lm(tok, seed=8)
-    cfg = KDConfig(divergence="fkl", ce_weight=0.0, top_k=16, lora=True, lora_r=4, learning_rate=2e-2, batch_size=8,
+    cfg = KDConfig(divergence="fkl", ce_weight=0.0, top_k=16, lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}, learning_rate=2e-2, batch_size=8,
                    max_steps=6)
     from stillroom.kd.trainer import apply_lora
 

@@ -92,7 +92,7 @@ def gad_cmd(
             "warmup_epochs": warmup_epochs, "warmup_steps": warmup_steps, "learning_rate": lr,
             "warmup_learning_rate": warmup_lr, "disc_learning_rate": disc_lr, "beta": beta,
             "max_completion_length": max_completion_length, "update_discriminator": update_discriminator,
-            "lora": lora, "batch_size": batch_size, "train_limit": train_limit, "eval_limit": eval_limit,
+            "lora": None if lora is None else {"enabled": lora}, "batch_size": batch_size, "train_limit": train_limit, "eval_limit": eval_limit,
             "seed": seed, "spend": {"max_cost_usd": max_cost, "max_tokens": max_spend_tokens},
         }
         cfg = load_config(config, GADConfig, over, "--task and --student", bool(task and student))

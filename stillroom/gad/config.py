@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from stillroom.config import BackendConfig, SpendConfig, TaskConfig
+from stillroom.config import BackendConfig, LoraSettings, SpendConfig, TaskConfig
 
 
 class GADConfig(BaseModel):
@@ -65,11 +65,10 @@ class GADConfig(BaseModel):
     disc_micro_batch: int = Field(16, ge=1, description="Sequences per discriminator forward pass (gradients accumulated).")
 
     # student parameters
-    lora: bool = Field(True, description="LoRA adapters on the student (merged into the saved student) or full fine-tuning.")
-    lora_r: int = Field(8, ge=1, description="LoRA rank.")
-    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator.")
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout (0: the policy ratio is not perturbed by dropout).")
-    lora_target_modules: list[str] = Field(["q_proj", "v_proj"], description="Modules that get LoRA adapters.")
+    lora: LoraSettings = Field(
+        default_factory=lambda: LoraSettings(dropout=0.0),
+        description="LoRA adapters on the student (merged into the saved student); `false` = full fine-tuning. The "
+        "one departure from the shared LoRA default: dropout 0, so dropout does not perturb the policy ratio.")
     gradient_checkpointing: bool = Field(False, description="Activation checkpointing in the adversarial stage.")
 
     max_length: int = Field(512, ge=8, description="Tokens per SFT example and per discriminator input.")

@@ -42,7 +42,7 @@ from transformers import TrainerCallback
 from stillroom.errors import ConfigError
 from stillroom.gad.config import ADVERSARIAL_FIELDS, EVAL_FIELDS, GADConfig
 from stillroom.gad.discriminator import Discriminator, sample_completions
-from stillroom.models import bf16_supported, lora_config
+from stillroom.models import bf16_supported
 
 # ------------------------------------------------------------------------------------------------ reward
 
@@ -130,8 +130,7 @@ def warm_up(student: Any, tokenizer: Any, records: list[dict], disc: Discriminat
     info: dict[str, Any] = {"disc_only_steps": cfg.disc_warmup_steps, "discriminator": history}
     do_sft = cfg.warmup_steps > 0 or (cfg.warmup_steps < 0 and cfg.warmup_epochs > 0)
     if do_sft:
-        settings = SFTSettings(lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                               target_modules=tuple(cfg.lora_target_modules), learning_rate=cfg.warmup_learning_rate,
+        settings = SFTSettings.with_lora(cfg.lora, learning_rate=cfg.warmup_learning_rate,
                                epochs=cfg.warmup_epochs or 1.0, max_steps=cfg.warmup_steps, batch_size=cfg.batch_size,
                                max_length=cfg.max_length, seed=cfg.seed)
         callbacks = [_DiscriminatorAlongside(disc_step, history)] if cfg.warmup_disc else None
@@ -188,8 +187,8 @@ def adversarial(student: Any, tokenizer: Any, records: list[dict], disc: Discrim
     from trl import GRPOTrainer
 
     peft_config = None
-    if cfg.lora:
-        peft_config = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    if cfg.lora.enabled:
+        peft_config = cfg.lora.peft()
     reward = GADReward(disc, update=cfg.update_discriminator)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "teacher": r["completion"]} for r in records])
     trainer = GRPOTrainer(model=student, reward_funcs=[reward], args=grpo_config(cfg, output_dir),
@@ -208,7 +207,7 @@ def adversarial(student: Any, tokenizer: Any, records: list[dict], disc: Discrim
            for h in trainer.state.log_history if "reward" in h]
     info = {"steps": int(trainer.state.global_step), "seconds": round(seconds, 2), "log": log,
             "discriminator_updates": sum(1 for h in reward.history if "disc_loss" in h),
-            "trainer": "trl.GRPOTrainer", "lora": cfg.lora, "beta": cfg.beta, "num_generations": cfg.num_generations,
+            "trainer": "trl.GRPOTrainer", "lora": cfg.lora.enabled, "beta": cfg.beta, "num_generations": cfg.num_generations,
             "temperature": cfg.temperature}
     return StageResult(model=model, info=info)
 

@@ -48,7 +48,7 @@ def _logits_overrides(task, teacher, student, divergence, beta, alpha, temperatu
         "task": {"spec": task}, "teacher": teacher, "student": student, "divergence": divergence, "beta": beta,
         "alpha": alpha, "temperature": temperature, "ce_weight": ce_weight, "top_k": top_k,
         "teacher_mode": None if online is None else ("online" if online else "cached"), "on_policy": on_policy,
-        "lora": lora, "epochs": epochs, "max_steps": max_steps, "learning_rate": lr, "batch_size": batch_size,
+        "lora": None if lora is None else {"enabled": lora}, "epochs": epochs, "max_steps": max_steps, "learning_rate": lr, "batch_size": batch_size,
         "train_limit": train_limit, "eval_limit": eval_limit, "shots": shots,
     }
 
@@ -157,7 +157,7 @@ def data_cmd(
             "task": {"spec": task}, "student": student, "mode": mode, "filter_correct": filter_correct,
             "teacher": {"spec": teacher, "base_url": teacher_base_url, "api_key_env": teacher_api_key_env},
             "samples": samples, "temperature": temperature, "demos": demos, "shots": shots,
-            "teacher_shots": teacher_shots, "lora": lora, "epochs": epochs,
+            "teacher_shots": teacher_shots, "lora": None if lora is None else {"enabled": lora}, "epochs": epochs,
             "max_steps": max_steps, "learning_rate": lr, "batch_size": batch_size, "train_limit": train_limit,
             "eval_limit": eval_limit, "spend": {"max_cost_usd": max_cost, "max_tokens": max_spend_tokens},
         }

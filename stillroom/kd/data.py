@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from stillroom.config import BackendConfig, SpendConfig, TaskConfig
+from stillroom.config import BackendConfig, LoraSettings, SpendConfig, TaskConfig
 from stillroom.errors import ConfigError
 
 Mode = Literal["answers", "cot", "demos"]
@@ -56,11 +56,7 @@ class KDDataConfig(BaseModel):
     eval_split: Literal["val", "test"] = Field("test", description="Split the student is evaluated on.")
     eval_limit: int | None = Field(None, ge=1, description="Evaluate on a deterministic sample of N examples.")
     eval_before: bool = Field(True, description="Also evaluate the student before distillation.")
-    lora: bool = Field(True, description="LoRA (merged into the saved student) or full fine-tuning.")
-    lora_r: int = Field(8, ge=1, description="LoRA rank (the SFT helper's default).")
-    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator.")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
-    lora_target_modules: list[str] = Field(["q_proj", "v_proj"], description="Modules that get LoRA adapters.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA (merged into the saved student); `false` = full fine-tuning.")
     lr_scheduler: str = Field("cosine", description="transformers scheduler name.")
     epochs: float = Field(1.0, gt=0, description="SFT passes over the kept examples.")
     max_steps: int = Field(-1, description="SFT optimizer steps (-1: use epochs).")
@@ -242,8 +238,7 @@ def distill_data(cfg: KDDataConfig, run_dir: str | Path, *, teacher_backend=None
             trained = load_causal_lm(student_dir)
             train_info = run.read_json("train.json")
         else:
-            settings = SFTSettings(lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                   target_modules=tuple(cfg.lora_target_modules), lr_scheduler_type=cfg.lr_scheduler,
+            settings = SFTSettings.with_lora(cfg.lora, lr_scheduler_type=cfg.lr_scheduler,
                                    epochs=cfg.epochs, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
                                    batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed)
             res = train_sft(student, tok, records, settings, output_dir=run.file("trainer"))

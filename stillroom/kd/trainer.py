@@ -35,7 +35,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import Trainer, TrainingArguments
 
-from stillroom.config import TaskConfig
+from stillroom.config import LoraSettings, TaskConfig
 from stillroom.errors import ConfigError
 from stillroom.kd.hints import HintProjector, hint_loss, parse_layer_map
 from stillroom.kd.logit_cache import (
@@ -60,7 +60,6 @@ from stillroom.models import (
     bf16_supported,
     load_causal_lm,
     load_tokenizer,
-    lora_config,
     merged,
     model_fingerprint,
     release_memory,
@@ -119,11 +118,7 @@ class KDConfig(BaseModel):
     teacher_mode: Literal["cached", "online"] = Field(
         "cached", description="'cached': precompute the teacher once to disk, train without it; 'online': keep it resident."
     )
-    lora: bool = Field(True, description="Train LoRA adapters (merged into the saved student); False = full fine-tuning.")
-    lora_r: int = Field(16, ge=1, description="LoRA rank.")
-    lora_alpha: int = Field(32, ge=1, description="LoRA scaling α.")
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
-    lora_target_modules: str = Field("all-linear", description="PEFT target_modules ('all-linear' or comma-separated names).")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters (merged into the saved student); `false` = full fine-tuning.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training examples.")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
     learning_rate: float = Field(2e-4, gt=0, description="AdamW learning rate (2e-4 suits LoRA; use ~2e-5 for full).")
@@ -166,7 +161,7 @@ def apply_lora(model: Any, cfg: KDConfig):
     """Wrap the student in LoRA adapters (PEFT)."""
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules))
+    return get_peft_model(model, cfg.lora.peft())
 
 
 def n_blocks(model: Any) -> int:
@@ -387,7 +382,7 @@ def train_kd(
     callbacks: Sequence[Any] = (),
 ) -> TrainResult:
     """Distil into `student` on `encoded` from a finished `cache` (teacher_mode 'cached') or a resident `teacher`
-    ('online'). Wraps the student in LoRA when `cfg.lora`; returns the trained model and throughput figures."""
+    ('online'). Wraps the student in LoRA when `cfg.lora.enabled`; returns the trained model and throughput figures."""
     if cfg.teacher_mode == "cached" and cache is None:
         raise ConfigError("teacher_mode 'cached' needs a teacher-logit cache (build_logit_cache)")
     if cfg.teacher_mode == "online" and teacher is None:
@@ -412,7 +407,7 @@ def train_kd(
             if n_t is None:
                 raise ConfigError("hints need the teacher's hidden states: build the cache with hint layers")
             layer_map = parse_layer_map(cfg.hints.layer_map, n_blocks(student), n_t)
-    if cfg.lora and not hasattr(student, "peft_config"):
+    if cfg.lora.enabled and not hasattr(student, "peft_config"):
         student = apply_lora(student, cfg)
     if layer_map:
         t_dim = hidden_size(teacher) if teacher is not None else int(cache.meta["teacher_hidden_size"])
@@ -480,8 +475,8 @@ def train_on_policy(
         bf16=bf16, gradient_checkpointing=False, disable_tqdm=True,
     )
     peft_config = None
-    if cfg.lora and not hasattr(student, "peft_config"):
-        peft_config = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    if cfg.lora.enabled and not hasattr(student, "peft_config"):
+        peft_config = cfg.lora.peft()
     trainer = DistillationTrainer(
         model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), peft_config=peft_config,

@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from stillroom.config import TaskConfig
+from stillroom.config import LoraSettings, TaskConfig
 
 EVAL_FIELDS = ("eval_split", "eval_limit")
 
@@ -46,8 +46,7 @@ class PruneHealConfig(BaseModel):
     steps: int = Field(16, ge=1, description="Healing optimizer steps.")
     batch_size: int = Field(4, ge=1, description="Healing batch size.")
     learning_rate: float = Field(1e-4, gt=0, description="Healing learning rate (cosine schedule).")
-    lora: bool = Field(True, description="LoRA healing (merged into the saved model) or full fine-tuning.")
-    lora_r: int = Field(8, ge=1, description="LoRA rank.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA healing (merged into the saved model); `false` = full fine-tuning.")
     seed: int = Field(0, description="Healing seed.")
 
 
@@ -118,8 +117,8 @@ def run_prune_heal(cfg: PruneHealConfig, run_dir: str | Path) -> dict:
         run.write_jsonl("healing_data.jsonl", records)
         steps = 0
         if cfg.healing != "none":
-            settings = SFTSettings(lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, max_steps=cfg.steps,
-                                   learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, seed=cfg.seed)
+            settings = SFTSettings.with_lora(cfg.lora, max_steps=cfg.steps, learning_rate=cfg.learning_rate,
+                                             batch_size=cfg.batch_size, seed=cfg.seed)
             res = train_sft(model, tok, records, settings, output_dir=run.file("trainer"))
             model, steps = res.model, res.steps
             healing_info.update({"steps": res.steps, "losses": res.losses, "seconds": round(res.seconds, 2)})

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stillroom.config import LoraSettings
 from stillroom.errors import ConfigError
 from stillroom.models import bf16_supported
 
@@ -49,16 +50,17 @@ class SFTSettings:
     """How to fine-tune. Defaults follow the self-data distillation reference code (LoRA q_proj/v_proj, r=8,
     lr 1e-4, cosine)."""
 
-    lora: bool = True
+    # The LoRA defaults come from the one home of LoRA settings, `stillroom.config.LoraSettings`.
+    lora: bool = LoraSettings().enabled
     """LoRA adapters (True) or full fine-tuning (False)."""
-    lora_r: int = 8
+    lora_r: int = LoraSettings().r
     """LoRA rank."""
-    lora_alpha: int = 16
+    lora_alpha: int = LoraSettings().alpha
     """LoRA scaling numerator (the update is scaled by alpha / r)."""
-    lora_dropout: float = 0.05
+    lora_dropout: float = LoraSettings().dropout
     """Dropout on the LoRA input."""
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    """Modules that get LoRA adapters."""
+    target_modules: tuple[str, ...] | str = tuple(LoraSettings().target_modules)
+    """Modules that get LoRA adapters (or 'all-linear')."""
     learning_rate: float = 1e-4
     """Peak learning rate."""
     lr_scheduler_type: str = "cosine"
@@ -89,6 +91,13 @@ class SFTSettings:
     """When saving, fold the adapters into the weights so the result is a plain model folder."""
     extra_args: dict[str, Any] = field(default_factory=dict)
     """Any other `SFTConfig` fields (e.g. `gradient_checkpointing`, `save_steps`)."""
+
+    @classmethod
+    def with_lora(cls, lora: LoraSettings, **kw) -> SFTSettings:
+        """Settings whose LoRA part is a config's `LoraSettings` block."""
+        targets = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
+        return cls(lora=lora.enabled, lora_r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                   target_modules=targets, **kw)
 
 
 # ------------------------------------------------------------------------------------------------ loss head
