@@ -55,28 +55,32 @@ class Demonstration:
 
 DEMONSTRATIONS: tuple[Demonstration, ...] = (
     Demonstration(
-        "Classify the sentiment of the review. The possible choices are: positive, negative, and neutral.\n\n"
+        "Classify the sentiment of the review. The possible choices are: positive, neutral, and negative.\n\n"
         "Review: The soup was cold and the waiter ignored us for an hour.",
         "negative",
-        "The diner complains about cold food and slow service, so the review is unhappy.\nAnswer: negative",
+        "The diner complains about cold food and slow service, so the review is unhappy. The answer is negative."
+        "\nAnswer: negative",
     ),
     Demonstration(
-        "Name the topic of the headline. The possible choices are: sports, politics, science_tech, and business."
+        "Name the topic of the headline. The possible choices are: science_tech, sports, politics, and business."
         "\n\nHeadline: Astronomers spot water vapour on a distant planet",
         "science_tech",
-        "Astronomers finding water on another planet is a discovery of research.\nAnswer: science_tech",
+        "Astronomers finding water on another planet is a discovery of research. The answer is science_tech."
+        "\nAnswer: science_tech",
     ),
     Demonstration(
-        "Which kind of animal is described? The possible choices are: mammal, bird, reptile, and fish.\n\n"
+        "Which kind of animal is described? The possible choices are: mammal, reptile, bird, and fish.\n\n"
         "Description: It has feathers, lays eggs and flies south in winter.",
         "bird",
-        "Feathers, eggs and flying south for the winter describe this animal.\nAnswer: bird",
+        "Feathers, eggs and flying south for the winter describe this animal. The answer is bird.\nAnswer: bird",
     ),
 )
-"""Worked rewrites from tasks unrelated to any evaluated one: each shows a short own-words response that ends
-with the explicit answer line. A small base model given only the method's template rarely states a one-word
-label (it continues the instruction, or writes prose that names no option), so conditional selection rejects
-almost every rewrite; with these it answers in the demonstrated format and the selector can read the label."""
+"""Worked rewrites from tasks unrelated to any evaluated one: each shows a short own-words response that states
+the answer and ends with the explicit answer line. A small base model given only the method's template rarely
+states a one-word label (it paraphrases the input), so conditional selection rejects almost every rewrite; with
+these it answers in the demonstrated format and the selector can read the label. The answers sit at different
+positions of their choice lists (last, first, third), so the demonstrations teach copying the reference rather
+than a position: with every answer second, the embedded 270M model answered the second listed option."""
 
 META_PHRASES: tuple[str, ...] = (
     "reference answer",
@@ -103,7 +107,8 @@ class Selection:
 
     keep: bool
     reason: str
-    """'kept', 'empty', 'meta_phrase: <phrase>', 'wrong_answer: <extracted>' or 'no_answer'."""
+    """'kept', 'empty', 'meta_phrase: <phrase>', 'wrong_answer: <extracted>', 'no_answer' or
+    'copied_demonstration'."""
     extracted: str | None
 
 
