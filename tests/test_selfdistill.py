@@ -61,7 +61,7 @@ def test_demonstrations_are_in_the_rewrite_prompt_before_the_example():
         assert d.reference not in LABELS
         assert select_rewrite(task, ex, d.response).reason != "meta_phrase"  # demonstrations model clean answers
     assert p.index(DEMONSTRATIONS[-1].response) < p.index(UTTERANCES["get_weather"])
-    assert p.endswith(f"### Reference Answer:\nget_weather\n\n### Response:\n")
+    assert p.endswith("### Reference Answer:\nget_weather\n\n### Response:\n")
     # Without demonstrations the prompt is the method's template exactly.
     instruction = task.instruction + "\n\n" + render_input(task, ex)
     assert rewrite_prompt(task, ex) == REWRITE_TEMPLATE.format(instruction=instruction, reference="get_weather",

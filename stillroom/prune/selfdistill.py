@@ -3,15 +3,19 @@ selection keeps a rewrite only where it is still right.
 
 The rewrite prompt is the one the method builds on (Yang et al.'s self-distillation template, quoted in
 methods.md §2): the task and input as the instruction, the gold answer as the reference answer, then the model's
-own response. Conditional selection keeps the rewrite when (1) the answer extracted from it equals the label
-(options tasks: `parse_choice`, the evaluator's tolerant parser; free text: `Task.extract_answer`) and (2) it
-contains none of the meta-phrases that betray the rewriting set-up ("reference answer", "your response", ...);
-otherwise the original answer is kept. Both versions are written, with the reason for each decision.
+own response. By default the header is followed by worked demonstrations (`DEMONSTRATIONS`: solved rewrites
+from unrelated tasks, each a short own-words response ending with the line `Answer: <label>`), which a small base
+model needs to state a one-word label at all; the response ends at its first answer line (`--no-demos` / empty
+`demonstrations` sends the template alone). Conditional selection keeps the rewrite when (1) the answer extracted
+from it equals the label (options tasks: `parse_choice`, the evaluator's tolerant parser, which reads the text
+after the last 'Answer:'; free text: `Task.extract_answer`) and (2) it contains none of the meta-phrases that
+betray the rewriting set-up ("reference answer", "your response", ...); otherwise the original answer is kept. Both versions are written, with the reason for each decision.
 
 Generation goes through the run folder's durable cache (`open_cached_backend`), so rerunning resumes for free.
 Healing data are prompt/completion pairs: the prompt is exactly what the evaluator scores (`render_prompt`, with
-the same shots), the completion is " " + the answer (original or selected rewrite), so the loss falls only on the
-answer.
+the same shots), the completion is " " + the answer: the original label, or for a kept rewrite of an options task
+the label followed by the rewrite's own words (`healing_completion`: the label stays where log-likelihood scoring
+reads it); free-text rewrites are kept as generated. The loss falls only on the completion.
 """
 
 from __future__ import annotations
