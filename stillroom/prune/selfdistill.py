@@ -9,7 +9,8 @@ model needs to state a one-word label at all; the response ends at its first ans
 `demonstrations` sends the template alone). Conditional selection keeps the rewrite when (1) the answer extracted
 from it equals the label (options tasks: `parse_choice`, the evaluator's tolerant parser, which reads the text
 after the last 'Answer:'; free text: `Task.extract_answer`) and (2) it contains none of the meta-phrases that
-betray the rewriting set-up ("reference answer", "your response", ...); otherwise the original answer is kept. Both versions are written, with the reason for each decision.
+betray the rewriting set-up ("reference answer", "your response", ...); otherwise the original answer is kept.
+Both versions are written, with the reason for each decision.
 
 Generation goes through the run folder's durable cache (`open_cached_backend`), so rerunning resumes for free.
 Healing data are prompt/completion pairs: the prompt is exactly what the evaluator scores (`render_prompt`, with
