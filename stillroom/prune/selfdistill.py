@@ -63,21 +63,21 @@ DEMONSTRATIONS: tuple[Demonstration, ...] = (
         "Classify the sentiment of the review. The possible choices are: positive, neutral, and negative.\n\n"
         "Review: The soup was cold and the waiter ignored us for an hour.",
         "negative",
-        "The diner complains about cold food and slow service, so the review is unhappy. The answer is negative."
+        "The answer is negative. The diner complains about cold food and slow service, so the review is unhappy."
         "\nAnswer: negative",
     ),
     Demonstration(
         "Name the topic of the headline. The possible choices are: science_tech, sports, politics, and business."
         "\n\nHeadline: Astronomers spot water vapour on a distant planet",
         "science_tech",
-        "Astronomers finding water on another planet is a discovery of research. The answer is science_tech."
+        "The answer is science_tech. Astronomers finding water on another planet is a discovery of research."
         "\nAnswer: science_tech",
     ),
     Demonstration(
         "Which kind of animal is described? The possible choices are: mammal, reptile, bird, and fish.\n\n"
         "Description: It has feathers, lays eggs and flies south in winter.",
         "bird",
-        "Feathers, eggs and flying south for the winter describe this animal. The answer is bird.\nAnswer: bird",
+        "The answer is bird. Feathers, eggs and flying south for the winter describe this animal.\nAnswer: bird",
     ),
 )
 """Worked rewrites from tasks unrelated to any evaluated one: each shows a short own-words response that states
@@ -85,7 +85,10 @@ the answer and ends with the explicit answer line. A small base model given only
 states a one-word label (it paraphrases the input), so conditional selection rejects almost every rewrite; with
 these it answers in the demonstrated format and the selector can read the label. The answers sit at different
 positions of their choice lists (last, first, third), so the demonstrations teach copying the reference rather
-than a position: with every answer second, the embedded 270M model answered the second listed option."""
+than a position: with every answer second, the embedded 270M model answered the second listed option. Each
+response states the answer first ("The answer is <label>."), a few lines below the reference, where the model
+copies it most reliably, then explains: on intent_recognition (48 training examples) this kept 26/48 rewrites
+against 18/48 with the statement at the end of the sentence and 0/48 with the template alone."""
 
 META_PHRASES: tuple[str, ...] = (
     "reference answer",
