@@ -257,7 +257,7 @@ def test_selfdistill_writes_both_versions_and_resumes_from_cache(tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def teacher(prompt, params: GenerationParams):
-        ref = prompt.split("### Reference Answer:\n")[1].split("\n")[0]
+        ref = prompt.rsplit("### Reference Answer:\n", 1)[1].split("\n")[0]  # the demonstrations' come first
         n = int(prompt.split("statement number ")[1].split("\n")[0])
         if n % 3 == 0:
             return f"Following the reference answer, {ref}."
@@ -275,7 +275,8 @@ def test_selfdistill_writes_both_versions_and_resumes_from_cache(tmp_path):
     orig = [json.loads(x) for x in (tmp_path / "run" / "sft_original.jsonl").read_text().splitlines()]
     for r, a, b in zip(out, sft, orig, strict=True):
         assert b["completion"] == " " + r["label"]
-        assert a["completion"] == (r["rewrite"] if r["kept"] else r["original"])
+        # A kept rewrite heals as the label (the scored continuation) followed by the rewrite's words.
+        assert a["completion"] == (f" {r['label']}\n{r['rewrite'].strip()}" if r["kept"] else r["original"])
         assert a["prompt"] == b["prompt"] and a["prompt"].endswith("Answer:")
     backend2 = ScriptedBackend(teacher, name="teacher")
     s2 = run_selfdistill("scripted:teacher", str(data), tmp_path / "run", backend=backend2)

@@ -173,6 +173,13 @@ def selfdistill_cmd(
     seed_text: Annotated[str, typer.Option(help="Start of every response, e.g. \"Great! Let's think step by "
                                                 "step.\" for maths (part of the rewrite).")] = "",
     seed: Annotated[int, typer.Option(help="Split and sampling seed.")] = 0,
+    demos: Annotated[bool, typer.Option("--demos/--no-demos", help="Show worked rewrites (unrelated tasks, "
+                                        "each ending 'Answer: <label>') before the example; --no-demos "
+                                        "sends the method's template alone.")] = True,
+    completion: Annotated[str, typer.Option(help="Healing completion of a kept rewrite: 'answer_first' "
+                                            "(label, then the rewrite's words; log-likelihood scoring), "
+                                            "'rewrite' (as generated, ending with its answer line) or "
+                                            "'auto' (rewrite for free-text tasks, else answer_first).")] = "auto",
     run_dir: Annotated[Path | None, typer.Option(help="Run folder (rerun resumes from its cache).")] = None,
 ) -> None:
     """Self-data distillation: the unpruned teacher rewrites each training answer given the question and the
@@ -181,17 +188,19 @@ def selfdistill_cmd(
     selfdistill.json (acceptance share)."""
 
     def body():
-        from stillroom.prune.selfdistill import run_selfdistill
+        from stillroom.prune.selfdistill import DEMONSTRATIONS, run_selfdistill
         from stillroom.ui import progress_bar
 
         dest = run_dir or _default_out("selfdistill", {"teacher": teacher, "task": {"spec": task}, "limit": limit,
                                                        "shots": shots, "seed": seed, "chat": chat,
-                                                       "max_new_tokens": max_new_tokens, "seed_text": seed_text})
+                                                       "max_new_tokens": max_new_tokens, "seed_text": seed_text,
+                                                       "demos": demos, "completion": completion})
         with progress_bar() as bar:
             job = bar.add_task("rewriting", total=None)
             summary = run_selfdistill(teacher, task, dest, limit=limit, shots=shots, seed=seed,
                                       max_new_tokens=max_new_tokens, chat=chat, seed_text=seed_text,
-                                      progress=lambda n: bar.advance(job, n))
+                                      progress=lambda n: bar.advance(job, n),
+                                      demonstrations=DEMONSTRATIONS if demos else (), completion=completion)
         console.print(f"kept {summary['kept']}/{summary['examples']} rewrites "
                       f"(acceptance {summary['acceptance']:.1%}); reasons: {summary['reasons']}; "
                       f"{summary['backend_calls']} new teacher calls")
