@@ -111,6 +111,12 @@ class EvalConfig(BaseModel):
     cot_max_tokens: int = Field(256, ge=16, description="Reasoning-and-answer budget per answer ('cot').")
     spend: SpendConfig = Field(default_factory=SpendConfig)
 
+    @model_validator(mode="after")
+    def _check(self):
+        if self.system_prompt_file and not Path(self.system_prompt_file).is_file():
+            raise ValueError(f"system prompt file {self.system_prompt_file} does not exist")
+        return self
+
 
 def load_yaml_config(path: str | Path, model: type[BaseModel], overrides: dict | None = None) -> BaseModel:
     """Read a YAML file into `model`, apply command-line overrides, and report errors by field name."""

@@ -16,6 +16,16 @@ def test_shipped_pld_configs_validate(path):
     assert cfg.task.spec
 
 
+@pytest.mark.parametrize("path", [ROOT / "stillroom/configs/compare_demo.yaml", *sorted((ROOT / "examples").glob("compare_*.yaml"))])
+def test_shipped_compare_configs_validate_with_every_route_budget(path):
+    from stillroom.compare.config import CompareConfig
+    from stillroom.compare.routes import plan_routes
+
+    cfg = load_yaml_config(path, CompareConfig)
+    plans = plan_routes(cfg)  # each route's own config is validated here, budgets included
+    assert {p.name for p in plans} == set(cfg.routes) and all(p.config is not None for p in plans if not p.skip_reason)
+
+
 def test_unknown_field_is_named(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("task: {spec: x.jsonl}\nteacher: {spec: gemma3-270m, temprature: 0.3}\n")
@@ -25,3 +35,29 @@ def test_unknown_field_is_named(tmp_path):
 
 def test_config_never_holds_a_key_only_its_variable_name():
     assert "api_key" not in PLDConfig.model_fields["teacher"].annotation.model_fields
+
+
+def test_cross_field_checks_fail_at_load(tmp_path):
+    from stillroom.config import EvalConfig, validate_config
+    from stillroom.errors import ConfigError
+    from stillroom.gad.config import GADConfig
+    from stillroom.kd.data import KDDataConfig
+    from stillroom.kd.trainer import KDLogitsConfig
+    from stillroom.prune.route import PruneHealConfig
+
+    task = {"spec": "d.jsonl"}
+    cases = [
+        (KDLogitsConfig, {"task": task, "student": "s", "top_k": 0}, "only available with teacher_mode 'online'"),
+        (KDLogitsConfig, {"task": task, "student": "s", "on_policy": True, "divergence": "tvd"}, "fkl, rkl and jsd"),
+        (KDDataConfig, {"task": task, "student": "s", "samples": 3}, "needs temperature > 0"),
+        (PruneHealConfig, {"task": task, "block": "5:2"}, "START < END"),
+        (PruneHealConfig, {"task": task, "drop": 0, "healing": "self-data"}, "use healing 'sft'"),
+        (EvalConfig, {"task": task, "system_prompt_file": str(tmp_path / "missing.txt")}, "missing.txt"),
+        (GADConfig, {"task": task, "student": "s", "lora": {"rank": 4}}, "lora.rank"),
+    ]
+    for model, data, needle in cases:
+        with pytest.raises(ConfigError, match=needle):
+            validate_config(model, data)
+    # `lora: false` is full fine-tuning; a block of settings keeps its own values.
+    assert validate_config(GADConfig, {"task": task, "student": "s", "lora": False}).lora.enabled is False
+    assert validate_config(KDDataConfig, {"task": task, "student": "s", "lora": {"r": 4}}).lora.r == 4

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import Trainer, TrainingArguments
 
 from stillroom.config import LoraSettings, TaskConfig
@@ -152,6 +152,18 @@ class KDLogitsConfig(KDConfig):
         False, description="On-policy KD through TRL's DistillationTrainer (student samples, resident teacher scores)."
     )
     max_completion_length: int = Field(32, ge=1, description="On-policy: tokens the student samples per prompt.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        # Cross-field checks at load, so a bad config fails before any model is loaded.
+        if self.top_k == 0 and self.teacher_mode == "cached" and not self.on_policy:
+            raise ValueError("top_k 0 (the full distribution) is only available with teacher_mode 'online'")
+        if self.on_policy and self.divergence not in ("fkl", "rkl", "jsd"):
+            raise ValueError(f"on-policy KD runs through TRL's DistillationTrainer, which offers fkl, rkl and jsd; "
+                             f"not {self.divergence!r}")
+        if self.on_policy and self.hints.enabled:
+            raise ValueError("hint KD needs cached or online teacher states; it does not combine with on_policy")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -548,8 +560,6 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
         max_length=cfg.max_length, append_eos=cfg.append_eos,
     )
     check_ids_in_range(encoded, plan.size)
-    if cfg.teacher_mode == "cached" and cfg.top_k == 0 and not cfg.on_policy:
-        raise ConfigError("top_k 0 (the full distribution) is only available with teacher_mode 'online'")
     notes = [plan.note] if plan.note else []
     conditions: dict[str, Any] = {}
 

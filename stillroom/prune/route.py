@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from stillroom.config import LoraSettings, TaskConfig
 
@@ -48,6 +48,20 @@ class PruneHealConfig(BaseModel):
     learning_rate: float = Field(1e-4, gt=0, description="Healing learning rate (cosine schedule).")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA healing (merged into the saved model); `false` = full fine-tuning.")
     seed: int = Field(0, description="Healing seed.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.block:
+            from stillroom.errors import ConfigError
+            from stillroom.prune.surgery import parse_block
+
+            try:
+                parse_block(self.block)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        if self.drop == 0 and not self.block and self.healing == "self-data":
+            raise ValueError("self-data healing rewrites with the unpruned model: with drop 0 use healing 'sft'")
+        return self
 
 
 def run_prune_heal(cfg: PruneHealConfig, run_dir: str | Path) -> dict:
