@@ -31,6 +31,8 @@ ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Model spec 
 BaseUrlOpt = Annotated[str | None, typer.Option(help="Base URL of an OpenAI-compatible server (vLLM, Ollama, llama.cpp, OpenAI).")]
 KeyEnvOpt = Annotated[str | None, typer.Option(help="NAME of the environment variable holding the API key (never the key).")]
 RunDirOpt = Annotated[Path | None, typer.Option(help="Run folder (default: runs/<command>-<task>-<config hash>; rerun resumes).")]
+LabelsOpt = Annotated[str | None, typer.Option(help="Comma-separated label set, e.g. 'yes,no' (inferred when omitted).")]
+WaitOpt = Annotated[bool, typer.Option("--wait", help="If another process holds the run folder, wait for it instead of failing.")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config; command-line options override it.")]
 
 
@@ -68,6 +70,8 @@ def eval_cmd(
     max_cost: Annotated[float | None, typer.Option(help="Spend cap in USD for this run folder.")] = None,
     max_spend_tokens: Annotated[int | None, typer.Option(help="Spend cap in tokens (input + output).")] = None,
     run_dir: RunDirOpt = None,
+    labels: LabelsOpt = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Evaluate a model on a task split: accuracy, macro-F1, per-class F1, invalid answers, latency, tokens, cost.
 
@@ -80,7 +84,7 @@ def eval_cmd(
         from stillroom.runs import run_dir_for
 
         overrides = {
-            "task": {"spec": task, "seed": seed},
+            "task": {"spec": task, "seed": seed, "labels": labels},
             "model": {"spec": model, "base_url": base_url, "api_key_env": api_key_env},
             "split": split, "limit": limit, "shots": shots, "method": method,
             "system_prompt_file": str(system_prompt) if system_prompt else None,
@@ -111,7 +115,7 @@ def eval_cmd(
             cfg = cfg.model_copy(update={"system_prompt_file": str(sp)})
         else:
             out = run_dir or run_dir_for("eval", cfg.model_dump(mode="json"))
-        results = run_eval(cfg, out)
+        results = run_eval(cfg, out, wait=wait)
         print_results({n: r.metrics for n, r in results.items()})
         console.print(f"report: [bold]{out / 'report.html'}[/]")
 
@@ -153,6 +157,8 @@ def pld(
     max_cost: Annotated[float | None, typer.Option(help="Teacher spend cap in USD for this run folder.")] = None,
     max_spend_tokens: Annotated[int | None, typer.Option(help="Teacher spend cap in tokens.")] = None,
     run_dir: RunDirOpt = None,
+    labels: LabelsOpt = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Prompt-Level Distillation: extract rules from the teacher, cluster and consolidate them, repair them from
     the student's errors, and deploy them as the student's system prompt; then compare zero-shot, k-shot,
@@ -169,7 +175,7 @@ def pld(
 
         sweep = [float(x) for x in eps_sweep.split(",")] if eps_sweep else None
         overrides = {
-            "task": {"spec": task},
+            "task": {"spec": task, "labels": labels},
             "teacher": {"spec": teacher, "base_url": teacher_base_url, "api_key_env": teacher_api_key_env},
             "student": {"spec": student, "base_url": student_base_url, "api_key_env": student_api_key_env},
             "extract_sample": extract_sample, "val_limit": val_limit, "test_limit": test_limit, "embedder": embedder,
@@ -183,7 +189,7 @@ def pld(
                 raise typer.BadParameter("give --task or a config file")
             cfg = validate_config(PLDConfig, deep_merge({}, overrides), source="command line")
         out = run_dir or run_dir_for("pld", cfg.model_dump(mode="json"))
-        m = run_pld(cfg, out)
+        m = run_pld(cfg, out, wait=wait)
         print_results(m["conditions"])
         b = m["build"]
         console.print(f"rulebook: {m['rulebook']['rules']} rules (v{m['rulebook']['version']}, "
@@ -203,20 +209,21 @@ def demo(
 ) -> None:
     """The offline demo (what `make demo` runs): PLD end to end with the embedded Gemma-3 270M as teacher and
     student on a BIG-bench task, compared with zero-shot, k-shot and chain-of-thought."""
-    pld(config=config or Path(__file__).parent / "configs" / "pld_demo.yaml", run_dir=run_dir)
+    pld(config=config or Path(__file__).parent / "configs" / "pld_demo.yaml", run_dir=run_dir, wait=False)
 
 
 @tasks_app.command("show")
 def tasks_show(
     task: Annotated[str, typer.Argument(help="A .jsonl/.csv file, 'bigbench:NAME' or 'hf:LOCAL_DATASET'.")],
     seed: int = 0,
+    labels: LabelsOpt = None,
 ) -> None:
     """Load a task (validating every line) and print its kind, labels and split sizes."""
 
     def body():
         from stillroom.tasks import load_task
 
-        t = load_task(task)
+        t = load_task(task, labels=[x.strip() for x in labels.split(",") if x.strip()] if labels else None)
         s = t.splits(seed=seed)
         console.print(f"[bold]{t.name}[/] ({t.kind}) from {t.source}")
         console.print(f"instruction: {t.instruction[:200]}")

@@ -119,15 +119,19 @@ class RunFolder:
 
 
 def start_run(cfg, run_dir: str | Path):
-    """The common start of a route: open the run folder, save the (redacted) config, load the task and split it.
+    """The common start of a route: load the task, take the run folder (one process at a time,
+    `stillroom.locking`), save the (redacted) config and split the task.
 
     `cfg` is any route config with a `task: TaskConfig` field. Returns (run, config_dict, task, splits).
     """
+    from stillroom.locking import hold_run_folder
     from stillroom.tasks import load_task
 
+    # The task is loaded first, so a bad task leaves no run folder behind.
+    task = load_task(cfg.task.spec, instruction=cfg.task.instruction, labels=cfg.task.labels)
+    hold_run_folder(run_dir)
     run = RunFolder(run_dir)
     config_dict = cfg.model_dump(mode="json")
     run.save_config(config_dict)
-    task = load_task(cfg.task.spec, instruction=cfg.task.instruction, labels=cfg.task.labels)
     splits = task.splits(seed=cfg.task.seed, val_fraction=cfg.task.val_fraction, test_fraction=cfg.task.test_fraction)
     return run, config_dict, task, splits

@@ -19,6 +19,7 @@ from stillroom.backends import load_backend, open_cached_backend
 from stillroom.backends.base import GenerationParams
 from stillroom.config import PLDConfig
 from stillroom.evaluate.runner import EvalResult, evaluate
+from stillroom.locking import run_folder_lock
 from stillroom.pld.cluster import Embedder, cluster_instructions, coverage_report, load_embedder
 from stillroom.pld.extract import extract_instructions
 from stillroom.pld.prompts import TEACHER_STOPS
@@ -46,12 +47,12 @@ def open_backends(cfg: PLDConfig, run: RunFolder, teacher=None, student=None):
 
 
 def run_pld(cfg: PLDConfig, run_dir: Path, *, teacher=None, student=None, embedder: Embedder | None = None,
-            task: Task | None = None) -> dict:
-    """Run PLD end to end; returns the metrics written to metrics.json."""
-    started = time.perf_counter()
-    run = RunFolder(run_dir)
-    config_dict = cfg.model_dump(mode="json")
-    run.save_config(config_dict)
+            task: Task | None = None, wait: bool = False) -> dict:
+    """Run PLD end to end; returns the metrics written to metrics.json.
+
+    Task, model specs and every example's fit are checked before the run folder is created; the folder is
+    held (`stillroom.locking`) while it is written; `wait` queues behind a process that holds it.
+    """
     if task is None:
         from stillroom.tasks import load_task
 
@@ -60,10 +61,51 @@ def run_pld(cfg: PLDConfig, run_dir: Path, *, teacher=None, student=None, embedd
         from stillroom.errors import ConfigError
 
         raise ConfigError(f"PLD needs a label set or options; task {task.name!r} is free text")
+    teacher = teacher or load_backend(cfg.teacher)
+    student = student or (teacher if cfg.student == cfg.teacher else load_backend(cfg.student))
+    fitted = fit_pld_examples(cfg, task, teacher, student)
+    with run_folder_lock(run_dir, wait=wait):
+        return _run_pld(cfg, run_dir, teacher, student, embedder, task, fitted)
+
+
+def fit_pld_examples(cfg: PLDConfig, task: Task, teacher, student) -> dict:
+    """The train/val/test samples after the task's overlong policy (extraction prompts checked against the
+    teacher, zero-shot and k-shot prompts against the student), with the counts; makes no call."""
+    from stillroom.pld.prompts import extraction_messages
+    from stillroom.tasks.fit import fit_examples
+    from stillroom.tasks.prompts import render_chat
+
     splits = task.splits(seed=cfg.task.seed, val_fraction=cfg.task.val_fraction, test_fraction=cfg.task.test_fraction)
-    train = sample(splits.train, cfg.extract_sample, seed=cfg.task.seed)
-    val = sample(splits.val, cfg.val_limit, seed=cfg.task.seed)
-    test = sample(splits.test, cfg.test_limit, seed=cfg.task.seed)
+    shots = sample(splits.train, cfg.shots, seed=cfg.task.seed) if cfg.shots else []
+    counts = {"overlong": 0, "truncated": 0, "skipped": 0}
+    out: dict = {"splits": splits}
+
+    def student_prompts(ex):
+        out = [(render_chat(task, ex, s, None), 16) for s in ([], shots)]  # evaluate()'s answer budget
+        if cfg.cot:
+            out.append((render_chat(task, ex, [], None, reason=True), max(1, cfg.cot_max_tokens // 16) * 16))
+        return out
+
+    for name, part, n, backend, prompts_of in (
+        ("train", splits.train, cfg.extract_sample, teacher,
+         lambda ex: [(extraction_messages(task, ex, strict=True), cfg.teacher_max_tokens)]),
+        ("val", splits.val, cfg.val_limit, student, student_prompts),
+        ("test", splits.test, cfg.test_limit, student, student_prompts),
+    ):
+        kept, c = fit_examples(task, sample(part, n, seed=cfg.task.seed), backend, prompts_of,
+                               policy=cfg.task.overlong, what=name)
+        out[name] = kept
+        counts = {k: counts[k] + c[k] for k in counts}
+    out["overlong"] = {"policy": cfg.task.overlong, **counts}
+    return out
+
+
+def _run_pld(cfg: PLDConfig, run_dir: Path, teacher, student, embedder, task: Task, fitted: dict) -> dict:
+    started = time.perf_counter()
+    run = RunFolder(run_dir)
+    config_dict = cfg.model_dump(mode="json")
+    run.save_config(config_dict)
+    splits, train, val, test = fitted["splits"], fitted["train"], fitted["val"], fitted["test"]
     teacher_b, student_b = open_backends(cfg, run, teacher, student)
     tparams = GenerationParams(max_tokens=cfg.teacher_max_tokens, temperature=0.0, stop=TEACHER_STOPS)
     notes: list[str] = []
@@ -160,6 +202,7 @@ def run_pld(cfg: PLDConfig, run_dir: Path, *, teacher=None, student=None, embedd
         "teacher": teacher_b.identity,
         "student": student_b.identity,
         "examples": {"train_extracted": len(train), "val": len(val), "test": len(test)},
+        "overlong": fitted["overlong"],
         "extraction": {"instructions": len(instructions), "readable": len(ok), "failed": failed},
         "clustering": {k: v for k, v in coverage.items() if k != "per_cluster"},
         "conflict_rounds": [asdict(r) for r in resolution.rounds],
