@@ -197,24 +197,30 @@ class OpenAIBackend(BackendBase):
         return self._context_tokens
 
     def _probe_context(self) -> int | None:
-        import httpx
+        import urllib.error
+        import urllib.request
 
         root = self.base_url.removesuffix("/v1")
-        headers = {"Authorization": f"Bearer {self._secret}"}
+        # A local server is reached directly, whatever proxy the shell sets.
+        opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if is_local_url(self.base_url) else []))
+
+        def get(url: str):
+            req = urllib.request.Request(url, headers={"Authorization": f"Bearer {self._secret}"})
+            with opener.open(req, timeout=min(5.0, self.timeout_s)) as r:
+                return json.loads(r.read())
+
         try:
-            with httpx.Client(timeout=min(5.0, self.timeout_s), trust_env=False) as http:
-                r = http.get(root + "/props", headers=headers)
-                if r.status_code == 200:
-                    props = r.json()
-                    n = (props.get("default_generation_settings") or {}).get("n_ctx") or props.get("n_ctx")
-                    if isinstance(n, int) and n > 0:
-                        return n
-                r = http.get(self.base_url + "/models", headers=headers)
-                if r.status_code == 200:
-                    for m in r.json().get("data", []):
-                        if m.get("id") == self.model and isinstance(m.get("max_model_len"), int):
-                            return m["max_model_len"]
-        except (httpx.HTTPError, ValueError, AttributeError, json.JSONDecodeError):
+            props = get(root + "/props")
+            n = (props.get("default_generation_settings") or {}).get("n_ctx") or props.get("n_ctx")
+            if isinstance(n, int) and n > 0:
+                return n
+        except (OSError, ValueError, AttributeError, urllib.error.URLError):
+            pass
+        try:
+            for m in get(self.base_url + "/models").get("data", []):
+                if m.get("id") == self.model and isinstance(m.get("max_model_len"), int):
+                    return m["max_model_len"]
+        except (OSError, ValueError, AttributeError, urllib.error.URLError):
             pass  # a server that says nothing about its window: prompts are sent unchecked, as before
         return None
 
