@@ -387,8 +387,16 @@ class CachedBackend:
         lock = threading.Lock()
         stop = threading.Event()
         busy = [0]
+        running = [workers]
 
         def work() -> None:
+            try:
+                _work()
+            finally:
+                with lock:
+                    running[0] -= 1
+
+        def _work() -> None:
             while not stop.is_set():
                 with lock:
                     if not queue:
@@ -412,7 +420,7 @@ class CachedBackend:
         for t in threads:
             t.start()
         try:
-            _join(threads)
+            _wait_zero(running)
         except KeyboardInterrupt:
             stop.set()
             with lock:
@@ -420,7 +428,7 @@ class CachedBackend:
             if n:
                 notify(f"interrupted: letting {n} call(s) already sent finish and be cached; press Ctrl-C again to "
                        "abort at once")
-                _join(threads)  # a second KeyboardInterrupt propagates from here and abandons them
+                _wait_zero(running)  # a second KeyboardInterrupt propagates from here and abandons them
                 notify(f"the {n} in-flight call(s) finished and are cached")
             raise
         if errors:
@@ -455,8 +463,9 @@ class CachedBackend:
         return out
 
 
-def _join(threads: list[threading.Thread]) -> None:
-    """Wait for `threads` in short slices, so the main thread stays responsive to Ctrl-C."""
-    for t in threads:
-        while t.is_alive():
-            t.join(0.2)
+def _wait_zero(counter: list[int]) -> None:
+    """Sleep in short slices until `counter[0]` is 0. Polling, not `Thread.join` or a lock: a Ctrl-C that lands
+    inside `join` can leave a still-running thread reported as finished, and one that lands inside a `with
+    lock` can leave the lock held. Reading an int needs neither."""
+    while counter[0]:
+        time.sleep(0.02)
