@@ -86,6 +86,18 @@ def _cut_at_stops(text: str, stops) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+OPENAI_CONTEXT = (
+    ("gpt-4.1", 1_047_576),
+    ("gpt-5", 400_000),
+    ("o1", 200_000),
+    ("o3", 200_000),
+    ("o4", 200_000),
+    ("gpt-4o", 128_000),
+    ("gpt-4-turbo", 128_000),
+    ("gpt-3.5-turbo", 16_385),
+)
+"""Context windows of OpenAI's models by name prefix (first match), for api.openai.com, which does not say."""
+
 _RETRY_STATUS = {408, 409, 429}
 """HTTP statuses worth retrying besides 5xx (what the official client retries too)."""
 MAX_BACKOFF_S = 30.0
@@ -188,12 +200,15 @@ class OpenAIBackend(BackendBase):
     @property
     def context_tokens(self) -> int | None:
         """The server's context window (prompt + generation): the config's `max_input_tokens`, else probed once
-        from llama.cpp's `GET /props` (per-slot `n_ctx`) or vLLM's `GET /v1/models` (`max_model_len`)."""
+        from llama.cpp's `GET /props` (per-slot `n_ctx`) or vLLM's `GET /v1/models` (`max_model_len`), else
+        OpenAI's published window for its own models (`OPENAI_CONTEXT`)."""
         with self._probe_lock:
             if not self._probed:
                 self._probed = True
                 if self.base_url != DEFAULT_BASE_URL:
                     self._context_tokens = self._probe_context()
+                else:
+                    self._context_tokens = next((n for p, n in OPENAI_CONTEXT if self.model.startswith(p)), None)
         return self._context_tokens
 
     def _probe_context(self) -> int | None:
