@@ -340,13 +340,16 @@ def test_concurrent_calls_cannot_overshoot_the_cap(tmp_path):
     backend = counted(ScriptedBackend(fixed("ok fine"), delay_s=0.01))
     backend.max_concurrency = 8
     cache = ResponseCache(tmp_path / "c.sqlite")
-    meter = UsageMeter(cap=SpendCap(max_tokens=400))
-    with pytest.raises(SpendCapReached):
+    meter = UsageMeter(cap=SpendCap(max_tokens=300))
+    with pytest.raises(SpendCapReached) as ei:
         CachedBackend(backend, cache, meter).generate_many(raw_prompts(40), P)
     total = cache.total_usage()
-    assert meter.spent_tokens == total["input_tokens"] + total["output_tokens"] <= 400
-    assert total["calls"] >= 8  # 8 threads' worst cases (8 x 43 = 344 tokens) fit at once
-    assert meter._reserved_tokens == 0  # every reservation was settled or cancelled
+    assert meter.spent_tokens == total["input_tokens"] + total["output_tokens"] <= 300
+    # Calls that did not fit beside the in-flight worst cases waited for them to settle: the run stopped only
+    # when one more worst case (43) no longer fitted, and says so with the settled spend.
+    assert meter.spent_tokens + 43 > 300 and total["calls"] == meter.spent_tokens // 8
+    assert f"{meter.spent_tokens:,} tokens spent of a cap of 300" in str(ei.value)
+    assert meter._reserved_tokens == 0 and meter._in_flight == 0  # every reservation was settled or cancelled
 
 
 def test_meter_summary_percentiles_and_atomic_save(tmp_path):

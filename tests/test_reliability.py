@@ -121,6 +121,11 @@ def test_cap_holds_for_chinese_text_under_concurrency(tmp_path, cap):
             assert billed_in + billed_out <= 2500
             # The message states the spend after every in-flight call settled: what the server billed.
             assert f"{billed_in + billed_out:,} tokens spent of a cap of 2,500" in str(ei.value)
+            # ...and stopped only when one more call's worst case no longer fitted beside it.
+            import re
+
+            worst = int(re.search(r"could use up to ([\d,]+) tokens", str(ei.value)).group(1).replace(",", ""))
+            assert billed_in + billed_out + worst > 2500
         else:
             cost = (billed_in * 1.0 + billed_out * 2.0) / 1e6
             assert cost <= 0.0025

@@ -364,8 +364,15 @@ class CachedBackend:
             cost_usd=cost,
         )
 
-    def _call_one(self, key: str, prompt: Prompt, params: GenerationParams) -> Generation:
-        reservation = self.meter.reserve(self._estimate_input(prompt), params.max_tokens, self.model)
+    def _call_one(self, key: str, prompt: Prompt, params: GenerationParams,
+                  stop: threading.Event | None = None) -> Generation | None:
+        # With `stop` (worker threads), a call near the cap waits for the others to settle before it is
+        # refused, and returns None without calling if the batch was stopped meanwhile (Ctrl-C, an error).
+        reservation = self.meter.reserve(self._estimate_input(prompt), params.max_tokens, self.model,
+                                         wait=stop is not None)
+        if stop is not None and stop.is_set():
+            self.meter.cancel(reservation)
+            return None
         try:
             gen = self.backend.generate(prompt, params)
         except BaseException:
@@ -404,9 +411,10 @@ class CachedBackend:
                     key, prompt = queue.popleft()
                     busy[0] += 1
                 try:
-                    gen = self._call_one(key, prompt, params)
-                    with lock:
-                        out[key] = gen
+                    gen = self._call_one(key, prompt, params, stop=stop)
+                    if gen is not None:
+                        with lock:
+                            out[key] = gen
                 except BaseException as exc:  # noqa: BLE001 - handed to the main thread below
                     with lock:
                         errors.append(exc)

@@ -103,7 +103,7 @@ class UsageMeter:
         self._in_flight = 0
         self.input_scale = 1.0
         """Raised above 1 when a server counted more input tokens than a reservation held."""
-        self._lock = threading.Lock()
+        self._lock = threading.Condition(threading.Lock())
 
     def price_of(self, model: str) -> Prices:
         """Prices for `model` (free when not listed)."""
@@ -119,18 +119,26 @@ class UsageMeter:
         """USD spent by the run so far, earlier invocations included (reservations excluded)."""
         return self.prior_cost_usd + self.cost_usd
 
-    def reserve(self, estimated_input_tokens: int, max_output_tokens: int, model: str) -> Reservation:
+    def reserve(self, estimated_input_tokens: int, max_output_tokens: int, model: str, wait: bool = False) -> Reservation:
         """Hold a call's worst case against the cap, or raise `SpendCapReached` if it could exceed the cap.
 
-        `estimated_input_tokens` must be an upper bound (`input_token_bound`). Call before every real backend
-        call; follow with `settle` (after success) or `cancel` (after failure).
+        `estimated_input_tokens` must be an upper bound (`input_token_bound`). With `wait`, a call that does
+        not fit while others are in flight waits for them to settle (their actual spend is usually far below
+        their worst case) and tries again; it raises only when it does not fit with nothing in flight. Call
+        before every real backend call; follow with `settle` (after success) or `cancel` (after failure).
         """
         with self._lock:
             tin = int(max(0, int(estimated_input_tokens)) * self.input_scale + 0.999)
             tout = max(0, int(max_output_tokens))
             tokens, cost = tin + tout, self.price_of(model).cost(tin, tout)
-            if self.cap is not None:
-                self._check_cap(tokens, cost)
+            while self.cap is not None:
+                try:
+                    self._check_cap(tokens, cost)
+                    break
+                except SpendCapReached:
+                    if not wait or self._in_flight == 0:
+                        raise
+                    self._lock.wait()
             self._reserved_tokens += tokens
             self._reserved_cost += cost
             self._in_flight += 1
@@ -198,6 +206,7 @@ class UsageMeter:
         self._reserved_tokens -= reservation.tokens
         self._reserved_cost -= reservation.cost_usd
         self._in_flight -= 1
+        self._lock.notify_all()  # calls waiting for room under the cap try again
 
     def record_hit(self, n: int = 1) -> None:
         """Count answers served from the cache (never charged)."""
