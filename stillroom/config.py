@@ -14,7 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from stillroom.errors import ConfigError
 
-
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _SECRET_PREFIX = re.compile(r"(?i)^(sk|rk|pk|key|api|ghp|gho|hf|xox[abp]?|AKIA|AIza)[_-]?")
 

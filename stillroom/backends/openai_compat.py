@@ -297,7 +297,7 @@ class OpenAIBackend(BackendBase):
                 )
             return None, resp, None
         except openai.APIError as exc:
-            err = self._translate(exc, timeout)
+            err = self._translate(exc, timeout, attempt)
             wait_s = self._retry_wait(exc, attempt)
         return err, None, wait_s
 
@@ -343,12 +343,13 @@ class OpenAIBackend(BackendBase):
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(prompts))) as pool:
             return list(pool.map(lambda p: self.generate(p, params), prompts))
 
-    def _translate(self, exc: openai.APIError, timeout: float | None = None) -> BackendError:
+    def _translate(self, exc: openai.APIError, timeout: float | None = None, attempt: int | None = None) -> BackendError:
         """A `BackendError` with a clear, key-free message for an openai exception; `.reason` is a short
         phrase for retry notices ("rate limited", "HTTP 503", "timed out after 60 s")."""
         who = self.identity
         msg = redact(_server_message(exc), self._secret)
-        retries = f"after {self.max_retries} retr{'y' if self.max_retries == 1 else 'ies'}"
+        n = self.max_retries if attempt is None else attempt
+        retries = f"after {n} retr{'y' if n == 1 else 'ies'}"
         reason = type(exc).__name__
         if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
             text = (
