@@ -61,6 +61,7 @@ class BackendConfig(BaseModel):
         120.0, gt=0,
         description="A call gives up once this many seconds have passed since its first attempt, retries included "
         "(so a server that never answers stops the run within about two minutes).",
+        json_schema_extra={"identity": False},
     )
     max_input_tokens: int | None = Field(
         None, ge=1,
@@ -68,7 +69,8 @@ class BackendConfig(BaseModel):
         "window; for llama.cpp, per slot). Probed from llama.cpp's /props or vLLM's /v1/models when omitted; every "
         "prompt is checked against it before any call is paid.",
     )
-    batch_size: int = Field(8, ge=1, description="Batch size for local models.")
+    batch_size: int = Field(8, ge=1, description="Batch size for local models (throughput only: not part of the run's identity).",
+                            json_schema_extra={"identity": False})
     device: str = Field("auto", description="Local models: 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'.")
     dtype: str = Field("auto", description="Local models: 'auto', 'float32', 'bfloat16', 'float16'.")
     price_in_per_mtok: float = Field(0.0, ge=0, description="USD per million input tokens (for cost accounting).")
@@ -138,7 +140,8 @@ class EvalConfig(BaseModel):
             "'cot' lets the model reason first; 'auto' uses loglik where the backend can score."
         ),
     )
-    max_new_tokens: int = Field(16, ge=1, description="Generation budget per answer ('generate'; 'cot' uses 16x).")
+    max_new_tokens: int = Field(16, ge=1, description="Generation budget per answer ('generate').")
+    cot_max_tokens: int = Field(256, ge=16, description="Reasoning-and-answer budget per answer ('cot').")
     spend: SpendConfig = Field(default_factory=SpendConfig)
 
 
@@ -207,4 +210,7 @@ class PLDConfig(BaseModel):
     cot: bool = Field(True, description="Include the chain-of-thought baseline (the student reasons, then answers).")
     cot_max_tokens: int = Field(256, ge=16, description="Reasoning budget per answer for the chain-of-thought baseline.")
     ablation: bool = Field(False, description="Leave-one-rule-out ablation on validation (one student pass per rule).")
+    compare_baselines: bool = Field(
+        True, description="Also evaluate zero-shot (and k-shot, chain-of-thought) on the test split next to PLD. "
+        "`stillroom compare` turns it off: there the baselines are routes of their own.")
     spend: SpendConfig = Field(default_factory=SpendConfig, description="Cap on the teacher's spend for this run.")

@@ -102,5 +102,10 @@ _kept = contextlib.ExitStack()
 
 def hold_run_folder(path: str | Path, wait: bool = False) -> Path:
     """Take the run folder's lock for the rest of this process (routes that open a folder and write it until
-    they exit; the OS releases the lock when the process ends)."""
+    they exit; the OS releases the lock when the process ends). A folder this process already holds is left
+    to the scope that holds it."""
+    folder = Path(path)
+    with _held_lock:
+        if folder.exists() and folder.resolve() in _held:
+            return folder
     return _kept.enter_context(run_folder_lock(path, wait=wait))

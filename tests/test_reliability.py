@@ -211,7 +211,7 @@ def test_sigint_lets_in_flight_calls_finish_and_the_rerun_pays_nothing_twice(tmp
     cfg.write_text(f"task: {{spec: {task}, val_fraction: 0.0, test_fraction: 0.0}}\nsplit: train\n"
                    f"model: {{max_concurrency: {concurrency}}}\n", encoding="utf-8")
     with FakeOpenAIServer(gate=True) as srv:
-        proc, log = start_eval(tmp_path, task, srv, run_dir, "--config", str(cfg))
+        proc, log = start_eval(tmp_path, task, srv, run_dir, str(cfg))
         wait_until(lambda: srv.in_flight == concurrency, f"{concurrency} requests in flight")
         proc.send_signal(signal.SIGINT)
         wait_until(lambda: "interrupted: letting" in log.read_text(), "the interrupt notice")
@@ -221,7 +221,7 @@ def test_sigint_lets_in_flight_calls_finish_and_the_rerun_pays_nothing_twice(tmp
         text = log.read_text()
         assert f"letting {concurrency} call(s) already sent finish" in text and "rerun the same command" in text
         assert len(srv.answered) == concurrency == cache_rows(run_dir)  # every paid answer was kept
-        rerun, log2 = start_eval(tmp_path, task, srv, run_dir, "--config", str(cfg), name="rerun")
+        rerun, log2 = start_eval(tmp_path, task, srv, run_dir, str(cfg), name="rerun")
         assert rerun.wait(HANG_GUARD_S) == 0, log2.read_text()
     distinct = {json.dumps(r["body"]["messages"], sort_keys=True) for r in srv.requests}
     assert srv.posts == len(distinct) == 24 == cache_rows(run_dir)
@@ -343,7 +343,7 @@ def test_key_shaped_variable_name_is_refused_and_appears_nowhere(tmp_path):
     assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"task: {{spec: {task}}}\nmodel: {{spec: 'openai:fake', api_key_env: {KEY}}}\n")
-    result = CliRunner().invoke(app, ["eval", "--config", str(cfg), "--run-dir", str(tmp_path / "run")])
+    result = CliRunner().invoke(app, ["eval", str(cfg), "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 2 and KEY not in result.output
     with pytest.raises(ConfigError) as ei:
         validate_config(BackendConfig, {"spec": "openai:x", "api_key_env": KEY})
@@ -385,7 +385,7 @@ def test_labels_from_the_command_line_and_quoted_yaml_hint(tmp_path):
     assert shown.exit_code == 0 and "labels: yes, no" in shown.output
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"task: {{spec: {task}, labels: [yes, no]}}\n")
-    bad = CliRunner().invoke(app, ["eval", "--config", str(cfg), "--run-dir", str(tmp_path / "run")])
+    bad = CliRunner().invoke(app, ["eval", str(cfg), "--run-dir", str(tmp_path / "run")])
     assert bad.exit_code == 2 and "quote them" in bad.output
     assert validate_config(EvalConfig, {"task": {"spec": "x", "labels": "yes,no"}}).task.labels == ["yes", "no"]
     task.write_text(task.read_text() + json.dumps({"input": "unlabelled"}) + "\n")

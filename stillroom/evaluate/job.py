@@ -1,6 +1,6 @@
-"""`stillroom eval` as a function: load the task, open the cached backend in the run folder, evaluate one or
-more conditions (zero-shot, k-shot, a system prompt, chain-of-thought), write predictions, metrics, usage and
-the report. The CLI, the demo and the PLD route's comparison all call this."""
+"""`stillroom eval` and the prompting baselines (zero-shot, k-shot, chain-of-thought, a fixed system prompt) as
+routes of the skeleton (`stillroom.route`): nothing to build; deploy the model with a prompt; evaluate; record.
+The CLI, `stillroom compare` and the PLD route's comparison all call this."""
 
 from __future__ import annotations
 
@@ -10,14 +10,12 @@ from pathlib import Path
 from stillroom.backends import load_backend, open_cached_backend
 from stillroom.config import EvalConfig
 from stillroom.errors import ConfigError
-from stillroom.evaluate.runner import EvalResult, evaluate
+from stillroom.evaluate.runner import EvalResult
 from stillroom.locking import run_folder_lock
-from stillroom.report.html import eval_report
-from stillroom.runs import RunFolder
-from stillroom.tasks import load_task
+from stillroom.route import BuildCost, Deployment, Selection, evaluate_deployment, open_run, record, select
 from stillroom.tasks.fit import fit_examples
 from stillroom.tasks.prompts import continuation, render_chat, render_prompt
-from stillroom.tasks.task import Example, Task, sample
+from stillroom.tasks.task import Example, Task
 
 
 @dataclass
@@ -30,52 +28,40 @@ class Condition:
     method: str = "auto"
 
 
-def load_task_from_config(cfg: EvalConfig) -> Task:
-    t = cfg.task
-    return load_task(t.spec, instruction=t.instruction, labels=t.labels)
-
-
-def pick_examples(task: Task, cfg: EvalConfig) -> tuple[list[Example], list[Example]]:
-    """The evaluated examples (split, optionally a deterministic sample) and the training pool for shots."""
-    splits = task.splits(seed=cfg.task.seed, val_fraction=cfg.task.val_fraction, test_fraction=cfg.task.test_fraction)
-    return sample(splits.get(cfg.split), cfg.limit, seed=cfg.task.seed), splits.train
+def default_condition(cfg: EvalConfig) -> Condition:
+    """The condition `stillroom eval` runs when none is given: the config's shots, system prompt and method."""
+    if cfg.system_prompt_file and not Path(cfg.system_prompt_file).exists():
+        raise ConfigError(f"{cfg.system_prompt_file}: system prompt file does not exist")
+    system_prompt = Path(cfg.system_prompt_file).read_text(encoding="utf-8") if cfg.system_prompt_file else None
+    name = {"cot": "chain-of-thought"}.get(cfg.method, f"{cfg.shots}-shot" if cfg.shots else "zero-shot")
+    return Condition(name=name + (" + system prompt" if system_prompt else ""), shots=cfg.shots,
+                     system_prompt=system_prompt, method=cfg.method)
 
 
 def run_eval(cfg: EvalConfig, run_dir: Path, conditions: list[Condition] | None = None, backend=None,
-             task: Task | None = None, wait: bool = False) -> dict[str, EvalResult]:
-    """Evaluate each condition and write the run folder. Rerunning resumes from the durable cache.
+             task: Task | None = None, route: str = "eval", wait: bool = False) -> dict[str, EvalResult]:
+    """Evaluate each condition on the same examples and write the run folder (the first condition is the one
+    recorded in result.json). Rerunning resumes from the durable cache.
 
     Task, model spec, system prompt and every prompt's fit in the context window are checked before the run
     folder is created; the folder is held (`stillroom.locking`) while it is written; `wait` queues behind a
-    process that holds it instead of failing.
-    """
-    task = task or load_task_from_config(cfg)
-    examples, train = pick_examples(task, cfg)
-    if conditions is None:
-        system_prompt = _read_system_prompt(cfg.system_prompt_file)
-        name = f"{cfg.shots}-shot" if cfg.shots else "zero-shot"
-        conditions = [Condition(name=name + (" + system prompt" if system_prompt else ""), shots=cfg.shots,
-                                system_prompt=system_prompt, method=cfg.method)]
+    process that holds it instead of failing."""
+    sel = select(cfg.task, split=cfg.split, limit=cfg.limit, task=task)
+    conditions = conditions or [default_condition(cfg)]
     backend = backend or load_backend(cfg.model)
-    examples, overlong = fit_eval_examples(task, examples, train, backend, conditions, cfg)
+    sel.test, overlong = fit_eval_examples(sel, backend, conditions, cfg)
     with run_folder_lock(run_dir, wait=wait):
-        return _run_eval(cfg, run_dir, conditions, backend, task, examples, train, overlong)
+        return _run_eval(cfg, run_dir, conditions, backend, sel, route, overlong)
 
 
-def _read_system_prompt(path: str | None) -> str | None:
-    if not path:
-        return None
-    if not Path(path).exists():
-        raise ConfigError(f"{path}: system prompt file does not exist")
-    return Path(path).read_text(encoding="utf-8")
+def fit_eval_examples(sel: Selection, backend, conditions: list[Condition], cfg: EvalConfig):
+    """The evaluated examples after the task's overlong policy, every condition's prompt checked (no call)."""
+    task = sel.task
 
-
-def fit_eval_examples(task: Task, examples, train, backend, conditions: list[Condition], cfg: EvalConfig):
-    """`examples` after the task's overlong policy, every condition's prompt checked (no call is made)."""
     def prompts_of(ex: Example):
         out = []
         for cond in conditions:
-            shots = sample(train, cond.shots, seed=cfg.task.seed) if cond.shots else []
+            shots = sel.shots(cond.shots)
             method = cond.method
             if method == "auto":
                 method = "loglik" if backend.supports_score and task.kind != "free_text" else "generate"
@@ -85,44 +71,49 @@ def fit_eval_examples(task: Task, examples, train, backend, conditions: list[Con
             else:
                 reason = method == "cot"
                 out.append((render_chat(task, ex, shots, cond.system_prompt, reason=reason),
-                            cfg.max_new_tokens * (16 if reason else 1)))
+                            cfg.cot_max_tokens if reason else cfg.max_new_tokens))
         return out
 
-    return fit_examples(task, examples, backend, prompts_of, policy=cfg.task.overlong)
+    return fit_examples(task, sel.test, backend, prompts_of, policy=cfg.task.overlong)
 
 
-def _run_eval(cfg: EvalConfig, run_dir: Path, conditions: list[Condition], backend, task: Task, examples, train,
+def _run_eval(cfg: EvalConfig, run_dir: Path, conditions: list[Condition], backend, sel: Selection, route: str,
               overlong: dict) -> dict[str, EvalResult]:
-    run = RunFolder(run_dir)
-    config_dict = cfg.model_dump(mode="json")
-    run.save_config(config_dict)
+    run, config_dict = open_run(cfg, run_dir)
     cached = open_cached_backend(cfg.model, run.cache_path, cfg.spend, backend=backend)
     results: dict[str, EvalResult] = {}
+    deployments: dict[str, Deployment] = {}
     try:
         for cond in conditions:
-            shots = sample(train, cond.shots, seed=cfg.task.seed) if cond.shots else []
-            results[cond.name] = evaluate(
-                task, examples, cached, shots=shots, system_prompt=cond.system_prompt, method=cond.method,
-                max_new_tokens=cfg.max_new_tokens, description=cond.name,
-            )
+            budget = cfg.cot_max_tokens if cond.method == "cot" else cfg.max_new_tokens
+            dep = Deployment(name=cond.name, backend=cached, model=cfg.model.spec, system_prompt=cond.system_prompt,
+                             shots=sel.shots(cond.shots), method=cond.method, max_new_tokens=budget,
+                             model_dir=_local_weights(cfg.model.spec))
+            deployments[cond.name] = dep
+            results[cond.name] = evaluate_deployment(sel, dep)
     finally:
         # Usage is written even when a spend cap or Ctrl-C stops the run, so the user sees what was spent.
         run.write_json("usage.json", cached.meter.summary())
-    rows = [{"condition": name, **p} for name, r in results.items() for p in r.predictions]
-    run.write_jsonl("predictions.jsonl", rows)
-    metrics = {"task": task.name, "split": cfg.split, "examples": len(examples), "model": cached.identity,
-               "overlong": {"policy": cfg.task.overlong, **overlong},
-               "conditions": {name: {"method": r.method, **r.metrics} for name, r in results.items()}}
-    run.write_json("metrics.json", metrics)
     notes = []
     if overlong["overlong"]:
         notes.append(f"{overlong['overlong']} example(s) did not fit the model's context window: "
                      f"{overlong['truncated']} truncated, {overlong['skipped']} skipped.")
-    if task.kind == "multiple_choice":
+    if sel.task.kind == "multiple_choice":
         notes.append("Options differ per example: per-class figures are over option positions (A, B, ...).")
-    run.write_text(
-        "report.html",
-        eval_report(f"Stillroom eval: {task.name} on {cached.model}", {n: r.metrics for n, r in results.items()},
-                    config_dict, usage=cached.meter.summary(), notes=notes),
-    )
+    record(run, sel, route=route, deployed=deployments[conditions[0].name], results=results, cost=BuildCost(),
+           config_dict=config_dict, title=f"Stillroom eval: {sel.task.name} on {cached.model}",
+           metrics_extra={"split": cfg.split, "model": cached.identity,
+                          "overlong": {"policy": cfg.task.overlong, **overlong}}, notes=notes, usage=cached.meter.summary())
     return results
+
+
+def _local_weights(spec: str) -> Path | None:
+    """The weights folder or file behind a local spec (for the size on disk), without loading anything."""
+    kind, _, rest = spec.partition(":")
+    if spec in ("gemma3-270m", "embedded"):
+        from stillroom.backends.embedded import embedded_model_dir
+
+        return embedded_model_dir()
+    if kind in ("hf", "gguf") and rest:
+        return Path(rest).expanduser()
+    return None

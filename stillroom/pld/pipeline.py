@@ -26,8 +26,9 @@ from stillroom.pld.prompts import TEACHER_STOPS
 from stillroom.pld.resolve import Resolution, resolve_conflicts
 from stillroom.pld.rulebook import Rulebook
 from stillroom.pld.synthesize import synthesize_rules
+from stillroom.route import BuildCost, Deployment, evaluate_deployment, open_run, record, select
 from stillroom.runs import RunFolder
-from stillroom.tasks.task import Task, sample
+from stillroom.tasks.task import Task
 
 console = Console()
 
@@ -53,59 +54,47 @@ def run_pld(cfg: PLDConfig, run_dir: Path, *, teacher=None, student=None, embedd
     Task, model specs and every example's fit are checked before the run folder is created; the folder is
     held (`stillroom.locking`) while it is written; `wait` queues behind a process that holds it.
     """
-    if task is None:
-        from stillroom.tasks import load_task
-
-        task = load_task(cfg.task.spec, instruction=cfg.task.instruction, labels=cfg.task.labels)
-    if task.kind == "free_text":
-        from stillroom.errors import ConfigError
-
-        raise ConfigError(f"PLD needs a label set or options; task {task.name!r} is free text")
+    sel = select(cfg.task, limit=cfg.test_limit, train_limit=cfg.extract_sample, val_limit=cfg.val_limit, task=task,
+                 need_labels=True)
     teacher = teacher or load_backend(cfg.teacher)
     student = student or (teacher if cfg.student == cfg.teacher else load_backend(cfg.student))
-    fitted = fit_pld_examples(cfg, task, teacher, student)
+    overlong = fit_pld_examples(cfg, sel, teacher, student)
     with run_folder_lock(run_dir, wait=wait):
-        return _run_pld(cfg, run_dir, teacher, student, embedder, task, fitted)
+        return _run_pld(cfg, run_dir, teacher, student, embedder, sel, overlong)
 
 
-def fit_pld_examples(cfg: PLDConfig, task: Task, teacher, student) -> dict:
-    """The train/val/test samples after the task's overlong policy (extraction prompts checked against the
-    teacher, zero-shot and k-shot prompts against the student), with the counts; makes no call."""
+def fit_pld_examples(cfg: PLDConfig, sel, teacher, student) -> dict:
+    """Apply the task's overlong policy to the selection in place (extraction prompts checked against the
+    teacher; zero-shot, k-shot and chain-of-thought prompts against the student) and return the counts.
+    Makes no call."""
     from stillroom.pld.prompts import extraction_messages
     from stillroom.tasks.fit import fit_examples
     from stillroom.tasks.prompts import render_chat
 
-    splits = task.splits(seed=cfg.task.seed, val_fraction=cfg.task.val_fraction, test_fraction=cfg.task.test_fraction)
-    shots = sample(splits.train, cfg.shots, seed=cfg.task.seed) if cfg.shots else []
+    task, shots = sel.task, sel.shots(cfg.shots)
     counts = {"overlong": 0, "truncated": 0, "skipped": 0}
-    out: dict = {"splits": splits}
 
     def student_prompts(ex):
         out = [(render_chat(task, ex, s, None), 16) for s in ([], shots)]  # evaluate()'s answer budget
         if cfg.cot:
-            out.append((render_chat(task, ex, [], None, reason=True), max(1, cfg.cot_max_tokens // 16) * 16))
+            out.append((render_chat(task, ex, [], None, reason=True), cfg.cot_max_tokens))
         return out
 
-    for name, part, n, backend, prompts_of in (
-        ("train", splits.train, cfg.extract_sample, teacher,
-         lambda ex: [(extraction_messages(task, ex, strict=True), cfg.teacher_max_tokens)]),
-        ("val", splits.val, cfg.val_limit, student, student_prompts),
-        ("test", splits.test, cfg.test_limit, student, student_prompts),
+    for name, backend, prompts_of in (
+        ("train", teacher, lambda ex: [(extraction_messages(task, ex, strict=True), cfg.teacher_max_tokens)]),
+        ("val", student, student_prompts),
+        ("test", student, student_prompts),
     ):
-        kept, c = fit_examples(task, sample(part, n, seed=cfg.task.seed), backend, prompts_of,
-                               policy=cfg.task.overlong, what=name)
-        out[name] = kept
+        kept, c = fit_examples(task, getattr(sel, name), backend, prompts_of, policy=cfg.task.overlong, what=name)
+        setattr(sel, name, kept)
         counts = {k: counts[k] + c[k] for k in counts}
-    out["overlong"] = {"policy": cfg.task.overlong, **counts}
-    return out
+    return {"policy": cfg.task.overlong, **counts}
 
 
-def _run_pld(cfg: PLDConfig, run_dir: Path, teacher, student, embedder, task: Task, fitted: dict) -> dict:
+def _run_pld(cfg: PLDConfig, run_dir: Path, teacher, student, embedder, sel, overlong: dict) -> dict:
     started = time.perf_counter()
-    run = RunFolder(run_dir)
-    config_dict = cfg.model_dump(mode="json")
-    run.save_config(config_dict)
-    splits, train, val, test = fitted["splits"], fitted["train"], fitted["val"], fitted["test"]
+    task, train, val, test = sel.task, sel.train, sel.val, sel.test
+    run, config_dict = open_run(cfg, run_dir)
     teacher_b, student_b = open_backends(cfg, run, teacher, student)
     tparams = GenerationParams(max_tokens=cfg.teacher_max_tokens, temperature=0.0, stop=TEACHER_STOPS)
     notes: list[str] = []
@@ -181,15 +170,17 @@ def _run_pld(cfg: PLDConfig, run_dir: Path, teacher, student, embedder, task: Ta
 
         # The comparison on the test split: same student, same examples.
         conditions: dict[str, EvalResult] = {}
-        conditions["zero-shot"] = student_eval(None, test, "test zero-shot")
-        if cfg.shots:
-            shots = sample(splits.train, cfg.shots, seed=cfg.task.seed)
-            conditions[f"{cfg.shots}-shot"] = evaluate(task, test, student_b, shots=shots, method=cfg.student_method,
-                                                       description=f"test {cfg.shots}-shot")
-        if cfg.cot:
-            conditions["chain-of-thought"] = evaluate(task, test, student_b, method="cot",
-                                                      max_new_tokens=max(1, cfg.cot_max_tokens // 16), description="test CoT")
-        conditions["PLD"] = student_eval(final, test, "test PLD")
+        if cfg.compare_baselines:
+            conditions["zero-shot"] = student_eval(None, test, "test zero-shot")
+            if cfg.shots:
+                conditions[f"{cfg.shots}-shot"] = evaluate(task, test, student_b, shots=sel.shots(cfg.shots),
+                                                           method=cfg.student_method, description=f"test {cfg.shots}-shot")
+            if cfg.cot:
+                conditions["chain-of-thought"] = evaluate(task, test, student_b, method="cot",
+                                                          cot_max_tokens=cfg.cot_max_tokens, description="test CoT")
+        deployed = Deployment(name="PLD", backend=student_b, model=cfg.student.spec, system_prompt=final.system_prompt(),
+                              method=cfg.student_method)
+        conditions["PLD"] = evaluate_deployment(sel, deployed)
         for name, r in conditions.items():
             if r.metrics.get("invalid_rate") == 1.0:
                 notes.append(f"{name}: the student never produced a valid label ({r.metrics['n']} answers, all invalid).")
@@ -202,7 +193,7 @@ def _run_pld(cfg: PLDConfig, run_dir: Path, teacher, student, embedder, task: Ta
         "teacher": teacher_b.identity,
         "student": student_b.identity,
         "examples": {"train_extracted": len(train), "val": len(val), "test": len(test)},
-        "overlong": fitted["overlong"],
+        "overlong": overlong,
         "extraction": {"instructions": len(instructions), "readable": len(ok), "failed": failed},
         "clustering": {k: v for k, v in coverage.items() if k != "per_cluster"},
         "conflict_rounds": [asdict(r) for r in resolution.rounds],
@@ -213,9 +204,13 @@ def _run_pld(cfg: PLDConfig, run_dir: Path, teacher, student, embedder, task: Ta
                        for n, r in conditions.items()},
         "notes": notes,
     }
-    run.write_json("metrics.json", metrics)
-    run.write_jsonl("predictions.jsonl", [{"condition": n, **p} for n, r in conditions.items() for p in r.predictions])
     from stillroom.pld.report import pld_report
 
-    run.write_text("report.html", pld_report(metrics, final, config_dict))
-    return metrics
+    resumed = build_cost.get("calls", 0) == 0 and build_cost.get("run_calls", 0) > 0
+    cost = BuildCost.from_meter(build_cost, seconds=build_s)
+    artifacts = {k: str(run.file(k)) for k in ("rulebook.json", "rulebook.md", "system_prompt.txt")}
+    extra = {k: v for k, v in metrics.items() if k not in ("conditions", "notes", "task")}
+    record(run, sel, route="pld", deployed=deployed, results=conditions, cost=cost, config_dict=config_dict,
+           title=f"Stillroom PLD: {task.name}", metrics_extra=extra, notes=notes, artifacts=artifacts,
+           resumed=resumed, report_html=pld_report(metrics, final, config_dict))
+    return {**metrics, "build": {**metrics["build"], **{"seconds": run.read_json("result.json")["build"]["seconds"]}}}
