@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
 pytest.importorskip("peft")
 
-from tiny import one_thread, tiny_tokenizer  # noqa: E402, F401  (one_thread: autouse fixture)
+from conftest import tiny_gemma, tiny_tokenizer  # noqa: E402
 
 from stillroom.compare.config import CompareConfig  # noqa: E402
 from stillroom.compare.report import paired_test, pareto_front, recommendation  # noqa: E402
@@ -19,21 +19,14 @@ from stillroom.compare.routes import RoutePlan, plan_routes  # noqa: E402
 from stillroom.compare.run import run_compare  # noqa: E402
 from stillroom.evaluate.stats import bootstrap_ci, macro_f1, mcnemar, paired_bootstrap  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 WORDS = ["red", "green", "blue", "apple", "pear", "car", "bus", "plum"]
 LABELS = ["fruit", "colour", "vehicle"]
 
 
 def _lm(tok, seed, layers):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(seed)
-    cfg = Gemma3TextConfig(
-        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, max_position_embeddings=256, layer_types=["full_attention"] * layers,
-        initializer_range=0.3, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    return Gemma3ForCausalLM(cfg)
+    return tiny_gemma(tok, layers=layers, seed=seed)
 
 
 @pytest.fixture(scope="module")

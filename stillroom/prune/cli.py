@@ -13,16 +13,25 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from stillroom.ui import console, run_guarded
+from stillroom.options import ConfigArg, RunDirOpt, TaskOpt
+from stillroom.ui import console, print_notes, print_results, run_guarded
 
 ModelArg = Annotated[str, typer.Option("--model", "-m", help="Model: 'gemma3-270m', 'hf:PATH' or a model folder.")]
-OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: under runs/).")]
+OutOpt = Annotated[Path | None, typer.Option("--run-dir", "--out", "-o", help="Output folder (default: runs/<command>-<hash of the inputs>; a model folder for apply, heal and merge).")]
 
 
 def _default_out(command: str, config: dict) -> Path:
     from stillroom.runs import run_dir_for
 
     return run_dir_for(command, config)
+
+
+def _save_config(dest: Path, command: str, config: dict) -> None:
+    """Every command records what it ran in its folder's config.yaml, like the other routes (written last: model
+    folders are replaced whole when they are saved)."""
+    from stillroom.runs import RunFolder
+
+    RunFolder(dest).save_config({"command": command, **{k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()}})
 
 
 def _print_analysis(data: dict) -> None:
@@ -72,7 +81,7 @@ def prune_analyze(
     batch_size: Annotated[int, typer.Option(help="Texts per forward.")] = 4,
     max_length: Annotated[int, typer.Option(help="Tokens per text (truncated).")] = 512,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    out: OutOpt = None,
+    run_dir: OutOpt = None,
 ) -> None:
     """Angular distance d(l, n) for every block (last token, averaged over the calibration texts) and Block
     Influence per layer. Writes angular.json and angular_heatmap.png; names the best block per size n.
@@ -81,9 +90,11 @@ def prune_analyze(
     """
 
     def body():
-        dest = out or _default_out("prune-analyze", {"model": model, "calibration": calibration,
+        dest = run_dir or _default_out("prune-analyze", {"model": model, "calibration": calibration,
                                                      "samples": samples, "seed": seed})
         data = analyze_to_folder(model, calibration, dest, samples, batch_size, max_length, seed)
+        _save_config(dest, "prune analyze", {"model": model, "calibration": calibration, "samples": samples,
+                                             "batch_size": batch_size, "max_length": max_length, "seed": seed})
         _print_analysis(data)
         console.print(f"written: [bold]{dest / 'angular.json'}[/], {dest / 'angular_heatmap.png'}")
 
@@ -99,7 +110,7 @@ def prune_apply(
     calibration: Annotated[str | None, typer.Option(help="Calibration data, to analyse now.")] = None,
     samples: Annotated[int, typer.Option(help="Calibration texts (with --calibration).")] = 64,
     check: Annotated[bool, typer.Option("--check/--no-check", help="Reload the saved model and generate.")] = True,
-    out: OutOpt = None,
+    run_dir: OutOpt = None,
 ) -> None:
     """Remove a block of layers and save a model folder that reloads with plain AutoModelForCausalLM.
 
@@ -130,8 +141,10 @@ def prune_apply(
             start, end, d = LayerAnalysis.from_json(data).best_block(block_size)
             record = {"block_size": block_size, "angular_distance": d, "calibration": data.get("calibration")}
             console.print(f"best block of size {block_size}: drop {start}:{end} (d = {d:.4f})")
-        dest = out or _default_out("pruned", {"model": str(folder), "drop": f"{start}:{end}"})
+        dest = run_dir or _default_out("pruned", {"model": str(folder), "drop": f"{start}:{end}"})
         saved = prune_model_folder(folder, start, end, dest, analysis=record)
+        _save_config(saved, "prune apply", {"model": model, "drop": f"{start}:{end}", "block_size": block_size,
+                                            "analysis": analysis, "calibration": calibration, "samples": samples})
         info = json.loads((saved / "stillroom.json").read_text())
         console.print(f"removed layers {info['removed_layers']} ({info['num_hidden_layers']['before']} -> "
                       f"{info['num_hidden_layers']['after']} layers, {info['parameters']['before']:,} -> "
@@ -200,7 +213,7 @@ def heal_cmd(
     lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
     max_length: Annotated[int, typer.Option(help="Tokens per example.")] = 1024,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
-    out: OutOpt = None,
+    run_dir: OutOpt = None,
 ) -> None:
     """Healing fine-tune of a (pruned) model on prompt/completion data, loss on completions only; saves a plain
     model folder (LoRA folded in)."""
@@ -212,9 +225,12 @@ def heal_cmd(
         folder = model_folder(model)
         settings = SFTSettings(lora=lora, max_steps=steps, epochs=epochs, learning_rate=lr, batch_size=batch_size,
                                grad_accum=grad_accum, lora_r=lora_r, max_length=max_length, seed=seed)
-        dest = out or _default_out("healed", {"model": str(folder), "data": str(data), "lora": lora,
+        dest = run_dir or _default_out("healed", {"model": str(folder), "data": str(data), "lora": lora,
                                               "steps": steps, "epochs": epochs, "lr": lr, "seed": seed})
         rec = heal(folder, data, dest, settings)
+        _save_config(dest, "heal", {"model": model, "data": data, "lora": lora, "steps": steps, "epochs": epochs,
+                                    "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum, "lora_r": lora_r,
+                                    "max_length": max_length, "seed": seed})
         console.print(f"{rec['steps']} steps in {rec['seconds']:.0f} s, loss {rec['first_loss']:.4f} -> "
                       f"{rec['last_loss']:.4f}: [bold]{dest}[/]")
 
@@ -227,7 +243,7 @@ def merge_slerp(
     t: Annotated[float, typer.Option(help="Interpolation factor for every tensor.")] = 0.5,
     t_schedule: Annotated[str | None, typer.Option(help="Anchors interpolated across layers, e.g. 0,0.5,1 "
                                                         "(mergekit gradient); overrides --t.")] = None,
-    out: OutOpt = None,
+    run_dir: OutOpt = None,
 ) -> None:
     """SLERP two models of the same shape with mergekit semantics (per tensor; linear when nearly parallel)."""
 
@@ -237,8 +253,9 @@ def merge_slerp(
 
         a, b = model_folder(model_a), model_folder(model_b)
         schedule = parse_schedule(t_schedule) if t_schedule else t
-        dest = out or _default_out("merged", {"a": str(a), "b": str(b), "t": schedule})
+        dest = run_dir or _default_out("merged", {"a": str(a), "b": str(b), "t": schedule})
         saved = slerp_model_folders(a, b, dest, schedule)
+        _save_config(saved, "merge slerp", {"model_a": model_a, "model_b": model_b, "t": schedule})
         console.print(f"merged (t={schedule}): [bold]{saved}[/]")
 
     run_guarded(body)
@@ -251,7 +268,7 @@ def specdec_cmd(
     k: Annotated[int, typer.Option("--k", help="Draft tokens per round (fixed).")] = 4,
     limit: Annotated[int, typer.Option(help="Prompts to use.")] = 20,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 32,
-    out: OutOpt = None,
+    run_dir: OutOpt = None,
 ) -> None:
     """Speculative-decoding check: acceptance rate, mean accepted length per target call and wall-clock
     speed-up of the draft for the target (transformers assisted generation, greedy, fixed K)."""
@@ -271,13 +288,48 @@ def specdec_cmd(
             res = measure_speculative(tm, dm, tok, texts, k=k, max_new_tokens=max_new_tokens,
                                       progress=lambda i, n: bar.update(job, completed=i))
         res.update({"target": str(tf), "draft": str(df), "prompts_from": prompts})
-        dest = out or _default_out("specdec", {"target": str(tf), "draft": str(df), "prompts": prompts, "k": k,
+        dest = run_dir or _default_out("specdec", {"target": str(tf), "draft": str(df), "prompts": prompts, "k": k,
                                                "limit": limit, "max_new_tokens": max_new_tokens})
         RunFolder(dest).write_json("specdec.json", res)
+        _save_config(dest, "specdec", {"target": target, "draft": draft, "prompts": prompts, "k": k, "limit": limit,
+                                       "max_new_tokens": max_new_tokens})
         console.print(f"K={k}: acceptance {res['acceptance_rate']:.3f}, mean accepted length "
                       f"{res['mean_accepted_length']:.2f} tokens/target call, speed-up {res['speedup']:.2f}x "
                       f"({res['rounds']} rounds, identical outputs {res['identical_outputs']:.0%}): "
                       f"[bold]{dest / 'specdec.json'}[/]")
+
+    run_guarded(body)
+
+
+def prune_heal_cmd(
+    config: ConfigArg = None,
+    task: TaskOpt = None,
+    student: Annotated[str | None, typer.Option(help="The model to prune: 'gemma3-270m', 'hf:PATH' or a folder.")] = None,
+    drop: Annotated[int | None, typer.Option(help="Layers to remove (the contiguous block with the smallest angular distance).")] = None,
+    block: Annotated[str | None, typer.Option(help="Remove this block instead, START:END (0-based, end exclusive).")] = None,
+    healing: Annotated[str | None, typer.Option(help="sft (gold answers), self-data (selected rewrites) or none.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Healing optimizer steps.")] = None,
+    train_limit: Annotated[int | None, typer.Option(help="Heal on a deterministic sample of N training examples.")] = None,
+    eval_limit: Annotated[int | None, typer.Option(help="Evaluate on a deterministic sample of N test examples.")] = None,
+    run_dir: RunDirOpt = None,
+) -> None:
+    """Prune + heal as one route: remove the most redundant block of layers (angular distance on the task's
+    training prompts), heal the pruned model with SFT on gold answers or with self-data distillation, and evaluate
+    it on the test split. Writes angular.json, pruned/, healing_data.jsonl, student/, result.json and report.html;
+    rerunning resumes."""
+
+    def body():
+        from stillroom.options import load_config
+        from stillroom.prune.route import PruneHealConfig, run_prune_heal
+        from stillroom.runs import run_dir_for
+
+        over = {"task": {"spec": task}, "student": student, "drop": drop, "block": block, "healing": healing,
+                "steps": steps, "train_limit": train_limit, "eval_limit": eval_limit}
+        cfg = load_config(config, PruneHealConfig, over, "--task", bool(task))
+        out = run_dir or run_dir_for("prune-heal", cfg)
+        m = run_prune_heal(cfg, out)
+        print_results(m["conditions"])
+        print_notes(m.get("notes"), out / "report.html")
 
     run_guarded(body)
 
@@ -292,5 +344,6 @@ def register(app: typer.Typer) -> None:
     prune_app.command("apply")(prune_apply)
     app.command("selfdistill")(selfdistill_cmd)
     app.command("heal")(heal_cmd)
+    app.command("prune-heal")(prune_heal_cmd)
     merge_app.command("slerp")(merge_slerp)
     app.command("specdec")(specdec_cmd)
