@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from stillroom.options import LabelsOpt
 from stillroom.ui import console, run_guarded
 
 RunDirOpt = Annotated[Path | None, typer.Option(help="Run folder (default: runs/<command>-<task>-<hash of what defines the work>; rerun resumes).")]
@@ -42,13 +43,14 @@ def demo(
 def tasks_show(
     task: Annotated[str, typer.Argument(help="A .jsonl/.csv file, 'bigbench:NAME' or 'hf:LOCAL_DATASET'.")],
     seed: int = 0,
+    labels: LabelsOpt = None,
 ) -> None:
     """Load a task (validating every line) and print its kind, labels and split sizes."""
 
     def body():
         from stillroom.tasks import load_task
 
-        t = load_task(task)
+        t = load_task(task, labels=[x.strip() for x in labels.split(",") if x.strip()] if labels else None)
         s = t.splits(seed=seed)
         console.print(f"[bold]{t.name}[/] ({t.kind}) from {t.source}")
         console.print(f"instruction: {t.instruction[:200]}")

@@ -5,13 +5,38 @@ Configs never hold secrets: an API key is named by the environment variable that
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stillroom.errors import ConfigError
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_SECRET_PREFIX = re.compile(r"(?i)^(sk|rk|pk|key|api|ghp|gho|hf|xox[abp]?|AKIA|AIza)[_-]?")
+
+
+def check_key_env_name(name: str) -> str:
+    """`name` if it can be an environment variable's name and does not look like a key; else ValueError.
+
+    The message never repeats the value: a key pasted where its variable's name belongs must not reach a
+    terminal, a log or config.yaml.
+    """
+    looks_secret = (
+        not _ENV_NAME.fullmatch(name or "")
+        or (_SECRET_PREFIX.match(name) is not None and any(c.islower() for c in name) and any(c.isdigit() for c in name)
+            and len(name) >= 16)
+        or (len(name) >= 24 and any(c.islower() for c in name) and any(c.isdigit() for c in name) and "_" not in name)
+    )
+    if looks_secret:
+        raise ValueError(
+            "expected the NAME of the environment variable that holds the API key (e.g. OPENAI_API_KEY), but "
+            "the value given looks like a key itself or is not a variable name; it was not stored or shown. "
+            "Export the key in a variable and pass that variable's name."
+        )
+    return name
 
 
 class BackendConfig(BaseModel):
@@ -31,13 +56,30 @@ class BackendConfig(BaseModel):
     api_key_env: str = Field("OPENAI_API_KEY", description="NAME of the environment variable holding the API key.")
     max_concurrency: int = Field(8, ge=1, description="Concurrent requests to an OpenAI-compatible server.")
     timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
-    max_retries: int = Field(5, ge=0, description="Retries on 429 / 5xx / timeouts (exponential backoff).")
+    max_retries: int = Field(5, ge=0, description="Retries on 429 / 5xx / timeouts (exponential backoff, each one shown).")
+    retry_budget_s: float = Field(
+        120.0, gt=0,
+        description="A call gives up once this many seconds have passed since its first attempt, retries included "
+        "(so a server that never answers stops the run within about two minutes).",
+        json_schema_extra={"identity": False},
+    )
+    max_input_tokens: int | None = Field(
+        None, ge=1,
+        description="The most tokens one request may hold, prompt plus generation budget (the server's context "
+        "window; for llama.cpp, per slot). Probed from llama.cpp's /props or vLLM's /v1/models when omitted; every "
+        "prompt is checked against it before any call is paid.",
+    )
     batch_size: int = Field(8, ge=1, description="Batch size for local models (throughput only: not part of the run's identity).",
                             json_schema_extra={"identity": False})
     device: str = Field("auto", description="Local models: 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'.")
     dtype: str = Field("auto", description="Local models: 'auto', 'float32', 'bfloat16', 'float16'.")
     price_in_per_mtok: float = Field(0.0, ge=0, description="USD per million input tokens (for cost accounting).")
     price_out_per_mtok: float = Field(0.0, ge=0, description="USD per million output tokens.")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _key_env_is_a_name(cls, v: str) -> str:
+        return check_key_env_name(v)
 
 
 class LoraSettings(BaseModel):
@@ -83,7 +125,25 @@ class TaskConfig(BaseModel):
 
     spec: str = Field(..., description="Task: a .jsonl/.csv file, 'bigbench:NAME', or 'hf:LOCAL_DATASET'.")
     instruction: str | None = Field(None, description="Task instruction (overrides the file's or BIG-bench's).")
-    labels: list[str] | None = Field(None, description="Label set for classification (inferred when omitted).")
+    labels: list[str] | None = Field(None, description="Label set for classification (inferred when omitted). Quote "
+                                     "yes/no/true/false/on/off in YAML: unquoted, YAML reads them as booleans.")
+    overlong: Literal["error", "truncate", "skip"] = Field(
+        "error",
+        description="An example whose prompt does not fit the model's context window: 'error' (before any call, "
+        "naming the file and line), 'truncate' (its input is cut to fit) or 'skip' (left out); counted in the report.",
+    )
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_are_strings(cls, v):
+        if isinstance(v, list) and any(isinstance(x, bool) for x in v):
+            raise ValueError(
+                "labels must be strings, but YAML read some as booleans (unquoted yes/no/true/false/on/off): quote "
+                "them, e.g. labels: ['yes', 'no']"
+            )
+        if isinstance(v, str):  # the command line's comma-separated form
+            return [x.strip() for x in v.split(",") if x.strip()]
+        return v
     seed: int = Field(0, description="Seed for the deterministic train/val/test split and for sampling.")
     val_fraction: float = Field(0.2, ge=0, lt=1, description="Share of examples in the validation split.")
     test_fraction: float = Field(0.3, ge=0, lt=1, description="Share of examples in the test split.")

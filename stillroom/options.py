@@ -14,6 +14,8 @@ BaseUrlOpt = Annotated[str | None, typer.Option(help="Base URL of an OpenAI-comp
 KeyEnvOpt = Annotated[str | None, typer.Option(help="NAME of the environment variable holding the API key (never the key).")]
 RunDirOpt = Annotated[Path | None, typer.Option(help="Run folder (default: runs/<command>-<task>-<config hash>; rerun resumes).")]
 ConfigArg = Annotated[Path | None, typer.Argument(help="Optional YAML config (every field of the command's config); options override it.")]
+LabelsOpt = Annotated[str | None, typer.Option(help="Comma-separated label set, e.g. 'yes,no' (inferred when omitted).")]
+WaitOpt = Annotated[bool, typer.Option("--wait", help="If another process holds the run folder, wait for it instead of failing.")]
 
 
 

@@ -73,7 +73,15 @@ def select(task_cfg: TaskConfig, *, split: str = "test", limit: int | None = Non
 
 
 def open_run(cfg, run_dir: str | Path) -> tuple[RunFolder, dict]:
-    """The run folder with the config saved (secrets redacted). Returns (run, config as a dict)."""
+    """The run folder with the config saved (secrets redacted). Returns (run, config as a dict).
+
+    The folder is held for this process (`stillroom.locking`; kept to the end of the process unless the
+    caller already holds it in a narrower scope, as `run_eval` and `run_pld` do), so a second process never
+    pays for the same calls. Call it after everything that can fail on the config or the data, so a failed
+    first run leaves no folder."""
+    from stillroom.locking import hold_run_folder
+
+    hold_run_folder(run_dir)
     run = RunFolder(run_dir)
     config_dict = cfg.model_dump(mode="json")
     run.save_config(config_dict)

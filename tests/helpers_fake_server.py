@@ -2,6 +2,11 @@
 
 Serves `/v1/chat/completions` and `/v1/completions`. Each request takes the next status from `script`
 (200 once the script is used up), so tests can say "429, then 200" and count what the client sent.
+
+Each misbehaviour is a switch: `delay_s` (every answer late), `script` (429s, 500s, ...), `hang` (never
+answer), `gate` (hold every answer until the test calls `srv.open_gate()`), `count_tokens` (the server's own
+token count of each prompt, instead of the fixed `prompt_tokens`), and `n_ctx` (a llama.cpp-like context
+window: served at `GET /props`, and a prompt over it is refused with HTTP 400 as llama.cpp does).
 """
 
 from __future__ import annotations
@@ -27,12 +32,26 @@ class FakeOpenAIServer:
         delay_s: float = 0.0,
         prompt_tokens: int = 11,
         completion_tokens: int = 7,
+        hang: bool = False,
+        gate: bool = False,
+        count_tokens=None,
+        n_ctx: int | None = None,
     ):
         self.script = list(script or [])
         self.delay_s = delay_s
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
+        self.hang = hang
+        self.count_tokens = count_tokens
+        self.n_ctx = n_ctx
+        self._gate = threading.Event()
+        if not gate:
+            self._gate.set()
+        self._closing = threading.Event()
         self.requests: list[dict] = []
+        self.gets: list[str] = []
+        self.answered: list[dict] = []
+        """Every 200 reply sent, with its usage (what a paying client was billed)."""
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
@@ -68,6 +87,10 @@ class FakeOpenAIServer:
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:
+                    while server.hang or not server._gate.is_set():
+                        if server._closing.is_set():
+                            return
+                        time.sleep(0.02)
                     if server.delay_s:
                         time.sleep(server.delay_s)
                     code, payload = server._reply(
@@ -76,6 +99,20 @@ class FakeOpenAIServer:
                 finally:
                     with server._lock:
                         server.in_flight -= 1
+                if code == 200:
+                    with server._lock:
+                        server.answered.append({"body": body, "usage": payload["usage"]})
+                self._send(code, payload)
+
+            def do_GET(self) -> None:
+                with server._lock:
+                    server.gets.append(self.path)
+                if self.path == "/props" and server.n_ctx:
+                    self._send(200, {"default_generation_settings": {"n_ctx": server.n_ctx}, "total_slots": 1})
+                else:
+                    self._send(404, {"error": {"message": f"no route {self.path}", "type": "error"}})
+
+            def _send(self, code: int, payload: dict) -> None:
                 data = json.dumps(payload).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
@@ -93,8 +130,26 @@ class FakeOpenAIServer:
         self._thread.start()
         return self
 
+    def open_gate(self) -> None:
+        """Let held requests (`gate=True`) be answered, and every later one at once."""
+        self._gate.set()
+
+    @property
+    def posts(self) -> int:
+        """Completion requests received (what a paying client would be billed for, if answered)."""
+        with self._lock:
+            return len(self.requests)
+
+    @property
+    def billed_tokens(self) -> int:
+        """Input + output tokens of every answered request, by the server's own count."""
+        with self._lock:
+            return sum(a["usage"]["total_tokens"] for a in self.answered)
+
     def __exit__(self, *exc) -> None:
         assert self._httpd is not None
+        self._closing.set()
+        self._gate.set()
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -108,10 +163,16 @@ class FakeOpenAIServer:
                 429: "Rate limit reached",
             }.get(status, "Internal server error")
             return status, {"error": {"message": message, "type": "error", "param": None, "code": None}}
+        text = body.get("prompt") if "prompt" in body else [m["content"] for m in body.get("messages", [])]
+        prompt_tokens = self.count_tokens(text) if self.count_tokens else self.prompt_tokens
+        if self.n_ctx and prompt_tokens > self.n_ctx:
+            return 400, {"error": {"message": f"the request exceeds the available context size ({prompt_tokens} "
+                                   f"tokens > {self.n_ctx})", "type": "invalid_request_error", "code": 400}}
+        completion_tokens = min(self.completion_tokens, int(body.get("max_tokens") or self.completion_tokens))
         usage = {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
         }
         common = {"id": "x-1", "created": 0, "model": body.get("model", ""), "usage": usage}
         if path.endswith("/chat/completions"):

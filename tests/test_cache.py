@@ -39,6 +39,13 @@ def raw_prompts(n: int) -> list[str]:
     return [f"question {i:02d}: what is it?" for i in range(n)]
 
 
+def counted(backend):
+    """The scripted backend's token counts taken as its tokenizer's: a raw prompt's input bound is then
+    6 + PROMPT_OVERHEAD_TOKENS (32) = 38, and a call's worst case 38 + max_tokens (5) = 43."""
+    backend.exact_tokens = True
+    return backend
+
+
 # --- hits, keys, batching -------------------------------------------------------------------------------------
 def test_hits_make_no_backend_calls(tmp_path):
     backend = ScriptedBackend(jobs.answer)
@@ -282,27 +289,28 @@ def test_token_cap_stops_before_exceeding_and_rerun_resumes(tmp_path):
     db = tmp_path / "c.sqlite"
     prompts = raw_prompts(20)
     cache = ResponseCache(db)
-    # Each call: worst case 6 + 5 = 11 tokens, actual 6 + 2 = 8. With a cap of 50, five calls fit (40 spent).
-    meter = UsageMeter(cap=SpendCap(max_tokens=50), prior=cache.total_usage())
-    wrapper = CachedBackend(ScriptedBackend(fixed("ok fine")), cache, meter)
+    # Each call: worst case 38 + 5 = 43 tokens, actual 6 + 2 = 8. With a cap of 80, five calls fit (40 spent;
+    # a sixth could reach 83).
+    meter = UsageMeter(cap=SpendCap(max_tokens=80), prior=cache.total_usage())
+    wrapper = CachedBackend(counted(ScriptedBackend(fixed("ok fine"))), cache, meter)
     with pytest.raises(SpendCapReached) as ei:
         wrapper.generate_many(prompts, P)
     msg = str(ei.value)
-    assert "40 tokens spent of a cap of 50" in msg and "rerunning with a higher cap resumes" in msg
+    assert "40 tokens spent of a cap of 80" in msg and "rerunning with a higher cap resumes" in msg
     assert "cached" in msg
     assert wrapper.calls == 5 and len(cache) == 5
-    assert meter.spent_tokens == 40 <= 50
+    assert meter.spent_tokens == 40 <= 80
     total = cache.total_usage()
-    assert total["input_tokens"] + total["output_tokens"] <= 50
+    assert total["input_tokens"] + total["output_tokens"] <= 80
 
     # Hits are never charged: the capped meter still serves what is cached.
     assert wrapper.generate(prompts[0], P).usage.cached
 
     # Same cap on a fresh invocation: earlier spend counts, so no new call is made.
     again = CachedBackend(
-        ScriptedBackend(fixed("ok fine")),
+        counted(ScriptedBackend(fixed("ok fine"))),
         cache,
-        UsageMeter(cap=SpendCap(max_tokens=50), prior=cache.total_usage()),
+        UsageMeter(cap=SpendCap(max_tokens=80), prior=cache.total_usage()),
     )
     with pytest.raises(SpendCapReached):
         again.generate_many(prompts, P)
@@ -310,7 +318,7 @@ def test_token_cap_stops_before_exceeding_and_rerun_resumes(tmp_path):
 
     # Higher cap: resumes, repeating nothing.
     meter3 = UsageMeter(cap=SpendCap(max_tokens=1000), prior=cache.total_usage())
-    resumed = CachedBackend(ScriptedBackend(fixed("ok fine")), cache, meter3)
+    resumed = CachedBackend(counted(ScriptedBackend(fixed("ok fine"))), cache, meter3)
     assert [g.text for g in resumed.generate_many(prompts, P)] == ["ok fine"] * 20
     assert resumed.calls == 15 and meter3.summary()["cache_hits"] == 5
     assert meter3.summary()["run_tokens"] == 160
@@ -320,25 +328,28 @@ def test_cost_cap_uses_prices(tmp_path):
     cache = ResponseCache(tmp_path / "c.sqlite")
     # $1 an input token, $2 an output token.
     prices = {"scripted": Prices(input_per_mtok=1e6, output_per_mtok=2e6)}
-    # Worst case $6 + $10 = $16 a call, actual $6 + $4 = $10: a $35 cap fits two calls.
-    meter = UsageMeter(prices=prices, cap=SpendCap(max_cost_usd=35.0))
-    wrapper = CachedBackend(ScriptedBackend(fixed("ok fine")), cache, meter)
-    with pytest.raises(SpendCapReached, match=r"\$20\.0000 spent of a cap of \$35\.0000"):
+    # Worst case $38 + $10 = $48 a call, actual $6 + $4 = $10: a $65 cap fits two calls (a third could reach $68).
+    meter = UsageMeter(prices=prices, cap=SpendCap(max_cost_usd=65.0))
+    wrapper = CachedBackend(counted(ScriptedBackend(fixed("ok fine"))), cache, meter)
+    with pytest.raises(SpendCapReached, match=r"\$20\.0000 spent of a cap of \$65\.0000"):
         wrapper.generate_many(raw_prompts(10), P)
     assert wrapper.calls == 2 and meter.spent_cost_usd == 20.0 and cache.total_usage()["cost_usd"] == 20.0
 
 
 def test_concurrent_calls_cannot_overshoot_the_cap(tmp_path):
-    backend = ScriptedBackend(fixed("ok fine"), delay_s=0.01)
+    backend = counted(ScriptedBackend(fixed("ok fine"), delay_s=0.01))
     backend.max_concurrency = 8
     cache = ResponseCache(tmp_path / "c.sqlite")
-    meter = UsageMeter(cap=SpendCap(max_tokens=100))
-    with pytest.raises(SpendCapReached):
+    meter = UsageMeter(cap=SpendCap(max_tokens=300))
+    with pytest.raises(SpendCapReached) as ei:
         CachedBackend(backend, cache, meter).generate_many(raw_prompts(40), P)
     total = cache.total_usage()
-    assert meter.spent_tokens == total["input_tokens"] + total["output_tokens"] <= 100
-    assert total["calls"] >= 8  # 8 threads' worst cases (8 x 11 = 88 tokens) fit at once
-    assert meter._reserved_tokens == 0  # every reservation was settled or cancelled
+    assert meter.spent_tokens == total["input_tokens"] + total["output_tokens"] <= 300
+    # Calls that did not fit beside the in-flight worst cases waited for them to settle: the run stopped only
+    # when one more worst case (43) no longer fitted, and says so with the settled spend.
+    assert meter.spent_tokens + 43 > 300 and total["calls"] == meter.spent_tokens // 8
+    assert f"{meter.spent_tokens:,} tokens spent of a cap of 300" in str(ei.value)
+    assert meter._reserved_tokens == 0 and meter._in_flight == 0  # every reservation was settled or cancelled
 
 
 def test_meter_summary_percentiles_and_atomic_save(tmp_path):

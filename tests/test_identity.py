@@ -55,7 +55,9 @@ def test_eval_stopped_by_its_cap_resumes_in_the_same_folder_with_a_higher_cap(tm
     with FakeOpenAIServer() as srv:
         args = ["eval", "--task", str(data), "--model", "openai:m", "--base-url", srv.base_url, "--method", "generate",
                 "--split", "test"]
-        first = CliRunner().invoke(app, args + ["--max-spend-tokens", "100"])
+        # Each call reserves its worst case (~145 tokens: its input's byte bound, template overhead, 16 answer
+        # tokens) while the fake server bills 18, so a 300-token cap stops part-way through the 12 prompts.
+        first = CliRunner().invoke(app, args + ["--max-spend-tokens", "300"])
         assert first.exit_code == 2 and "cap" in first.output
         paid = len(srv.requests)
         assert 0 < paid < 12

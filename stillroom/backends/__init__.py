@@ -43,18 +43,19 @@ def load_backend(cfg: BackendConfig | str) -> Backend:
         from stillroom.backends.embedded import ensure_embedded_gemma
         from stillroom.backends.hf import HFBackend
 
-        return HFBackend(str(ensure_embedded_gemma()), device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size)
+        return _local(HFBackend(str(ensure_embedded_gemma()), device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size))
     if kind == "hf" and rest:
         from stillroom.backends.hf import HFBackend
 
-        return HFBackend(rest, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size)
+        return _local(HFBackend(rest, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size))
     if kind == "gguf" and rest:
         from stillroom.backends.hf import HFBackend
 
         path = Path(rest).expanduser()
         if not path.exists():
             raise ConfigError(f"GGUF file {path} does not exist")
-        return HFBackend(str(path.parent), gguf_file=path.name, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size)
+        return _local(HFBackend(str(path.parent), gguf_file=path.name, device=cfg.device, dtype=cfg.dtype,
+                                batch_size=cfg.batch_size))
     if kind == "openai" and rest:
         from stillroom.backends.openai_compat import OpenAIBackend
 
@@ -65,6 +66,8 @@ def load_backend(cfg: BackendConfig | str) -> Backend:
             max_concurrency=cfg.max_concurrency,
             timeout_s=cfg.timeout_s,
             max_retries=cfg.max_retries,
+            retry_budget_s=cfg.retry_budget_s,
+            max_input_tokens=cfg.max_input_tokens,
         )
     if kind == "scripted" and rest:
         from stillroom.backends.scripted import ScriptedBackend, echo_last_line
@@ -77,6 +80,12 @@ def load_backend(cfg: BackendConfig | str) -> Backend:
         f"model spec {spec!r} not understood: expected 'gemma3-270m', 'hf:PATH', 'gguf:FILE', 'openai:MODEL' "
         "or 'scripted:NAME'"
     )
+
+
+def _local(backend):
+    # A local model counts tokens with its own tokenizer, so its counts bound what a prompt really costs.
+    backend.exact_tokens = True
+    return backend
 
 
 def open_cached_backend(cfg: BackendConfig, cache_path: Path, spend: SpendConfig | None = None, backend: Backend | None = None):

@@ -126,8 +126,72 @@ def prompt_text(prompt: Prompt) -> str:
 
 
 def estimate_tokens(text: str) -> int:
-    """Rough token count (4 characters a token) for backends without a tokenizer."""
+    """Rough token count (4 characters a token) for reports on backends without a tokenizer.
+
+    Never use it to guard money or context: Chinese text or a chat template can need far more tokens. Use
+    `input_token_bound` for that.
+    """
     return max(1, (len(text) + 3) // 4)
+
+
+def utf8_token_bound(text: str) -> int:
+    """An upper bound on the token count of `text` under any byte-level or byte-fallback tokenizer.
+
+    Such tokenizers (GPT's BPE, Llama, Gemma, Qwen, Mistral) never make a token of less than one UTF-8 byte,
+    except the one word-boundary marker SentencePiece may put in front; so bytes + 1 bounds every script.
+    """
+    return len(text.encode("utf-8")) + 1
+
+
+MESSAGE_OVERHEAD_TOKENS = 8
+"""Chat-template tokens per message at most (role markers, turn separators), for the input bound."""
+PROMPT_OVERHEAD_TOKENS = 32
+"""Template tokens per request at most (BOS, generation prompt, a template's default system preamble)."""
+
+
+def input_token_bound(backend, prompt: Prompt) -> int:
+    """Input tokens a server can count for `prompt`, at most: the backend's own tokenizer where it has one
+    (`exact_tokens`), else the UTF-8 byte bound, plus the chat-template overhead. The spend cap reserves it
+    and the context check compares it with the window, so neither can be overrun by an optimistic estimate.
+    """
+    count = backend.count_tokens if getattr(backend, "exact_tokens", False) else utf8_token_bound
+    if isinstance(prompt, str):
+        return count(prompt) + PROMPT_OVERHEAD_TOKENS
+    return sum(count(m["content"]) + MESSAGE_OVERHEAD_TOKENS for m in prompt) + PROMPT_OVERHEAD_TOKENS
+
+
+def context_window(backend) -> int | None:
+    """The most tokens (prompt + generation) one request to `backend` may hold, where known."""
+    for attr in ("context_tokens", "max_length"):
+        n = getattr(backend, attr, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def fits_context(backend, prompt: Prompt, max_tokens: int) -> tuple[bool, int, int | None]:
+    """Whether `prompt` plus `max_tokens` of output fits the backend's context window (True when unknown).
+
+    Returns (fits, input token bound, window).
+    """
+    bound = input_token_bound(backend, prompt)
+    window = context_window(backend)
+    return (window is None or bound + max_tokens <= window), bound, window
+
+
+_notice_console = None
+
+
+def notify(message: str) -> None:
+    """Tell the user something the run is doing on its own (a retry, a wait), on stderr, above any progress bar."""
+    global _notice_console
+    from rich.text import Text
+
+    if _notice_console is None:
+        from rich.console import Console
+
+        _notice_console = Console(stderr=True, highlight=False)
+    _notice_console.print(Text(message, style="yellow"), soft_wrap=True)
 
 
 class BackendBase:
@@ -146,6 +210,11 @@ class BackendBase:
 
     def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
         raise NotImplementedError(f"{self.identity} cannot score log-likelihoods; use generation instead")
+
+    exact_tokens: bool = False
+    """True when `count_tokens` uses the model's own tokenizer (then it bounds the input, with the template)."""
+    context_tokens: int | None = None
+    """Context window in tokens (prompt + generation), where known."""
 
     def count_tokens(self, text: str) -> int:
         return estimate_tokens(text)

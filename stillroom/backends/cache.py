@@ -5,6 +5,10 @@ every row committed on its own), so several threads and several processes can wr
 run killed at any moment (even `kill -9`) keeps every answer it had received. `CachedBackend` wraps any
 backend: hits are served from the file without a backend call; misses are charged to the `UsageMeter`
 (which enforces the spend cap) and written the moment each answer arrives.
+
+Calls to a remote backend run on worker threads, even one at a time, while the main thread only waits: so a
+first Ctrl-C lets the calls already sent finish and be cached (nothing paid for is lost), and a second one
+aborts at once.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import os
 import sqlite3
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from collections import deque
 from pathlib import Path
 
 from stillroom.backends.base import (
@@ -25,11 +29,13 @@ from stillroom.backends.base import (
     Prompt,
     ScoreRequest,
     Usage,
+    input_token_bound,
     normalise_prompt,
-    prompt_text,
+    notify,
     request_key,
 )
 from stillroom.backends.usage import UsageMeter
+from stillroom.errors import SpendCapReached
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -239,6 +245,16 @@ class CachedBackend:
     def supports_chat(self) -> bool:
         return self.backend.supports_chat
 
+    @property
+    def exact_tokens(self) -> bool:
+        return bool(getattr(self.backend, "exact_tokens", False))
+
+    @property
+    def context_tokens(self) -> int | None:
+        from stillroom.backends.base import context_window
+
+        return context_window(self.backend)
+
     def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
         """Log-likelihoods, cached like completions: a resumed run re-scores nothing.
 
@@ -288,15 +304,22 @@ class CachedBackend:
         if hit is not None:
             self.meter.record_hit()
             return hit
+        if self._remote:
+            return self._run_threaded([(key, prompt)], params)[key]
         return self._call_one(key, prompt, params)
+
+    @property
+    def _remote(self) -> bool:
+        # Backends that pay per request declare a concurrency (OpenAI-compatible); local ones batch instead.
+        return getattr(self.backend, "max_concurrency", None) is not None
 
     def generate_many(self, prompts: list[Prompt], params: GenerationParams) -> list[Generation]:
         """Answers in input order: hits from the cache first, then the misses, each committed as it arrives.
 
-        Identical prompts in one batch are sent once. A backend with `max_concurrency > 1` gets one thread per
-        in-flight request; otherwise misses go through `backend.generate_many` in chunks of its `batch_size`.
-        If a call fails (or the spend cap is reached), in-flight calls still finish and are cached before the
-        error propagates; calls not yet started are not made.
+        Identical prompts in one batch are sent once. A backend with a `max_concurrency` gets that many worker
+        threads (one included); otherwise misses go through `backend.generate_many` in chunks of its
+        `batch_size`. If a call fails (or the spend cap is reached, or Ctrl-C arrives), in-flight calls still
+        finish and are cached before the error propagates; calls not yet started are not made.
         """
         keys = [request_key(self.identity, p, params) for p in prompts]
         results: list[Generation | None] = [None] * len(prompts)
@@ -313,7 +336,7 @@ class CachedBackend:
                 misses[key] = [i]
         if misses:
             todo = [(key, prompts[idx[0]]) for key, idx in misses.items()]
-            if int(getattr(self.backend, "max_concurrency", 1) or 1) > 1:
+            if self._remote:
                 answers = self._run_threaded(todo, params)
             else:
                 answers = self._run_batched(todo, params)
@@ -324,12 +347,10 @@ class CachedBackend:
         return results  # type: ignore[return-value]
 
     def _estimate_input(self, prompt: Prompt) -> int:
-        # Only a cap needs the estimate; skip the tokenizer otherwise. Chat adds a few template tokens per
-        # message, so count them to keep the worst case a worst case.
+        # Only a cap needs the bound; skip the tokenizer otherwise.
         if self.meter.cap is None:
             return 0
-        overhead = 0 if isinstance(prompt, str) else 4 * len(prompt) + 3
-        return self.backend.count_tokens(prompt_text(prompt)) + overhead
+        return input_token_bound(self.backend, prompt)
 
     def _commit(
         self, key: str, prompt: Prompt, params: GenerationParams, gen: Generation, cost: float
@@ -343,8 +364,15 @@ class CachedBackend:
             cost_usd=cost,
         )
 
-    def _call_one(self, key: str, prompt: Prompt, params: GenerationParams) -> Generation:
-        reservation = self.meter.reserve(self._estimate_input(prompt), params.max_tokens, self.model)
+    def _call_one(self, key: str, prompt: Prompt, params: GenerationParams,
+                  stop: threading.Event | None = None) -> Generation | None:
+        # With `stop` (worker threads), a call near the cap waits for the others to settle before it is
+        # refused, and returns None without calling if the batch was stopped meanwhile (Ctrl-C, an error).
+        reservation = self.meter.reserve(self._estimate_input(prompt), params.max_tokens, self.model,
+                                         wait=stop is not None)
+        if stop is not None and stop.is_set():
+            self.meter.cancel(reservation)
+            return None
         try:
             gen = self.backend.generate(prompt, params)
         except BaseException:
@@ -359,20 +387,63 @@ class CachedBackend:
     def _run_threaded(
         self, todo: list[tuple[str, Prompt]], params: GenerationParams
     ) -> dict[str, Generation]:
-        workers = min(int(self.backend.max_concurrency), len(todo))  # type: ignore[attr-defined]
+        workers = max(1, min(int(self.backend.max_concurrency or 1), len(todo)))  # type: ignore[attr-defined]
         out: dict[str, Generation] = {}
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stillroom-call")
+        errors: list[BaseException] = []
+        queue = deque(todo)
+        lock = threading.Lock()
+        stop = threading.Event()
+        busy = [0]
+        running = [workers]
+
+        def work() -> None:
+            try:
+                _work()
+            finally:
+                with lock:
+                    running[0] -= 1
+
+        def _work() -> None:
+            while not stop.is_set():
+                with lock:
+                    if not queue:
+                        return
+                    key, prompt = queue.popleft()
+                    busy[0] += 1
+                try:
+                    gen = self._call_one(key, prompt, params, stop=stop)
+                    if gen is not None:
+                        with lock:
+                            out[key] = gen
+                except BaseException as exc:  # noqa: BLE001 - handed to the main thread below
+                    with lock:
+                        errors.append(exc)
+                    stop.set()  # start no new calls; those already running finish and are cached
+                finally:
+                    with lock:
+                        busy[0] -= 1
+
+        # Daemon threads: after a second Ctrl-C the process exits without waiting for them.
+        threads = [threading.Thread(target=work, daemon=True, name=f"stillroom-call-{i}") for i in range(workers)]
+        for t in threads:
+            t.start()
         try:
-            futures = {pool.submit(self._call_one, key, prompt, params): key for key, prompt in todo}
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = [f for f in done if f.exception() is not None]
-            if failed:
-                raise failed[0].exception()  # type: ignore[misc]
-            for f, key in futures.items():
-                out[key] = f.result()
-        finally:
-            # On an error (or Ctrl-C) start no new calls; those already running finish and are cached.
-            pool.shutdown(wait=True, cancel_futures=True)
+            _wait_zero(running)
+        except KeyboardInterrupt:
+            stop.set()
+            with lock:
+                n = busy[0]
+            if n:
+                notify(f"interrupted: letting {n} call(s) already sent finish and be cached; press Ctrl-C again to "
+                       "abort at once")
+                _wait_zero(running)  # a second KeyboardInterrupt propagates from here and abandons them
+                notify(f"the {n} in-flight call(s) finished and are cached")
+            raise
+        if errors:
+            exc = errors[0]
+            if isinstance(exc, SpendCapReached):
+                raise self.meter.settled_stop(exc) from None
+            raise exc
         return out
 
     def _run_batched(self, todo: list[tuple[str, Prompt]], params: GenerationParams) -> dict[str, Generation]:
@@ -398,3 +469,11 @@ class CachedBackend:
                 self._commit(key, prompt, params, gen, cost)
                 out[key] = gen
         return out
+
+
+def _wait_zero(counter: list[int]) -> None:
+    """Sleep in short slices until `counter[0]` is 0. Polling, not `Thread.join` or a lock: a Ctrl-C that lands
+    inside `join` can leave a still-running thread reported as finished, and one that lands inside a `with
+    lock` can leave the lock held. Reading an int needs neither."""
+    while counter[0]:
+        time.sleep(0.02)

@@ -9,8 +9,11 @@ chained onto them.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
+import random
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
@@ -23,7 +26,9 @@ from stillroom.backends.base import (
     GenerationParams,
     Prompt,
     Usage,
+    estimate_tokens,
     normalise_prompt,
+    notify,
     prompt_text,
 )
 from stillroom.errors import BackendError
@@ -81,12 +86,63 @@ def _cut_at_stops(text: str, stops) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+OPENAI_CONTEXT = (
+    ("gpt-4.1", 1_047_576),
+    ("gpt-5", 400_000),
+    ("o1", 200_000),
+    ("o3", 200_000),
+    ("o4", 200_000),
+    ("gpt-4o", 128_000),
+    ("gpt-4-turbo", 128_000),
+    ("gpt-3.5-turbo", 16_385),
+)
+"""Context windows of OpenAI's models by name prefix (first match), for api.openai.com, which does not say."""
+
+_RETRY_STATUS = {408, 409, 429}
+"""HTTP statuses worth retrying besides 5xx (what the official client retries too)."""
+MAX_BACKOFF_S = 30.0
+"""Longest wait between two attempts, whatever the server's Retry-After says."""
+
+
+def tiktoken_encoding(model: str):
+    """tiktoken's encoding for an OpenAI model, or None when unknown or its BPE file is not on this machine.
+
+    The tiktoken package ships no BPE files: it downloads them on first use. Only an encoding already in
+    tiktoken's cache (TIKTOKEN_CACHE_DIR, DATA_GYM_CACHE_DIR or the temp folder) is used, so an offline
+    machine never waits on the network; without one, token counts fall back to the UTF-8 byte bound.
+    """
+    try:
+        import hashlib
+        import tempfile
+
+        import tiktoken
+        from tiktoken.model import encoding_name_for_model
+    except ImportError:
+        return None
+    try:
+        name = encoding_name_for_model(model)
+    except KeyError:
+        return None
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or os.path.join(
+        tempfile.gettempdir(), "data-gym-cache"
+    )
+    url = f"https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"
+    if not os.path.exists(os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest())):
+        return None
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception:  # a corrupt cache file: fall back rather than fail the run
+        return None
+
+
 class OpenAIBackend(BackendBase):
     """Chat messages go to `/chat/completions`; a raw string prompt goes to legacy `/completions`.
 
-    Retries are left to the official client: it retries 408/409/429/5xx, connection errors and timeouts
-    with exponential backoff (honouring `Retry-After`/`retry-after-ms`), up to `max_retries`, and never
-    retries 400/401/403/404. A second retry loop here would multiply the waits, so there is none.
+    Retries are ours, not the client's (its `max_retries` is 0), so each backoff is shown as it happens
+    ("rate limited, retry 2 of 5 in 8 s") and the whole call keeps to `retry_budget_s`: against a server that
+    never answers, a call gives up within the budget instead of `(max_retries + 1) * timeout_s`. 408/409/429,
+    5xx, connection errors and timeouts are retried with exponential backoff (honouring `Retry-After` and
+    `retry-after-ms`); 400/401/403/404 never are.
     """
 
     supports_score = False
@@ -101,8 +157,13 @@ class OpenAIBackend(BackendBase):
         max_concurrency: int = 8,
         timeout_s: float = 60.0,
         max_retries: int = 5,
+        retry_budget_s: float = 120.0,
+        max_input_tokens: int | None = None,
         extra_body: dict | None = None,
     ):
+        from stillroom.config import check_key_env_name
+
+        check_key_env_name(api_key_env)
         self.model = model
         # Resolve the URL ourselves (the client would read OPENAI_BASE_URL) so `identity` names where calls go.
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
@@ -111,7 +172,13 @@ class OpenAIBackend(BackendBase):
         self.max_concurrency = max(1, int(max_concurrency))
         self.timeout_s = float(timeout_s)
         self.max_retries = int(max_retries)
+        self.retry_budget_s = float(retry_budget_s)
         self.extra_body = dict(extra_body) if extra_body else None
+        self._encoding = tiktoken_encoding(model)
+        self.exact_tokens = self._encoding is not None
+        self._context_tokens = max_input_tokens
+        self._probed = max_input_tokens is not None
+        self._probe_lock = threading.Lock()
         key = os.environ.get(api_key_env) or None
         if key is None:
             if not is_local_url(self.base_url):
@@ -122,9 +189,55 @@ class OpenAIBackend(BackendBase):
                 )
             key = PLACEHOLDER_KEY  # local vLLM / Ollama / llama.cpp servers usually need no key
         self._secret = key
-        self._client = openai.OpenAI(
-            base_url=self.base_url, api_key=key, timeout=self.timeout_s, max_retries=self.max_retries
-        )
+        self._client = openai.OpenAI(base_url=self.base_url, api_key=key, timeout=self.timeout_s, max_retries=0)
+
+    def count_tokens(self, text: str) -> int:
+        """tiktoken's count where the model's encoding is available, else the 4-characters estimate."""
+        if self._encoding is not None:
+            return len(self._encoding.encode(text, disallowed_special=()))
+        return estimate_tokens(text)
+
+    @property
+    def context_tokens(self) -> int | None:
+        """The server's context window (prompt + generation): the config's `max_input_tokens`, else probed once
+        from llama.cpp's `GET /props` (per-slot `n_ctx`) or vLLM's `GET /v1/models` (`max_model_len`), else
+        OpenAI's published window for its own models (`OPENAI_CONTEXT`)."""
+        with self._probe_lock:
+            if not self._probed:
+                self._probed = True
+                if self.base_url != DEFAULT_BASE_URL:
+                    self._context_tokens = self._probe_context()
+                else:
+                    self._context_tokens = next((n for p, n in OPENAI_CONTEXT if self.model.startswith(p)), None)
+        return self._context_tokens
+
+    def _probe_context(self) -> int | None:
+        import urllib.error
+        import urllib.request
+
+        root = self.base_url.removesuffix("/v1")
+        # A local server is reached directly, whatever proxy the shell sets.
+        opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if is_local_url(self.base_url) else []))
+
+        def get(url: str):
+            req = urllib.request.Request(url, headers={"Authorization": f"Bearer {self._secret}"})
+            with opener.open(req, timeout=min(5.0, self.timeout_s)) as r:
+                return json.loads(r.read())
+
+        try:
+            props = get(root + "/props")
+            n = (props.get("default_generation_settings") or {}).get("n_ctx") or props.get("n_ctx")
+            if isinstance(n, int) and n > 0:
+                return n
+        except (OSError, ValueError, AttributeError, urllib.error.URLError):
+            pass
+        try:
+            for m in get(self.base_url + "/models").get("data", []):
+                if m.get("id") == self.model and isinstance(m.get("max_model_len"), int):
+                    return m["max_model_len"]
+        except (OSError, ValueError, AttributeError, urllib.error.URLError):
+            pass  # a server that says nothing about its window: prompts are sent unchecked, as before
+        return None
 
     def __repr__(self) -> str:
         return f"OpenAIBackend({self.identity!r}, max_concurrency={self.max_concurrency})"
@@ -146,27 +259,72 @@ class OpenAIBackend(BackendBase):
         return kw
 
     def generate(self, prompt: Prompt, params: GenerationParams) -> Generation:
-        """One completion; raises `BackendError` for failures the client's retries could not fix."""
+        """One completion, retried within `max_retries` and `retry_budget_s`; raises `BackendError` otherwise."""
         kwargs = self._sampling_kwargs(params)
         start = time.perf_counter()
+        attempt = 0
+        while True:
+            left = self.retry_budget_s - (time.perf_counter() - start)
+            err, resp, wait_s = self._attempt(prompt, kwargs, max(0.1, min(self.timeout_s, left)), attempt)
+            if err is None:
+                break
+            if wait_s is None or attempt >= self.max_retries:
+                raise err from None
+            left = self.retry_budget_s - (time.perf_counter() - start)
+            if left <= wait_s + 0.1:
+                raise BackendError(f"{err} (gave up: the retry budget of {self.retry_budget_s:g}s is spent)") from None
+            attempt += 1
+            notify(f"{self.model}: {self._why(err)}, retry {attempt} of {self.max_retries} in {wait_s:.3g} s")
+            time.sleep(wait_s)
+        return self._finish(prompt, params, resp, time.perf_counter() - start)
+
+    @staticmethod
+    def _why(err: BackendError) -> str:
+        reason = getattr(err, "reason", "")
+        return reason or "request failed"
+
+    def _attempt(self, prompt: Prompt, kwargs: dict, timeout: float, attempt: int):
+        """One request: (None, response, None), or (error, None, seconds to wait before a retry or None)."""
         err: BackendError | None = None
+        wait_s: float | None = None
         try:
             if isinstance(prompt, str):
-                resp = self._client.completions.create(model=self.model, prompt=prompt, **kwargs)
-                choice = resp.choices[0] if resp.choices else None
-                text = (choice.text if choice else "") or ""
+                resp = self._client.completions.create(model=self.model, prompt=prompt, timeout=timeout, **kwargs)
             else:
                 messages = normalise_prompt(prompt)
-                resp = self._client.chat.completions.create(model=self.model, messages=messages, **kwargs)
-                choice = resp.choices[0] if resp.choices else None
-                text = (choice.message.content if choice and choice.message else "") or ""
+                resp = self._client.chat.completions.create(
+                    model=self.model, messages=messages, timeout=timeout, **kwargs
+                )
+            return None, resp, None
         except openai.APIError as exc:
-            err = self._translate(exc)
-        if err is not None:
-            # Raised here, outside the except block, so the openai exception (which holds the request and
-            # its Authorization header) is neither chained nor shown in tracebacks.
-            raise err from None
-        latency = time.perf_counter() - start
+            err = self._translate(exc, timeout, attempt)
+            wait_s = self._retry_wait(exc, attempt)
+        return err, None, wait_s
+
+    def _retry_wait(self, exc: openai.APIError, attempt: int) -> float | None:
+        """Seconds to wait before retrying `exc`, or None when retrying cannot help."""
+        if isinstance(exc, openai.APIStatusError):
+            if exc.status_code not in _RETRY_STATUS and exc.status_code < 500:
+                return None
+            headers = exc.response.headers
+            try:
+                if headers.get("retry-after-ms"):
+                    return min(MAX_BACKOFF_S, float(headers["retry-after-ms"]) / 1000)
+                if headers.get("retry-after"):
+                    return min(MAX_BACKOFF_S, float(headers["retry-after"]))
+            except ValueError:
+                pass
+        elif not isinstance(exc, openai.APIConnectionError):  # APITimeoutError is one
+            return None
+        return min(MAX_BACKOFF_S, 0.5 * 2 ** min(attempt, 6)) * (0.75 + 0.5 * random.random())
+
+    def _finish(self, prompt: Prompt, params: GenerationParams, resp, latency: float) -> Generation:
+        if isinstance(prompt, str):
+            choice = resp.choices[0] if resp.choices else None
+            text = (choice.text if choice else "") or ""
+        else:
+            choice = resp.choices[0] if resp.choices else None
+            text = (choice.message.content if choice and choice.message else "") or ""
         if choice is None:
             raise BackendError(f"{self.identity}: the server returned no choices")
         if resp.usage is not None:
@@ -185,11 +343,14 @@ class OpenAIBackend(BackendBase):
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(prompts))) as pool:
             return list(pool.map(lambda p: self.generate(p, params), prompts))
 
-    def _translate(self, exc: openai.APIError) -> BackendError:
-        """A `BackendError` with a clear, key-free message for an openai exception."""
+    def _translate(self, exc: openai.APIError, timeout: float | None = None, attempt: int | None = None) -> BackendError:
+        """A `BackendError` with a clear, key-free message for an openai exception; `.reason` is a short
+        phrase for retry notices ("rate limited", "HTTP 503", "timed out after 60 s")."""
         who = self.identity
         msg = redact(_server_message(exc), self._secret)
-        retries = f"after {self.max_retries} retr{'y' if self.max_retries == 1 else 'ies'}"
+        n = self.max_retries if attempt is None else attempt
+        retries = f"after {n} retr{'y' if n == 1 else 'ies'}"
+        reason = type(exc).__name__
         if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
             text = (
                 f"{who}: authentication failed (HTTP {exc.status_code}): check the key in ${self.api_key_env}. "
@@ -203,10 +364,16 @@ class OpenAIBackend(BackendBase):
             if exc.status_code >= 500:
                 hint = f" (server error {retries}; completed calls are cached, rerun to resume)"
             text = f"{who}: request failed (HTTP {exc.status_code}){hint}: {msg}"
+            reason = "rate limited" if exc.status_code == 429 else f"HTTP {exc.status_code}"
         elif isinstance(exc, openai.APITimeoutError):
-            text = f"{who}: request timed out after {self.timeout_s:g}s ({retries}); raise timeout_s or retry later"
+            t = self.timeout_s if timeout is None else timeout
+            text = f"{who}: request timed out after {t:.3g}s ({retries}); raise timeout_s or retry later"
+            reason = f"no answer within {t:.3g} s"
         elif isinstance(exc, openai.APIConnectionError):
             text = f"{who}: cannot reach {self.base_url} ({retries}): {msg}"
+            reason = "cannot connect"
         else:
             text = f"{who}: {type(exc).__name__}: {msg}"
-        return BackendError(redact(text, self._secret))
+        err = BackendError(redact(text, self._secret))
+        err.reason = reason
+        return err

@@ -4,9 +4,11 @@
 `SpendCap` over the whole run: spend from earlier invocations on the same run folder (read back from the
 durable cache) counts too, so stopping and rerunning never resets the budget.
 
-The cap is enforced *before* each call. A call reserves its worst case (estimated input tokens plus
-`max_tokens` of output) under a lock; after the call the reservation is settled to the actual usage. With
-many threads in flight, reservations are what stop them from together overshooting the cap.
+The cap is enforced *before* each call. A call reserves its worst case (an upper bound of its input tokens,
+`stillroom.backends.base.input_token_bound`, plus `max_tokens` of output) under a lock; after the call the
+reservation is settled to the actual usage. With many threads in flight, reservations are what stop them
+from together overshooting the cap. Should a server ever count more input tokens than the bound, later
+reservations are scaled up by the worst ratio seen, so one surprise cannot repeat.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class Reservation:
     model: str
     tokens: int
     cost_usd: float
+    input_tokens: int = 0
 
 
 _FREE = Prices()
@@ -97,7 +100,10 @@ class UsageMeter:
         self.score_input_tokens = 0
         self._reserved_tokens = 0
         self._reserved_cost = 0.0
-        self._lock = threading.Lock()
+        self._in_flight = 0
+        self.input_scale = 1.0
+        """Raised above 1 when a server counted more input tokens than a reservation held."""
+        self._lock = threading.Condition(threading.Lock())
 
     def price_of(self, model: str) -> Prices:
         """Prices for `model` (free when not listed)."""
@@ -113,19 +119,30 @@ class UsageMeter:
         """USD spent by the run so far, earlier invocations included (reservations excluded)."""
         return self.prior_cost_usd + self.cost_usd
 
-    def reserve(self, estimated_input_tokens: int, max_output_tokens: int, model: str) -> Reservation:
+    def reserve(self, estimated_input_tokens: int, max_output_tokens: int, model: str, wait: bool = False) -> Reservation:
         """Hold a call's worst case against the cap, or raise `SpendCapReached` if it could exceed the cap.
 
-        Call before every real backend call; follow with `settle` (after success) or `cancel` (after failure).
+        `estimated_input_tokens` must be an upper bound (`input_token_bound`). With `wait`, a call that does
+        not fit while others are in flight waits for them to settle (their actual spend is usually far below
+        their worst case) and tries again; it raises only when it does not fit with nothing in flight. Call
+        before every real backend call; follow with `settle` (after success) or `cancel` (after failure).
         """
-        tokens = max(0, int(estimated_input_tokens)) + max(0, int(max_output_tokens))
-        cost = self.price_of(model).cost(max(0, int(estimated_input_tokens)), max(0, int(max_output_tokens)))
         with self._lock:
-            if self.cap is not None:
-                self._check_cap(tokens, cost)
+            tin = int(max(0, int(estimated_input_tokens)) * self.input_scale + 0.999)
+            tout = max(0, int(max_output_tokens))
+            tokens, cost = tin + tout, self.price_of(model).cost(tin, tout)
+            while self.cap is not None:
+                try:
+                    self._check_cap(tokens, cost)
+                    break
+                except SpendCapReached:
+                    if not wait or self._in_flight == 0:
+                        raise
+                    self._lock.wait()
             self._reserved_tokens += tokens
             self._reserved_cost += cost
-        return Reservation(model=model, tokens=tokens, cost_usd=cost)
+            self._in_flight += 1
+        return Reservation(model=model, tokens=tokens, cost_usd=cost, input_tokens=tin)
 
     def _check_cap(self, tokens: int, cost: float) -> None:
         # Called with the lock held: committed spend + every in-flight worst case + this call's worst case.
@@ -133,25 +150,46 @@ class UsageMeter:
         assert cap is not None
         busy_tokens = self.spent_tokens + self._reserved_tokens
         busy_cost = self.spent_cost_usd + self._reserved_cost
-        over = []
-        if cap.max_tokens is not None and busy_tokens + tokens > cap.max_tokens:
-            over.append(f"{self.spent_tokens:,} tokens spent of a cap of {cap.max_tokens:,}")
-        if cap.max_cost_usd is not None and busy_cost + cost > cap.max_cost_usd + 1e-12:
-            over.append(f"${self.spent_cost_usd:.4f} spent of a cap of ${cap.max_cost_usd:.4f}")
-        if over:
-            raise SpendCapReached(
-                "spend cap reached: "
-                + "; ".join(over)
-                + f" (this run folder, earlier invocations included; the next call could use up to {tokens:,} "
-                f"tokens / ${cost:.4f}). Nothing is lost: every completed call is cached, so rerunning with a "
-                "higher cap resumes where this run stopped."
-            )
+        over_tokens = cap.max_tokens is not None and busy_tokens + tokens > cap.max_tokens
+        over_cost = cap.max_cost_usd is not None and busy_cost + cost > cap.max_cost_usd + 1e-12
+        if over_tokens or over_cost:
+            exc = SpendCapReached(self._stop_message(tokens, cost, settled=self._in_flight == 0))
+            exc.next_tokens, exc.next_cost = tokens, cost
+            raise exc
+
+    def _stop_message(self, tokens: int, cost: float, settled: bool) -> str:
+        cap = self.cap
+        assert cap is not None
+        spent = []
+        if cap.max_tokens is not None:
+            spent.append(f"{self.spent_tokens:,} tokens spent of a cap of {cap.max_tokens:,}")
+        if cap.max_cost_usd is not None:
+            spent.append(f"${self.spent_cost_usd:.4f} spent of a cap of ${cap.max_cost_usd:.4f}")
+        when = "" if settled else f", {self._in_flight} call(s) still in flight"
+        return (
+            "spend cap reached: " + "; ".join(spent) + f" (this run folder, earlier invocations included{when}; the "
+            f"next call could use up to {tokens:,} tokens / ${cost:.4f}). Nothing is lost: every completed call is "
+            "cached, so rerunning with a higher cap resumes where this run stopped."
+        )
+
+    def settled_stop(self, exc: SpendCapReached) -> SpendCapReached:
+        """The cap error restated with the spend after every in-flight call settled (what was really spent)."""
+        with self._lock:
+            if self.cap is None:
+                return exc
+            fresh = SpendCapReached(self._stop_message(getattr(exc, "next_tokens", 0), getattr(exc, "next_cost", 0.0),
+                                                       settled=self._in_flight == 0))
+            fresh.next_tokens, fresh.next_cost = getattr(exc, "next_tokens", 0), getattr(exc, "next_cost", 0.0)
+            return fresh
 
     def settle(self, reservation: Reservation, usage: Usage) -> float:
         """Replace a reservation by the call's actual usage; returns the call's cost in USD."""
         cost = self.price_of(reservation.model).cost(usage.input_tokens, usage.output_tokens)
         with self._lock:
             self._release(reservation)
+            if reservation.input_tokens and usage.input_tokens > reservation.input_tokens:
+                self.input_scale = max(self.input_scale,
+                                       self.input_scale * usage.input_tokens / reservation.input_tokens)
             self.calls += 1
             self.input_tokens += usage.input_tokens
             self.output_tokens += usage.output_tokens
@@ -167,6 +205,8 @@ class UsageMeter:
     def _release(self, reservation: Reservation) -> None:
         self._reserved_tokens -= reservation.tokens
         self._reserved_cost -= reservation.cost_usd
+        self._in_flight -= 1
+        self._lock.notify_all()  # calls waiting for room under the cap try again
 
     def record_hit(self, n: int = 1) -> None:
         """Count answers served from the cache (never charged)."""

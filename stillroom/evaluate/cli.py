@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from stillroom.options import BaseUrlOpt, ConfigArg, KeyEnvOpt, ModelOpt, RunDirOpt, TaskOpt
+from stillroom.options import (
+    BaseUrlOpt,
+    ConfigArg,
+    KeyEnvOpt,
+    LabelsOpt,
+    ModelOpt,
+    RunDirOpt,
+    TaskOpt,
+    WaitOpt,
+)
 from stillroom.ui import console, print_results, run_guarded
 
 
@@ -27,6 +36,8 @@ def eval_cmd(
     max_cost: Annotated[float | None, typer.Option(help="Spend cap in USD for this run folder.")] = None,
     max_spend_tokens: Annotated[int | None, typer.Option(help="Spend cap in tokens (input + output).")] = None,
     run_dir: RunDirOpt = None,
+    labels: LabelsOpt = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Evaluate a model on a task split: accuracy, macro-F1, per-class F1, invalid answers, latency, tokens, cost.
 
@@ -40,7 +51,7 @@ def eval_cmd(
         from stillroom.runs import run_dir_for
 
         overrides = {
-            "task": {"spec": task, "seed": seed},
+            "task": {"spec": task, "seed": seed, "labels": labels},
             "model": {"spec": model, "base_url": base_url, "api_key_env": api_key_env},
             "split": split, "limit": limit, "shots": shots, "method": method,
             "system_prompt_file": str(system_prompt) if system_prompt else None,
@@ -64,7 +75,7 @@ def eval_cmd(
             cfg = cfg.model_copy(update={"system_prompt_file": str(sp)})
         else:
             out = run_dir or run_dir_for("eval", cfg)
-        results = run_eval(cfg, out)
+        results = run_eval(cfg, out, wait=wait)
         print_results({n: r.metrics for n, r in results.items()})
         console.print(f"report: [bold]{out / 'report.html'}[/]")
 

@@ -7,11 +7,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from stillroom.backends import open_cached_backend
+from stillroom.backends import load_backend, open_cached_backend
 from stillroom.config import EvalConfig
+from stillroom.errors import ConfigError
 from stillroom.evaluate.runner import EvalResult
-from stillroom.route import BuildCost, Deployment, evaluate_deployment, open_run, record, select
-from stillroom.tasks.task import Task
+from stillroom.locking import run_folder_lock
+from stillroom.route import BuildCost, Deployment, Selection, evaluate_deployment, open_run, record, select
+from stillroom.tasks.fit import fit_examples
+from stillroom.tasks.prompts import continuation, render_chat, render_prompt
+from stillroom.tasks.task import Example, Task
 
 
 @dataclass
@@ -26,6 +30,8 @@ class Condition:
 
 def default_condition(cfg: EvalConfig) -> Condition:
     """The condition `stillroom eval` runs when none is given: the config's shots, system prompt and method."""
+    if cfg.system_prompt_file and not Path(cfg.system_prompt_file).exists():
+        raise ConfigError(f"{cfg.system_prompt_file}: system prompt file does not exist")
     system_prompt = Path(cfg.system_prompt_file).read_text(encoding="utf-8") if cfg.system_prompt_file else None
     name = {"cot": "chain-of-thought"}.get(cfg.method, f"{cfg.shots}-shot" if cfg.shots else "zero-shot")
     return Condition(name=name + (" + system prompt" if system_prompt else ""), shots=cfg.shots,
@@ -33,12 +39,47 @@ def default_condition(cfg: EvalConfig) -> Condition:
 
 
 def run_eval(cfg: EvalConfig, run_dir: Path, conditions: list[Condition] | None = None, backend=None,
-             task: Task | None = None, route: str = "eval") -> dict[str, EvalResult]:
+             task: Task | None = None, route: str = "eval", wait: bool = False) -> dict[str, EvalResult]:
     """Evaluate each condition on the same examples and write the run folder (the first condition is the one
-    recorded in result.json). Rerunning resumes from the durable cache."""
+    recorded in result.json). Rerunning resumes from the durable cache.
+
+    Task, model spec, system prompt and every prompt's fit in the context window are checked before the run
+    folder is created; the folder is held (`stillroom.locking`) while it is written; `wait` queues behind a
+    process that holds it instead of failing."""
     sel = select(cfg.task, split=cfg.split, limit=cfg.limit, task=task)
-    run, config_dict = open_run(cfg, run_dir)
     conditions = conditions or [default_condition(cfg)]
+    backend = backend or load_backend(cfg.model)
+    sel.test, overlong = fit_eval_examples(sel, backend, conditions, cfg)
+    with run_folder_lock(run_dir, wait=wait):
+        return _run_eval(cfg, run_dir, conditions, backend, sel, route, overlong)
+
+
+def fit_eval_examples(sel: Selection, backend, conditions: list[Condition], cfg: EvalConfig):
+    """The evaluated examples after the task's overlong policy, every condition's prompt checked (no call)."""
+    task = sel.task
+
+    def prompts_of(ex: Example):
+        out = []
+        for cond in conditions:
+            shots = sel.shots(cond.shots)
+            method = cond.method
+            if method == "auto":
+                method = "loglik" if backend.supports_score and task.kind != "free_text" else "generate"
+            if method == "loglik":
+                ctx = render_prompt(task, ex, shots, cond.system_prompt)
+                out += [(ctx + continuation(o), 0) for o in task.options(ex)]
+            else:
+                reason = method == "cot"
+                out.append((render_chat(task, ex, shots, cond.system_prompt, reason=reason),
+                            cfg.cot_max_tokens if reason else cfg.max_new_tokens))
+        return out
+
+    return fit_examples(task, sel.test, backend, prompts_of, policy=cfg.task.overlong)
+
+
+def _run_eval(cfg: EvalConfig, run_dir: Path, conditions: list[Condition], backend, sel: Selection, route: str,
+              overlong: dict) -> dict[str, EvalResult]:
+    run, config_dict = open_run(cfg, run_dir)
     cached = open_cached_backend(cfg.model, run.cache_path, cfg.spend, backend=backend)
     results: dict[str, EvalResult] = {}
     deployments: dict[str, Deployment] = {}
@@ -54,11 +95,15 @@ def run_eval(cfg: EvalConfig, run_dir: Path, conditions: list[Condition] | None 
         # Usage is written even when a spend cap or Ctrl-C stops the run, so the user sees what was spent.
         run.write_json("usage.json", cached.meter.summary())
     notes = []
+    if overlong["overlong"]:
+        notes.append(f"{overlong['overlong']} example(s) did not fit the model's context window: "
+                     f"{overlong['truncated']} truncated, {overlong['skipped']} skipped.")
     if sel.task.kind == "multiple_choice":
         notes.append("Options differ per example: per-class figures are over option positions (A, B, ...).")
     record(run, sel, route=route, deployed=deployments[conditions[0].name], results=results, cost=BuildCost(),
            config_dict=config_dict, title=f"Stillroom eval: {sel.task.name} on {cached.model}",
-           metrics_extra={"split": cfg.split, "model": cached.identity}, notes=notes, usage=cached.meter.summary())
+           metrics_extra={"split": cfg.split, "model": cached.identity,
+                          "overlong": {"policy": cfg.task.overlong, **overlong}}, notes=notes, usage=cached.meter.summary())
     return results
 
 

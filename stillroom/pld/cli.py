@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from stillroom.options import BaseUrlOpt, KeyEnvOpt, RunDirOpt, TaskOpt
+from stillroom.options import BaseUrlOpt, KeyEnvOpt, LabelsOpt, RunDirOpt, TaskOpt, WaitOpt
 from stillroom.ui import console, print_results, run_guarded
 
 
@@ -33,6 +33,8 @@ def pld(
     max_cost: Annotated[float | None, typer.Option(help="Teacher spend cap in USD for this run folder.")] = None,
     max_spend_tokens: Annotated[int | None, typer.Option(help="Teacher spend cap in tokens.")] = None,
     run_dir: RunDirOpt = None,
+    labels: LabelsOpt = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Prompt-Level Distillation: extract rules from the teacher, cluster and consolidate them, repair them from
     the student's errors, and deploy them as the student's system prompt; then compare zero-shot, k-shot,
@@ -50,7 +52,7 @@ def pld(
 
         sweep = [float(x) for x in eps_sweep.split(",")] if eps_sweep else None
         overrides = {
-            "task": {"spec": task},
+            "task": {"spec": task, "labels": labels},
             "teacher": {"spec": teacher, "base_url": teacher_base_url, "api_key_env": teacher_api_key_env},
             "student": {"spec": student, "base_url": student_base_url, "api_key_env": student_api_key_env},
             "extract_sample": extract_sample, "val_limit": val_limit, "test_limit": test_limit, "embedder": embedder,
@@ -59,7 +61,7 @@ def pld(
         }
         cfg = load_config(config, PLDConfig, overrides, "--task", bool(task))
         out = run_dir or run_dir_for("pld", cfg)
-        m = run_pld(cfg, out)
+        m = run_pld(cfg, out, wait=wait)
         print_results(m["conditions"])
         b = m["build"]
         console.print(f"rulebook: {m['rulebook']['rules']} rules (v{m['rulebook']['version']}, "

@@ -19,6 +19,7 @@ from stillroom.backends import load_backend, open_cached_backend
 from stillroom.backends.base import GenerationParams
 from stillroom.config import PLDConfig
 from stillroom.evaluate.runner import EvalResult, evaluate
+from stillroom.locking import run_folder_lock
 from stillroom.pld.cluster import Embedder, cluster_instructions, coverage_report, load_embedder
 from stillroom.pld.extract import extract_instructions
 from stillroom.pld.prompts import TEACHER_STOPS
@@ -47,11 +48,51 @@ def open_backends(cfg: PLDConfig, run: RunFolder, teacher=None, student=None):
 
 
 def run_pld(cfg: PLDConfig, run_dir: Path, *, teacher=None, student=None, embedder: Embedder | None = None,
-            task: Task | None = None) -> dict:
-    """Run PLD end to end; returns the metrics written to metrics.json."""
-    started = time.perf_counter()
+            task: Task | None = None, wait: bool = False) -> dict:
+    """Run PLD end to end; returns the metrics written to metrics.json.
+
+    Task, model specs and every example's fit are checked before the run folder is created; the folder is
+    held (`stillroom.locking`) while it is written; `wait` queues behind a process that holds it.
+    """
     sel = select(cfg.task, limit=cfg.test_limit, train_limit=cfg.extract_sample, val_limit=cfg.val_limit, task=task,
                  need_labels=True)
+    teacher = teacher or load_backend(cfg.teacher)
+    student = student or (teacher if cfg.student == cfg.teacher else load_backend(cfg.student))
+    overlong = fit_pld_examples(cfg, sel, teacher, student)
+    with run_folder_lock(run_dir, wait=wait):
+        return _run_pld(cfg, run_dir, teacher, student, embedder, sel, overlong)
+
+
+def fit_pld_examples(cfg: PLDConfig, sel, teacher, student) -> dict:
+    """Apply the task's overlong policy to the selection in place (extraction prompts checked against the
+    teacher; zero-shot, k-shot and chain-of-thought prompts against the student) and return the counts.
+    Makes no call."""
+    from stillroom.pld.prompts import extraction_messages
+    from stillroom.tasks.fit import fit_examples
+    from stillroom.tasks.prompts import render_chat
+
+    task, shots = sel.task, sel.shots(cfg.shots)
+    counts = {"overlong": 0, "truncated": 0, "skipped": 0}
+
+    def student_prompts(ex):
+        out = [(render_chat(task, ex, s, None), 16) for s in ([], shots)]  # evaluate()'s answer budget
+        if cfg.cot:
+            out.append((render_chat(task, ex, [], None, reason=True), cfg.cot_max_tokens))
+        return out
+
+    for name, backend, prompts_of in (
+        ("train", teacher, lambda ex: [(extraction_messages(task, ex, strict=True), cfg.teacher_max_tokens)]),
+        ("val", student, student_prompts),
+        ("test", student, student_prompts),
+    ):
+        kept, c = fit_examples(task, getattr(sel, name), backend, prompts_of, policy=cfg.task.overlong, what=name)
+        setattr(sel, name, kept)
+        counts = {k: counts[k] + c[k] for k in counts}
+    return {"policy": cfg.task.overlong, **counts}
+
+
+def _run_pld(cfg: PLDConfig, run_dir: Path, teacher, student, embedder, sel, overlong: dict) -> dict:
+    started = time.perf_counter()
     task, train, val, test = sel.task, sel.train, sel.val, sel.test
     run, config_dict = open_run(cfg, run_dir)
     teacher_b, student_b = open_backends(cfg, run, teacher, student)
@@ -152,6 +193,7 @@ def run_pld(cfg: PLDConfig, run_dir: Path, *, teacher=None, student=None, embedd
         "teacher": teacher_b.identity,
         "student": student_b.identity,
         "examples": {"train_extracted": len(train), "val": len(val), "test": len(test)},
+        "overlong": overlong,
         "extraction": {"instructions": len(instructions), "readable": len(ok), "failed": failed},
         "clustering": {k: v for k, v in coverage.items() if k != "per_cluster"},
         "conflict_rounds": [asdict(r) for r in resolution.rounds],

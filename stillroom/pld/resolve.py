@@ -1,7 +1,11 @@
 """Phase 3, conflict resolution: the student runs with the rules on validation data; its failures and a
 sample of its successes (which the method's authors found essential against regressions) go to the teacher,
 which rewrites the rules. A revision is accepted only if validation macro-F1 improves (regression gate);
-the loop stops after `patience` rejected rounds or `max_rounds`. Every version is kept."""
+the loop stops after `patience` rejected rounds or `max_rounds`. Every version is kept.
+
+The resolver's prompt is budgeted to fit the teacher's context window with room for its reply: successes,
+then failures, are shown fewer until it fits; a rulebook that leaves room for no failure ends the loop
+without a call."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from stillroom.backends.base import Backend, GenerationParams
+from stillroom.backends.base import Backend, GenerationParams, fits_context
 from stillroom.evaluate.runner import EvalResult
 from stillroom.pld.prompts import parse_rule_list, resolution_messages
 from stillroom.pld.rulebook import Rule, Rulebook
@@ -99,6 +103,11 @@ def resolve_conflicts(
         failures = rng.sample(failures, min(max_failures, len(failures)))
         successes = rng.sample(successes, min(max_successes, len(successes)))
         texts = [r.text for r in res.best.rules]
+        failures, successes = fit_cases(task, texts, failures, successes, teacher, params)
+        if not failures:
+            res.rounds.append(Round(rnd, version, best_f1, None, False, 0, 0,
+                                    "the rulebook leaves no room for a failure in the teacher's context window"))
+            break
         ans = ask_with_retry(
             teacher, [lambda strict, t=texts, f=failures, s=successes: resolution_messages(task, t, f, s, strict)],
             parse=lambda text, f=failures, s=successes: parse_rule_list(text, forbid=[p["input"] for p in f + s]),
@@ -129,3 +138,21 @@ def resolve_conflicts(
             if stale >= patience:
                 break
     return res
+
+
+def fit_cases(task: Task, rules: list[str], failures: list[dict], successes: list[dict], teacher: Backend,
+              params: GenerationParams) -> tuple[list[dict], list[dict]]:
+    """The most failures and successes (successes dropped first, down to half the failures' count, then
+    both) whose resolver prompt, strict variant included, fits the teacher's window with room for the reply."""
+    def fits(f: list[dict], s: list[dict]) -> bool:
+        return fits_context(teacher, resolution_messages(task, rules, f, s, True), params.max_tokens)[0]
+
+    f, s = list(failures), list(successes)
+    while f and not fits(f, s):
+        if s and len(s) * 2 > len(f) - 1:
+            s.pop()
+        elif len(f) > 1 or not s:
+            f.pop()
+        else:
+            s.pop()
+    return f, s

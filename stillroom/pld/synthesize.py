@@ -1,6 +1,10 @@
 """Phase 2b, synthesis: the teacher writes one consolidated rule per cluster. Provenance (cluster, example
 ids, labels) is attached here; if the teacher's reply is unreadable twice, the cluster's medoid instruction
-becomes the rule (marked as such) so no cluster is silently lost."""
+becomes the rule (marked as such) so no cluster is silently lost.
+
+Each prompt is budgeted to fit the teacher's context window: members farthest from the centroid are left out
+until it fits (a cluster whose nearest member alone does not fit keeps its medoid, with no call), so a small
+server slot never fails a call mid-run."""
 
 from __future__ import annotations
 
@@ -9,12 +13,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from stillroom.backends.base import Backend, GenerationParams
+from stillroom.backends.base import Backend, GenerationParams, fits_context
 from stillroom.pld.cluster import Clustering, medoid
 from stillroom.pld.extract import Instruction
 from stillroom.pld.prompts import parse_single, synthesis_messages
 from stillroom.pld.rulebook import Rule, Rulebook
-from stillroom.pld.teacher import ask_with_retry
+from stillroom.pld.teacher import Answer, ask_with_retry
 from stillroom.tasks.task import Task
 
 MAX_MEMBERS_SHOWN = 20
@@ -35,13 +39,19 @@ def synthesize_rules(
     for idx in groups:
         centre = embeddings[idx].mean(axis=0)
         order = sorted(idx, key=lambda i: -float(embeddings[i] @ centre))
-        shown.append(order[:MAX_MEMBERS_SHOWN])
-    builders = [
-        lambda strict, s=s: synthesis_messages(task, [instructions[i].text for i in s], [instructions[i].label for i in s], strict)
-        for s in shown
-    ]
-    answers = ask_with_retry(teacher, builders, parse=lambda t: parse_single(t, ("rule", "instruction")),
-                             params=params, description="synthesize")
+        shown.append(fit_members(task, instructions, order[:MAX_MEMBERS_SHOWN], teacher, params))
+
+    def build(s):
+        return lambda strict: synthesis_messages(task, [instructions[i].text for i in s],
+                                                 [instructions[i].label for i in s], strict)
+
+    asked = [k for k, s in enumerate(shown) if s]
+    replies = ask_with_retry(teacher, [build(shown[k]) for k in asked],
+                             parse=lambda t: parse_single(t, ("rule", "instruction")), params=params,
+                             description="synthesize")
+    answers = [Answer(None) for _ in groups]
+    for k, ans in zip(asked, replies, strict=True):
+        answers[k] = ans
     rules = []
     fallbacks = 0
     for c, idx, ans in zip(clustering.clusters, groups, answers, strict=True):
@@ -54,4 +64,21 @@ def synthesize_rules(
         labels = [lab for lab, _ in Counter(instructions[i].label for i in idx).most_common()]
         rules.append(Rule(id=f"c{c}", text=text, version=1, cluster=c, example_ids=[instructions[i].example_id for i in idx],
                           labels=labels, origin=origin))
-    return Rulebook(task=task.name, rules=rules, version=1, meta={"synthesis_fallbacks": fallbacks})
+    return Rulebook(task=task.name, rules=rules, version=1,
+                    meta={"synthesis_fallbacks": fallbacks, "synthesis_members_trimmed": sum(
+                        min(len(g), MAX_MEMBERS_SHOWN) - len(s) for g, s in zip(groups, shown, strict=True))})
+
+
+def fit_members(task: Task, instructions: Sequence[Instruction], members: list[int], teacher: Backend,
+                params: GenerationParams) -> list[int]:
+    """The longest prefix of `members` (nearest the centroid first) whose synthesis prompt, strict variant
+    included, fits the teacher's context window with room for its reply; [] when not even one fits."""
+    def fits(n: int) -> bool:
+        s = members[:n]
+        msgs = synthesis_messages(task, [instructions[i].text for i in s], [instructions[i].label for i in s], True)
+        return fits_context(teacher, msgs, params.max_tokens)[0]
+
+    n = len(members)
+    while n > 0 and not fits(n):
+        n -= 1
+    return members[:n]

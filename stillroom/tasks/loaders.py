@@ -241,8 +241,8 @@ def task_from_records(
                 first = next((x for x in rows if x.label is not None), None)
                 hint = f" (e.g. {unit} {first.loc} has one)" if first else ""
                 raise _err(
-                    f"missing label: expected field '{label_field}' with the gold answer{hint}; "
-                    "pass kind='free_text' to load unlabelled inputs",
+                    f"missing label: expected field '{label_field}' with the gold answer{hint}; give every "
+                    f"example a label (a file where no example has '{label_field}' loads as unlabelled free text)",
                     source, unit, r.loc, label_field,
                 )
 
@@ -319,6 +319,7 @@ def task_from_records(
         labels=label_set if kind != "free_text" else None,
         answer_pattern=answer_pattern if kind == "free_text" else None,
         source=source,
+        locations={r.id: (unit, r.loc) for r in rows},
         **extra,
     )
 

@@ -47,6 +47,8 @@ class Task:
     """Written before each example's input in prompts."""
     answer_prefix: str = "\nAnswer:"
     """Written after each input; the answer (with a leading space) follows it."""
+    locations: dict[str, tuple[str, int]] = field(default_factory=dict, repr=False)
+    """Example id -> (unit, number): where in `source` it was read ('line' 7, 'row' 3, 'example' 12)."""
 
     def options(self, ex: Example) -> tuple[str, ...]:
         """The answer options for one example: its own choices, else the task's labels."""
