@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-for b in eval_speed pld_vs_dspy compression kd_speed kd_quality; do
+for b in eval_speed pld_vs_dspy compression kd_speed kd_quality selfdata_acceptance compare_study; do
   if [ -f "bench/$b.py" ]; then
     echo "== bench/$b.py"
     "$PY" "bench/$b.py"

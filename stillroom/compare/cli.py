@@ -12,25 +12,28 @@ from stillroom.ui import console, run_guarded
 
 
 def print_compare(summary: dict, out: Path) -> None:
-    """The compare table in the terminal, then the recommendation and the report's path."""
+    """The compare table in the terminal (finished routes), the others listed with their reason, then the
+    recommendation and the report's path."""
     t = Table(title=f"compare: {summary['task']}")
-    for col in ("route", "macro-F1 [95% CI]", "accuracy", "Δ vs " + summary["baseline"], "latency p50 s",
-                "build s", "status"):
-        t.add_column(col, justify="right")
+    for col in ("route", "macro-F1", "95% CI", "acc", "Δ " + summary["baseline"], "p50 s", "build s"):
+        t.add_column(col, justify="right", no_wrap=True)
+    others = []
     for r in summary["rows"]:
         if r["status"] != "ok":
-            t.add_row(r["route"], "", "", "", "", "", f"{r['status']}: {r.get('error') or r.get('reason') or ''}"[:70])
+            others.append(f"{r['route']}: {r['status']}: {r.get('error') or r.get('reason') or ''}")
             continue
         v = r.get("vs_baseline") or {}
-        ci = r["macro_f1_ci95"]
-        f1 = "-" if r["macro_f1"] is None else f"{r['macro_f1']:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+        ci = r["macro_f1_ci95"] or r["accuracy_ci95"]
         d = "-" if r.get("is_baseline") or v.get("diff") is None else f"{v['diff']:+.3f}{' *' if v['significant'] else ''}"
-        t.add_row(r["route"] + (" (ref)" if r["reference"] else ""), f1, f"{r['accuracy']:.3f}", d,
-                  f"{r['latency_p50_s']:.3f}", f"{r['build_seconds']:.0f}", "reused" if r.get("reused") else "ok")
+        t.add_row(r["route"] + (" (ref)" if r["reference"] else ""), "-" if r["macro_f1"] is None else f"{r['macro_f1']:.3f}",
+                  f"{ci[0]:.2f}-{ci[1]:.2f}", f"{r['accuracy']:.3f}", d, f"{r['latency_p50_s']:.2f}",
+                  f"{r['build_seconds']:.0f}")
     console.print(t)
     console.print("* paired bootstrap p < 0.05 against the baseline on the same examples; other gaps may be noise.")
-    console.print(f"[bold]{summary['recommendation']}[/]")
-    console.print(f"report: [bold]{out / 'report.html'}[/]")
+    for line in others:
+        console.print(f"[yellow]{line}[/]", soft_wrap=True)
+    console.print(f"[bold]{summary['recommendation']}[/]", soft_wrap=True)
+    console.print(f"report: [bold]{out / 'report.html'}[/]", soft_wrap=True)
 
 
 def compare(

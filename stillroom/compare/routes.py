@@ -83,6 +83,10 @@ def plan_route(cfg: CompareConfig, name: str) -> RoutePlan:
         mode = "answers" if name == "seqkd" else "cot"
         data = deep_merge({**_base(cfg), "teacher": cfg.teacher.model_dump(), "student": cfg.student.spec,
                            "mode": mode, "eval_before": False, "max_steps": 8, "batch_size": 4,
+                           # The teacher answers as the 'teacher' reference line is evaluated (k gold shots), and
+                           # SeqKD imitates it, right or wrong (a base-model teacher is often wrong; filtering by
+                           # gold labels would leave little to train on and would no longer be SeqKD).
+                           "teacher_shots": cfg.shots, "filter_correct": mode == "cot",
                            "teacher_max_tokens": 16 if mode == "answers" else 96, "spend": cfg.spend.model_dump()}, over)
         c, run = validate_config(KDDataConfig, data, source=source), distill_data
     elif name == "kd-logits":
@@ -101,6 +105,7 @@ def plan_route(cfg: CompareConfig, name: str) -> RoutePlan:
 
         data = deep_merge({**_base(cfg), "teacher": cfg.teacher.model_dump(), "student": cfg.student.spec,
                            "eval_before": False, "teacher_max_tokens": 16, "max_completion_length": 8,
+                           "teacher_shots": cfg.shots,
                            "num_generations": 4, "prompts_per_step": 2, "adversarial_steps": 4, "disc_warmup_steps": 2,
                            "warmup_steps": 4, "batch_size": 4, "spend": cfg.spend.model_dump()}, over)
         c, run = validate_config(GADConfig, data, source=source), run_gad
