@@ -32,6 +32,14 @@ class BackendConfig(BaseModel):
     max_concurrency: int = Field(8, ge=1, description="Concurrent requests to an OpenAI-compatible server.")
     timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
     max_retries: int = Field(5, ge=0, description="Retries on 429 / 5xx / timeouts (exponential backoff).")
+    tokenizer: str | None = Field(
+        None, description="OpenAI-compatible servers: a local folder holding the served model's tokenizer, so "
+        "log-likelihood scoring splits context and continuation exactly without the server's /tokenize.",
+    )
+    max_tokens_param: Literal["auto", "max_tokens", "max_completion_tokens"] = Field(
+        "auto", description="OpenAI-compatible servers: the length field sent. 'auto' sends max_tokens and switches "
+        "for good when the model answers 400 asking for max_completion_tokens (newer OpenAI models).",
+    )
     batch_size: int = Field(8, ge=1, description="Batch size for local models.")
     device: str = Field("auto", description="Local models: 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'.")
     dtype: str = Field("auto", description="Local models: 'auto', 'float32', 'bfloat16', 'float16'.")

@@ -27,11 +27,13 @@ class FakeOpenAIServer:
         delay_s: float = 0.0,
         prompt_tokens: int = 11,
         completion_tokens: int = 7,
+        error_messages: dict[int, str] | None = None,
     ):
         self.script = list(script or [])
         self.delay_s = delay_s
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
+        self.error_messages = dict(error_messages or {})
         self.requests: list[dict] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -107,6 +109,7 @@ class FakeOpenAIServer:
                 404: f"The model `{body.get('model')}` does not exist",
                 429: "Rate limit reached",
             }.get(status, "Internal server error")
+            message = self.error_messages.get(status, message)
             return status, {"error": {"message": message, "type": "error", "param": None, "code": None}}
         usage = {
             "prompt_tokens": self.prompt_tokens,

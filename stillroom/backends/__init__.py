@@ -65,6 +65,8 @@ def load_backend(cfg: BackendConfig | str) -> Backend:
             max_concurrency=cfg.max_concurrency,
             timeout_s=cfg.timeout_s,
             max_retries=cfg.max_retries,
+            tokenizer=cfg.tokenizer,
+            max_tokens_param=cfg.max_tokens_param,
         )
     if kind == "scripted" and rest:
         from stillroom.backends.scripted import ScriptedBackend, echo_last_line

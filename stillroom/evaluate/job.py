@@ -67,7 +67,7 @@ def run_eval(cfg: EvalConfig, run_dir: Path, conditions: list[Condition] | None 
     metrics = {"task": task.name, "split": cfg.split, "examples": len(examples), "model": cached.identity,
                "conditions": {name: {"method": r.method, **r.metrics} for name, r in results.items()}}
     run.write_json("metrics.json", metrics)
-    notes = []
+    notes = list(dict.fromkeys(n for r in results.values() for n in r.extra.get("notes", [])))
     if task.kind == "multiple_choice":
         notes.append("Options differ per example: per-class figures are over option positions (A, B, ...).")
     run.write_text(

@@ -18,6 +18,7 @@ from rich.progress import (
 )
 
 from stillroom.backends.base import Backend, GenerationParams, ScoreRequest
+from stillroom.errors import ConfigError
 from stillroom.evaluate.metrics import classification_metrics, cost_metrics
 from stillroom.tasks.prompts import continuation, render_chat, render_prompt
 from stillroom.tasks.task import Example, Task
@@ -105,10 +106,15 @@ def evaluate(
     multiple-choice `acc`), 'generate' (answer only, parsed), 'cot' (reason, then 'Answer: ...'), or 'auto'
     (loglik where the backend can score and the task has options, else generate).
     """
+    extra: dict = {}
+    # A served model's refusal says why it cannot score (e.g. llama.cpp's server ignores echo) and what to do.
+    refusal = getattr(getattr(backend, "backend", backend), "score_refusal", None) if not backend.supports_score else None
     if method == "auto":
         method = "loglik" if backend.supports_score and task.kind != "free_text" else "generate"
+        if refusal and task.kind != "free_text":
+            extra["notes"] = [f"scored by generation, not log-likelihood: {refusal}"]
     if method == "loglik" and not backend.supports_score:
-        raise ValueError(f"{backend.identity} cannot score log-likelihoods; use method 'generate'")
+        raise ConfigError(refusal or f"{backend.identity} cannot score log-likelihoods; use method 'generate'")
     if method == "loglik" and task.kind == "free_text":
         raise ValueError("log-likelihood scoring needs answer options; free-text tasks use 'generate'")
     preds: list[dict] = []
@@ -121,7 +127,7 @@ def evaluate(
             else:
                 preds.extend(_generate_chunk(task, chunk, backend, shots, system_prompt, method, max_new_tokens))
             bar.advance(job, len(chunk))
-    return EvalResult(predictions=preds, metrics=summarise(task, examples, preds), method=method)
+    return EvalResult(predictions=preds, metrics=summarise(task, examples, preds), method=method, extra=extra)
 
 
 def _score_chunk(task, chunk, backend, shots, system_prompt) -> list[dict]:
