@@ -186,3 +186,84 @@ def test_max_completion_tokens_switch_once_per_model():
         with pytest.raises(BackendError, match="HTTP 400"):
             OpenAIBackend("m", base_url=srv.base_url, max_retries=0).generate("x", GenerationParams())
         assert len(srv.requests) == 1
+
+
+# ------------------------------------------------------------------------------------------------ served teacher
+
+
+def _pairs(n=10):
+    return [(f"e{i}", f"Input: {WORDS[i % len(WORDS)]} {WORDS[(3 * i) % 4]} {i % 2 + 1}\nAnswer:",
+             " " + LABELS[i % 3]) for i in range(n)]
+
+
+def test_cache_filled_through_server_equals_local(tok, model, tmp_path):
+    from stillroom.kd.logit_cache import build_logit_cache, encode_examples
+    from stillroom.kd.served_teacher import ServedTeacher
+
+    encoded = encode_examples(tok, _pairs(10), max_length=64)
+    local, _ = build_logit_cache(model, encoded, tmp_path / "local", teacher_id="local", k=8, vocab_size=len(tok),
+                                 shard_size=4, batch_size=4, pad_id=tok.pad_token_id, progress=False)
+    with VLLMShapedServer(model, tok) as srv:
+        teacher = ServedTeacher(served(srv))
+        teacher.check_tokenizer(tok)
+        remote, stats = build_logit_cache(teacher, encoded, tmp_path / "remote", teacher_id=teacher.identity, k=8,
+                                          vocab_size=len(tok), shard_size=4, batch_size=3,
+                                          pad_id=tok.pad_token_id, progress=False)
+        sent = [body for path, body in srv.requests if path == "/v1/completions"]
+    assert stats.computed == [0, 1, 2] and len(remote) == len(local) == 10
+    assert all(s["prompt_logprobs"] == 8 and isinstance(s["prompt"][0], list) for s in sent)
+    for i in range(10):
+        a, b = local.get(i)["targets"], remote.get(i)["targets"]
+        assert torch.equal(a.idx, b.idx)
+        assert torch.allclose(a.logp, b.logp, atol=1e-4)
+        assert torch.allclose(a.rest, b.rest, atol=1e-4)
+
+
+def test_served_teacher_refusals(tok, model, tmp_path):
+    from stillroom.kd.logit_cache import build_logit_cache, encode_examples
+    from stillroom.kd.served_teacher import ServedTeacher
+
+    encoded = encode_examples(tok, _pairs(3), max_length=64)
+    other = tiny_tokenizer(["completely different words here: zebra quartz"] * 3, vocab_size=300)
+    with VLLMShapedServer(model, tok, max_logprobs=5) as srv:
+        teacher = ServedTeacher(served(srv))
+        with pytest.raises(ConfigError, match="tokenize differently"):
+            teacher.check_tokenizer(other)
+        with pytest.raises(ConfigError, match=r"max_logprobs is 5.*--top-k 5"):
+            build_logit_cache(teacher, encoded, tmp_path / "c", teacher_id=teacher.identity, k=8,
+                              vocab_size=len(tok), progress=False)
+        with pytest.raises(ConfigError, match="temperature 1"):
+            build_logit_cache(teacher, encoded, tmp_path / "t", teacher_id=teacher.identity, k=4, temperature=2.0,
+                              vocab_size=len(tok), progress=False)
+    with VLLMShapedServer(model, tok, tokenize=False) as srv:
+        with pytest.raises(ConfigError, match="no usable /tokenize"):
+            ServedTeacher(served(srv)).check_tokenizer(tok)
+
+
+def test_kd_logits_cli_with_served_teacher(tok, model, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from stillroom.backends.embedded import save_model_folder
+    from stillroom.kd.cli import register
+
+    save_model_folder(tiny_lm(tok, seed=13), tok, tmp_path / "student")
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"id": f"x{i}", "input": f"{WORDS[i % len(WORDS)]} {i}",
+                                        "label": LABELS[i % 3]}) + "\n" for i in range(20)))
+    app = typer.Typer()
+    register(app)
+    with VLLMShapedServer(model, tok) as srv:
+        args = ["kd", "logits", "--task", str(task), "--teacher", "openai:served-model", "--base-url", srv.base_url,
+                "--student", str(tmp_path / "student"), "--top-k", "8", "--full", "--max-steps", "2",
+                "--batch-size", "4", "--eval-limit", "4", "--run-dir", str(tmp_path / "run")]
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 0, res.output
+        n_sent = len(srv.requests)
+        hints = CliRunner().invoke(app, ["kd", "hints", *args[2:4], "--student", str(tmp_path / "student"),
+                                         "--teacher", "openai:served-model", "--run-dir", str(tmp_path / "h")])
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["teacher"].startswith("served:") and m["train"]["steps"] == 2
+    assert m["train"]["cache"]["computed_shards"] == [0] and m["train"]["cache"]["k"] == 8
+    assert n_sent > 1 and any(p == "/tokenize" for p, _ in srv.requests)  # the tokenizer check went to the server
+    assert hints.exit_code == 2 and "--base-url" in hints.output

@@ -44,6 +44,7 @@ from stillroom.kd.hints import HintProjector, hint_loss, parse_layer_map
 from stillroom.kd.logit_cache import (
     Encoded,
     LogitCache,
+    VocabPlan,
     answer_forward,
     build_logit_cache,
     check_ids_in_range,
@@ -138,7 +139,14 @@ class KDLogitsConfig(KDConfig):
     """`stillroom kd logits` / `kd hints`: one task, one teacher, one student."""
 
     task: TaskConfig
-    teacher: str = Field("gemma3-270m", description="Teacher: 'gemma3-270m', 'hf:PATH' or a local model folder.")
+    teacher: str = Field(
+        "gemma3-270m", description="Teacher: 'gemma3-270m', 'hf:PATH', a local model folder, or 'openai:MODEL' "
+        "served by vLLM at teacher_base_url (its top-k fill the cache through prompt_logprobs; see "
+        "stillroom.kd.served_teacher).",
+    )
+    teacher_base_url: str | None = Field(None, description="A served teacher's vLLM URL, e.g. http://gpu-node:8000/v1.")
+    teacher_api_key_env: str = Field("OPENAI_API_KEY", description="NAME of the variable holding the served teacher's key.")
+    teacher_max_concurrency: int = Field(8, ge=1, description="A served teacher's requests in flight.")
     student: str = Field(..., description="Student: 'hf:PATH' or a local model folder (same vocabulary family).")
     shots: int = Field(0, ge=0, description="k solved training examples in every prompt (training and evaluation).")
     train_limit: int | None = Field(None, ge=1, description="Train on a deterministic sample of N training examples.")
@@ -604,14 +612,24 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
     if not train:
         raise ConfigError(f"task {task.name!r}: no labelled training examples")
 
-    teacher_path, student_path = resolve_model_path(cfg.teacher), resolve_model_path(cfg.student)
+    served = None
+    if cfg.teacher.partition(":")[0] == "openai":  # a teacher behind vLLM: never loaded here
+        from stillroom.kd.served_teacher import served_teacher_for
+
+        served = served_teacher_for(cfg)
+    teacher_path = None if served else resolve_model_path(cfg.teacher)
+    student_path = resolve_model_path(cfg.student)
     from transformers import AutoConfig
 
     s_tok = load_tokenizer(student_path)
-    t_tok = s_tok if teacher_path.resolve() == student_path.resolve() else load_tokenizer(teacher_path)
-    t_cfg = AutoConfig.from_pretrained(str(teacher_path)).get_text_config()
     s_cfg = AutoConfig.from_pretrained(str(student_path)).get_text_config()
-    plan = check_vocab(s_tok, t_tok, int(s_cfg.vocab_size), int(t_cfg.vocab_size))
+    if served:
+        t_cfg = None
+        plan = VocabPlan(size=int(s_cfg.vocab_size))  # one tokenizer, checked against the server's before use
+    else:
+        t_tok = s_tok if teacher_path.resolve() == student_path.resolve() else load_tokenizer(teacher_path)
+        t_cfg = AutoConfig.from_pretrained(str(teacher_path)).get_text_config()
+        plan = check_vocab(s_tok, t_tok, int(s_cfg.vocab_size), int(t_cfg.vocab_size))
     prompts = [render_prompt(task, ex, shots) for ex in train]
     encoded = encode_examples(
         s_tok, [(ex.id, p, continuation(str(ex.label))) for ex, p in zip(train, prompts, strict=True)],
@@ -624,6 +642,9 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
     conditions: dict[str, Any] = {}
 
     def load_teacher():
+        if served:
+            served.check_tokenizer(s_tok)
+            return served
         return load_causal_lm(teacher_path, dtype=cfg.dtype)
 
     if cfg.eval_teacher:
@@ -667,7 +688,8 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
                 # done and open it without loading the teacher.
                 with PartialState().main_process_first():
                     cache, stats = build_logit_cache(
-                        load_teacher, encoded, run.file("teacher_logits"), teacher_id=model_fingerprint(teacher_path),
+                        load_teacher, encoded, run.file("teacher_logits"),
+                        teacher_id=served.identity if served else model_fingerprint(teacher_path),
                         k=cfg.top_k, temperature=cfg.temperature, vocab_size=plan.size,
                         shard_size=cfg.shard_size, batch_size=cfg.teacher_batch_size, pad_id=s_tok.pad_token_id or 0,
                         progress=progress, **hint_kw,
@@ -694,7 +716,7 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
     method = "on-policy GKD (TRL)" if cfg.on_policy else f"{cfg.divergence} ({cfg.teacher_mode} teacher, top-{cfg.top_k})"
     metrics = {
         "task": task.name, "split": cfg.eval_split, "examples": len(eval_examples), "train_examples": len(encoded),
-        "teacher": str(teacher_path), "student": str(student_path), "method": method,
+        "teacher": served.identity if served else str(teacher_path), "student": str(student_path), "method": method,
         "conditions": {name: {"method": r.method, **r.metrics} for name, r in conditions.items()},
         "train": {k: v for k, v in train_info.items() if k != "log_history"}, "notes": notes,
     }
