@@ -589,6 +589,21 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def process_state():
+    """accelerate's `PartialState`, created so that CPU processes of a multi-process launch form one (gloo) group.
+
+    A bare `PartialState()` joins a group only on an accelerator: on a machine without CUDA, or with
+    ACCELERATE_USE_CPU set, each rank of `accelerate launch --multi_gpu` / torchrun would otherwise train alone on
+    all the data. It is created before the Trainer, so the Trainer inherits it.
+    """
+    import os
+
+    from accelerate import PartialState
+
+    forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return PartialState(cpu=forced or not torch.cuda.is_available())
+
+
 def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool = True) -> dict:
     """The `kd logits` / `kd hints` route. Rerunning the same command resumes: a finished teacher cache is reused
     without loading the teacher, and a finished student is re-evaluated without retraining.
@@ -596,8 +611,6 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
     Writes config.yaml, teacher_logits/<key>/ (the cache), student/ (the distilled student, LoRA merged),
     train.json, predictions.jsonl, metrics.json and report.html.
     """
-    from accelerate import PartialState
-
     from stillroom.backends.embedded import is_converted, save_model_folder
     from stillroom.report.html import eval_report
     from stillroom.runs import start_run
@@ -686,7 +699,7 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
                 t0 = time.perf_counter()
                 # Under `accelerate launch` the main process fills the cache; the others then find every shard
                 # done and open it without loading the teacher.
-                with PartialState().main_process_first():
+                with process_state().main_process_first():
                     cache, stats = build_logit_cache(
                         load_teacher, encoded, run.file("teacher_logits"),
                         teacher_id=served.identity if served else model_fingerprint(teacher_path),
@@ -706,7 +719,7 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
         train_info = {**result.summary(), "cache": cache_info, "examples": len(encoded), "config_digest": digest}
         del teacher, result
         _release_memory()
-        if not PartialState().is_main_process:
+        if not process_state().is_main_process:
             return {}  # other ranks of a multi-GPU run: the main process saves and evaluates
         save_model_folder(trained, s_tok, student_dir)
         run.write_json("train.json", train_info)
