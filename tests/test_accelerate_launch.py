@@ -97,8 +97,8 @@ def test_kd_logits_under_accelerate_launch_matches_one_process(setup, tmp_path):
                          env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stdout + one.stderr
     # `--cpu` with several processes starts one process unless mpirun is configured (accelerate's simple
-    # launcher); `--multi_gpu` starts them through torchrun, and on a machine without CUDA (or with
-    # ACCELERATE_USE_CPU=true) they form one gloo group on the CPU.
+    # launcher); `--multi_gpu` starts them through torchrun, and with ACCELERATE_USE_CPU=true (see `_env`) they
+    # form one gloo group on the CPU.
     launch = [*_accelerate(), "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
               "-m", "stillroom.cli", *_kd_args(setup, tmp_path / "two", 2)]

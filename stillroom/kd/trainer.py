@@ -593,8 +593,9 @@ def process_state():
     """accelerate's `PartialState`, created so that CPU processes of a multi-process launch form one (gloo) group.
 
     A bare `PartialState()` joins a group only on an accelerator: on a machine without CUDA, or with
-    ACCELERATE_USE_CPU set, each rank of `accelerate launch --multi_gpu` / torchrun would otherwise train alone on
-    all the data. It is created before the Trainer, so the Trainer inherits it.
+    ACCELERATE_USE_CPU set, every rank of `accelerate launch --multi_gpu` / torchrun would count as the main process
+    here and fill the teacher cache itself. (The Trainer builds its own state from `TrainingArguments`, which
+    reads ACCELERATE_USE_CPU: on CPU that variable is what makes training data-parallel.)
     """
     import os
 
