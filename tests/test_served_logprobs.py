@@ -299,4 +299,6 @@ def test_embedded_gemma_served_scores_and_cache_equal_local(tmp_path):
     for i in range(len(encoded)):
         a, b = mine.get(i)["targets"], theirs.get(i)["targets"]
         assert torch.equal(a.idx, b.idx) and torch.allclose(a.logp, b.logp, atol=1e-4)
-        assert torch.allclose(a.rest, b.rest, atol=1e-4)
+        # The tail bucket: locally a float32 log-sum-exp over the other 262k tokens, here log(1 - sum of the top 8):
+        # the two roundings differ by about 1e-4 (seen: 1.1e-4).
+        assert torch.allclose(a.rest, b.rest, atol=5e-4)
