@@ -1,5 +1,5 @@
-"""The scale-out path of the README, on CPU: `accelerate launch --cpu --num_processes 2` runs `kd logits` on a
-tiny model and trains the same weights as one process with the same global batch (2 processes × 2 = 1 × 4).
+"""The scale-out path of the README, on CPU: `accelerate launch` with 2 processes runs `kd logits` and `kd data`'s
+SFT on a tiny model and trains the same weights as one process with the same global batch (2 × 2 = 1 × 4).
 GAD refuses to start under a multi-process launch.
 """
 
@@ -119,6 +119,28 @@ def test_kd_logits_under_accelerate_launch_matches_one_process(setup, tmp_path):
     epochs = [json.loads((tmp_path / r / "train.json").read_text())["log_history"][-1]["epoch"] for r in ("one", "two")]
     assert epochs == [1.0, 1.0]
     shutil.rmtree(tmp_path / "one", ignore_errors=True)
+
+
+def test_sft_under_accelerate_launch_matches_one_process(setup, tmp_path):
+    # `kd data` with the scripted echo teacher (no filter): the SFT step is what is compared.
+    def args(run, batch):
+        return ["kd", "data", "--task", str(setup / "task.jsonl"), "--teacher", "scripted:echo", "--no-filter",
+                "--student", str(setup / "student"), "--full", "--max-steps", "3", "--lr", "1e-3",
+                "--batch-size", str(batch), "--eval-limit", "2", "--run-dir", str(run)]
+
+    one = subprocess.run([sys.executable, "-m", "stillroom.cli", *args(tmp_path / "one", 4)], env=_env(),
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stdout + one.stderr
+    launch = [*_accelerate(), "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+              "-m", "stillroom.cli", *args(tmp_path / "two", 2)]
+    two = subprocess.run(launch, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    a, b = _weights(tmp_path / "one" / "student"), _weights(tmp_path / "two" / "student")
+    base = _weights(setup / "student")
+    moved = max(float((a[k].float() - base[k].float()).abs().max()) for k in a)
+    diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert moved > 1e-4 and diff < 1e-2 * moved + 1e-5
 
 
 def test_gad_refuses_a_multi_process_launch(monkeypatch):

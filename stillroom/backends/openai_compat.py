@@ -226,16 +226,17 @@ class OpenAIBackend(BackendBase):
     @property
     def scorer(self):
         """The server's scoring helper (`ServerScorer`); its capability is probed on first use and kept."""
-        if self._scorer is None:
-            from stillroom.backends.openai_logprobs import ServerScorer
+        with self._param_lock:
+            if self._scorer is None:
+                from stillroom.backends.openai_logprobs import ServerScorer
 
-            tok = self._tokenizer_spec
-            if isinstance(tok, str):
-                from transformers import AutoTokenizer
+                tok = self._tokenizer_spec
+                if isinstance(tok, str):
+                    from transformers import AutoTokenizer
 
-                tok = AutoTokenizer.from_pretrained(tok)
-            self._scorer = ServerScorer(self, tok)
-        return self._scorer
+                    tok = AutoTokenizer.from_pretrained(tok)
+                self._scorer = ServerScorer(self, tok)
+            return self._scorer
 
     @property
     def supports_score(self) -> bool:
