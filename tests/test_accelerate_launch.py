@@ -122,9 +122,14 @@ def test_kd_logits_under_accelerate_launch_matches_one_process(setup, tmp_path):
 
 
 def test_sft_under_accelerate_launch_matches_one_process(setup, tmp_path):
-    # `kd data` with the scripted echo teacher (no filter): the SFT step is what is compared.
+    # `kd data` with the scripted echo teacher, which repeats the input's last line: inputs that name their label
+    # give answers to keep. The SFT step is what is compared.
+    task = tmp_path / "named.jsonl"
+    task.write_text("".join(json.dumps({"id": f"n{i}", "input": f"{WORDS[i % len(WORDS)]} {LABELS[i % 3]}",
+                                        "label": LABELS[i % 3]}) + "\n" for i in range(24)))
+
     def args(run, batch):
-        return ["kd", "data", "--task", str(setup / "task.jsonl"), "--teacher", "scripted:echo", "--no-filter",
+        return ["kd", "data", "--task", str(task), "--teacher", "scripted:echo", "--no-filter",
                 "--student", str(setup / "student"), "--full", "--max-steps", "3", "--lr", "1e-3",
                 "--batch-size", str(batch), "--eval-limit", "2", "--run-dir", str(run)]
 
