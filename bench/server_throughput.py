@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import socket
+import sys
 import time
 
 from _common import ROOT, log  # noqa: E402  (also sets the offline environment)
@@ -116,7 +117,7 @@ def main() -> None:
     rows["local (HFBackend)"] = {**timed(local, prompts, params),
                                  "backend": f"transformers float32, batch {args.prompts}", "concurrency": 1}
 
-    result = {"prompts": args.prompts, "max_tokens": args.max_tokens, "slots": args.slots, "threads": args.threads,
+    result = {"command": " ".join(["bench/server_throughput.py", *sys.argv[1:]]), "prompts": args.prompts, "max_tokens": args.max_tokens, "slots": args.slots, "threads": args.threads,
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_1min_at_start": load},
               "note": "one run each, same prompts, greedy; generated tokens as each backend counts them",
               "rows": rows}
