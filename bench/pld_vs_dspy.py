@@ -179,8 +179,8 @@ def dspy_program_on_test(program, test: list[Example], lm, backend: CachedBacken
     """Run a DSPy program on each test example; map `answer` with parse_choice; failures count as invalid."""
     import dspy
 
-    from stillroom.evaluate.runner import progress_bar
     from stillroom.integrations.dspy_lm import history_texts
+    from stillroom.ui import progress_bar
 
     recs = []
     with dspy.context(lm=lm), progress_bar() as bar:

@@ -39,8 +39,10 @@ class BackendConfig(BaseModel):
     max_tokens_param: Literal["auto", "max_tokens", "max_completion_tokens"] = Field(
         "auto", description="OpenAI-compatible servers: the length field sent. 'auto' sends max_tokens and switches "
         "for good when the model answers 400 asking for max_completion_tokens (newer OpenAI models).",
+        json_schema_extra={"identity": False},
     )
-    batch_size: int = Field(8, ge=1, description="Batch size for local models.")
+    batch_size: int = Field(8, ge=1, description="Batch size for local models (throughput only: not part of the run's identity).",
+                            json_schema_extra={"identity": False})
     device: str = Field("auto", description="Local models: 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'.")
     dtype: str = Field("auto", description="Local models: 'auto', 'float32', 'bfloat16', 'float16'.")
     price_in_per_mtok: float = Field(0.0, ge=0, description="USD per million input tokens (for cost accounting).")
@@ -87,7 +89,8 @@ class EvalConfig(BaseModel):
             "'cot' lets the model reason first; 'auto' uses loglik where the backend can score."
         ),
     )
-    max_new_tokens: int = Field(16, ge=1, description="Generation budget per answer ('generate'; 'cot' uses 16x).")
+    max_new_tokens: int = Field(16, ge=1, description="Generation budget per answer ('generate').")
+    cot_max_tokens: int = Field(256, ge=16, description="Reasoning-and-answer budget per answer ('cot').")
     spend: SpendConfig = Field(default_factory=SpendConfig)
 
 
@@ -156,4 +159,7 @@ class PLDConfig(BaseModel):
     cot: bool = Field(True, description="Include the chain-of-thought baseline (the student reasons, then answers).")
     cot_max_tokens: int = Field(256, ge=16, description="Reasoning budget per answer for the chain-of-thought baseline.")
     ablation: bool = Field(False, description="Leave-one-rule-out ablation on validation (one student pass per rule).")
+    compare_baselines: bool = Field(
+        True, description="Also evaluate zero-shot (and k-shot, chain-of-thought) on the test split next to PLD. "
+        "`stillroom compare` turns it off: there the baselines are routes of their own.")
     spend: SpendConfig = Field(default_factory=SpendConfig, description="Cap on the teacher's spend for this run.")

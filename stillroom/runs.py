@@ -8,36 +8,72 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
+
+from stillroom.paths import atomic_write_text, cache_root, runs_root, slug
+
+__all__ = ["RunFolder", "atomic_write_text", "cache_root", "digest_of", "identity_of", "redact", "run_dir_for", "slug"]
 
 SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD)", re.IGNORECASE)
 REDACTED = "***"
 
 
 def default_runs_root() -> Path:
-    """Where run folders go: $STILLROOM_RUNS, else ./runs."""
-    return Path(os.environ.get("STILLROOM_RUNS", "runs"))
+    """Where run folders go: $STILLROOM_RUNS, else ./runs (see `stillroom.paths`)."""
+    return runs_root()
 
 
-def cache_root() -> Path:
-    """Where downloads and converted models go: $STILLROOM_CACHE, else ~/.cache/stillroom."""
-    return Path(os.environ.get("STILLROOM_CACHE", Path.home() / ".cache" / "stillroom")).expanduser()
+#: Fields that never define a run's work: spend caps, concurrency, timeouts, retries, the name of the key
+#: variable, prices and throughput knobs. Changing one of them resumes the same run folder instead of starting
+#: (and paying for) a new one. A config field may also opt out with `json_schema_extra={"identity": False}`.
+NON_IDENTITY_KEYS = frozenset({
+    "spend", "api_key_env", "max_concurrency", "timeout_s", "max_retries", "price_in_per_mtok",
+    "price_out_per_mtok", "wait",
+})
 
 
-def slug(text: str) -> str:
-    """A filesystem-safe short name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:48] or "run"
+def identity_of(config, exclude: Iterable[str] = ()) -> dict:
+    """The fields of a config (a pydantic model or its JSON dict) that define the work: task and splits, teacher
+    and student identities, method settings, seeds and sizes. Drops `NON_IDENTITY_KEYS` at every depth, fields
+    marked `identity: False`, and the top-level keys in `exclude` (e.g. evaluation-only fields for a training
+    digest)."""
+    from pydantic import BaseModel
+
+    def walk(obj, data):
+        if isinstance(obj, BaseModel):
+            out = {}
+            for name, field in type(obj).model_fields.items():
+                extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+                if name in NON_IDENTITY_KEYS or extra.get("identity") is False:
+                    continue
+                out[name] = walk(getattr(obj, name), data.get(name) if isinstance(data, dict) else None)
+            return out
+        if isinstance(data, dict):
+            return {k: walk(None, v) for k, v in data.items() if k not in NON_IDENTITY_KEYS}
+        if isinstance(data, list):
+            return [walk(None, v) for v in data]
+        return data
+
+    data = config.model_dump(mode="json") if hasattr(config, "model_dump") else config
+    out = walk(config if hasattr(config, "model_dump") else None, data)
+    return {k: v for k, v in out.items() if k not in set(exclude)}
 
 
-def run_dir_for(command: str, config: dict, root: Path | None = None) -> Path:
-    """Deterministic run folder for a command and its resolved config: the same command resumes the same run."""
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    task = config.get("task", {}).get("spec", "") if isinstance(config.get("task"), dict) else ""
-    return (root or default_runs_root()) / f"{command}-{slug(task)}-{digest}"
+def digest_of(config, exclude: Iterable[str] = ()) -> str:
+    """A short hash of `identity_of(config, exclude)`: the same work gives the same digest."""
+    data = identity_of(config, exclude)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_dir_for(command: str, config, root: Path | None = None) -> Path:
+    """Deterministic run folder for a command and its config, named by what defines the work (never by caps,
+    timeouts or concurrency): the same command resumes the same run, also with a higher spend cap."""
+    data = config.model_dump(mode="json") if hasattr(config, "model_dump") else config
+    task = data.get("task", {}).get("spec", "") if isinstance(data.get("task"), dict) else ""
+    return (root or default_runs_root()) / f"{command}-{slug(task)}-{digest_of(config)[:8]}"
 
 
 def secret_values() -> list[str]:
@@ -61,21 +97,6 @@ def redact(obj):
         return x
 
     return walk(obj)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class RunFolder:
@@ -116,18 +137,3 @@ class RunFolder:
     def read_json(self, name: str, default=None):
         p = self.file(name)
         return json.loads(p.read_text(encoding="utf-8")) if p.exists() else default
-
-
-def start_run(cfg, run_dir: str | Path):
-    """The common start of a route: open the run folder, save the (redacted) config, load the task and split it.
-
-    `cfg` is any route config with a `task: TaskConfig` field. Returns (run, config_dict, task, splits).
-    """
-    from stillroom.tasks import load_task
-
-    run = RunFolder(run_dir)
-    config_dict = cfg.model_dump(mode="json")
-    run.save_config(config_dict)
-    task = load_task(cfg.task.spec, instruction=cfg.task.instruction, labels=cfg.task.labels)
-    splits = task.splits(seed=cfg.task.seed, val_fraction=cfg.task.val_fraction, test_fraction=cfg.task.test_fraction)
-    return run, config_dict, task, splits

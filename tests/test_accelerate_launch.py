@@ -19,26 +19,13 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 pytest.importorskip("tokenizers")
 
-from tiny import tiny_tokenizer  # noqa: E402
+from conftest import tiny_gemma, tiny_tokenizer  # noqa: E402
 
 from stillroom.errors import ConfigError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["red", "green", "blue", "apple", "pear", "car", "bus", "the", "a", "is"]
 LABELS = ["fruit", "colour", "vehicle"]
-
-
-def _tiny_lm(tok, seed):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(seed)
-    cfg = Gemma3TextConfig(
-        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, max_position_embeddings=128, layer_types=["full_attention"] * 2,
-        initializer_range=0.3, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    return Gemma3ForCausalLM(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +35,8 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("launch")
     corpus = [f"Input: {w} {i}\nAnswer: {lab}" for w in WORDS for i in range(3) for lab in LABELS]
     tok = tiny_tokenizer(corpus, vocab_size=300)
-    save_model_folder(_tiny_lm(tok, 0), tok, root / "teacher")
-    save_model_folder(_tiny_lm(tok, 1), tok, root / "student")
+    save_model_folder(tiny_gemma(tok, seed=0), tok, root / "teacher")
+    save_model_folder(tiny_gemma(tok, seed=1), tok, root / "student")
     (root / "task.jsonl").write_text("".join(
         json.dumps({"id": f"x{i}", "input": f"{WORDS[i % len(WORDS)]} {i}", "label": LABELS[i % 3]}) + "\n"
         for i in range(24)))

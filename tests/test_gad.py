@@ -19,7 +19,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("trl")
 pytest.importorskip("peft")
 
-from tiny import one_thread, tiny_tokenizer  # noqa: E402, F401  (one_thread: autouse fixture)
+from conftest import tiny_gemma, tiny_tokenizer  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 from stillroom.gad.discriminator import Discriminator, bt_loss  # noqa: E402
 
@@ -36,16 +38,7 @@ def tok():
 
 
 def tiny_lm(tok, seed=0):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(seed)
-    cfg = Gemma3TextConfig(
-        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, max_position_embeddings=256, layer_types=["full_attention"] * 2,
-        initializer_range=0.2, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    return Gemma3ForCausalLM(cfg)
+    return tiny_gemma(tok, seed=seed, init=0.2)
 
 
 def fixed_pairs():

@@ -20,7 +20,9 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("peft")
 
 import torch.nn.functional as F  # noqa: E402
-from tiny import one_thread  # noqa: E402, F401  (autouse fixture: one torch thread for tiny models)
+from conftest import tiny_gemma, tiny_tokenizer  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 from stillroom.errors import ConfigError  # noqa: E402
 from stillroom.kd.hints import hint_loss, parse_layer_map, uniform_layer_map  # noqa: E402
@@ -44,42 +46,16 @@ WORDS = ["red", "green", "blue", "apple", "pear", "car", "bus", "the", "a", "is"
 LABELS = ["fruit", "colour", "vehicle"]
 
 
-def _tokenizer(corpus, vocab_size=320):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    t = Tokenizer(models.BPE(unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    t.train_from_iterator(corpus, trainer)
-    bos = t.token_to_id("<bos>")
-    t.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
-                                                     special_tokens=[("<bos>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")
-
-
 CORPUS = [f"Input: {a} {b} {c}\nAnswer: {lab}" for a in WORDS for b in WORDS[:4] for c in ("1", "2") for lab in LABELS]
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return _tokenizer(CORPUS * 3)
+    return tiny_tokenizer(CORPUS, vocab_size=320)
 
 
 def tiny_lm(tok, *, seed=0, layers=2, hidden=16, vocab=None):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(seed)
-    cfg = Gemma3TextConfig(
-        vocab_size=vocab or len(tok), hidden_size=hidden, intermediate_size=32, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
-        layer_types=["full_attention"] * layers, initializer_range=0.3, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )
-    return Gemma3ForCausalLM(cfg)
+    return tiny_gemma(tok, seed=seed, layers=layers, hidden=hidden, vocab=vocab)
 
 
 def pairs(n=16):
@@ -282,7 +258,7 @@ def test_vocab_same_family_padded_ok_different_refused(tok):
     assert check_vocab(tok, tok, len(tok), len(tok)).size == len(tok)
     plan = check_vocab(tok, tok, len(tok) + 16, len(tok))  # student's head padded by 16 rows
     assert plan.size == len(tok) and "truncated" in plan.note
-    other = _tokenizer([f"completely different text {w} zebra {i}" for w in WORDS for i in range(30)], vocab_size=360)
+    other = tiny_tokenizer([f"completely different text {w} zebra {i}" for w in WORDS for i in range(30)], vocab_size=360)
     with pytest.raises(ConfigError) as err:
         check_vocab(tok, other, len(tok), len(other))
     msg = str(err.value)
@@ -481,7 +457,7 @@ def test_kd_data_scripted_teacher_resumes_free(tok, model_dirs, tmp_path):
     assert be2.calls == 0 and m2["data"]["teacher_calls_cached"] == len(rows)
 
 
-def test_kd_logits_cli_end_to_end_and_resume(model_dirs, tmp_path):
+def test_kd_logits_cli_end_to_end_and_resume(model_dirs, tmp_path, monkeypatch):
     import typer
     from typer.testing import CliRunner
 
@@ -497,9 +473,18 @@ def test_kd_logits_cli_end_to_end_and_resume(model_dirs, tmp_path):
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert set(m["conditions"]) == {"student (no KD)", "student (KD)"}
     assert m["train"]["steps"] == 2 and m["train"]["cache"]["computed_shards"] == [0]
-    res = CliRunner().invoke(app, args)  # rerun: nothing recomputed, nothing retrained
+    import stillroom.kd.trainer as trainer_mod
+
+    shards = {p: p.stat().st_mtime_ns for p in (tmp_path / "teacher_logits").rglob("*.safetensors")}
+    loaded = []
+    real_load = trainer_mod.load_causal_lm
+    monkeypatch.setattr(trainer_mod, "load_causal_lm", lambda path, **kw: (loaded.append(str(path)), real_load(path, **kw))[1])
+    monkeypatch.setattr(trainer_mod, "train_kd", lambda *a, **k: pytest.fail("a finished student was retrained"))
+    res = CliRunner().invoke(app, args)  # rerun: no shard computed, teacher not loaded, nothing retrained
     assert res.exit_code == 0, res.output
-    assert "already trained" in " ".join(json.loads((tmp_path / "metrics.json").read_text())["notes"])
+    assert not any("teacher" in p for p in loaded) and loaded  # the student (before and after) was loaded
+    assert shards and {p: p.stat().st_mtime_ns for p in shards} == shards
+    monkeypatch.undo()
     hints = CliRunner().invoke(app, ["kd", "hints", *args[2:-1], str(tmp_path / "hints"), "--metric", "cosine",
                                      "--layer-map", "uniform:1"])
     assert hints.exit_code == 0, hints.output

@@ -242,3 +242,42 @@ def test_pld_command_with_yaml_config_writes_the_run_folder(tmp_path):
     assert res2.exit_code == 0, res2.output
     rescored = json.loads((tmp_path / "rescore" / "metrics.json").read_text())["conditions"]["zero-shot + system prompt"]
     assert rescored["macro_f1"] == metrics["conditions"]["PLD"]["macro_f1"]
+
+
+def test_eps_sweep_keeps_the_eps_with_the_best_validation_f1(tmp_path):
+    # eps 1.9 puts every instruction in one cluster (one rule); eps 0.3 finds two (fruit and vehicle). This
+    # student answers well only with at least two rules, so the sweep must keep 0.3 although 1.9 comes first.
+    def picky(prompt, params):
+        system, user = prompt[0]["content"], prompt[-1]["content"].lower()
+        if system.count("labelled") >= 2:
+            return next((lab for lab, words in WORDS.items() if any(w in user for w in words)), "fruit")
+        return "fruit"
+
+    m = run(tmp_path, "sweep", ScriptedBackend(teacher_fn(), "teacher"), student=ScriptedBackend(picky, "student"),
+            eps_sweep=[1.9, 0.3], max_rounds=0)
+    sweep = {s["eps"]: s for s in m["clustering"]["sweep"]}
+    assert sweep[1.9]["clusters"] == 1 and sweep[0.3]["clusters"] == 2
+    assert sweep[0.3]["val_macro_f1"] > sweep[1.9]["val_macro_f1"]
+    assert m["rulebook"]["rules"] == 2 and m["clustering"]["eps"] == 0.3
+
+
+def test_ablation_measures_each_rule_by_leaving_it_out(tmp_path):
+    m = run(tmp_path, "abl", ScriptedBackend(teacher_fn(), "teacher"), ablation=True, max_rounds=1)
+    abl = {a["text"]: a for a in m["ablation"]}
+    assert set(abl) == set(RULE.values())  # one entry per rule of the final rulebook
+    # Without a rule the student answers 'fruit' for its label: validation F1 drops for vehicle and tool;
+    # leaving out the fruit rule changes nothing (the fallback answer is 'fruit').
+    assert abl[RULE["vehicle"]]["effect"] > 0 and abl[RULE["tool"]]["effect"] > 0
+    assert abl[RULE["fruit"]]["effect"] == 0
+
+
+def test_cot_baseline_gets_its_whole_token_budget(tmp_path):
+    seen = []
+
+    def student(prompt, params):
+        seen.append(params.max_tokens)
+        return "fruit"
+
+    run(tmp_path, "cot", ScriptedBackend(teacher_fn(), "teacher"), student=ScriptedBackend(student, "student"),
+        cot=True, cot_max_tokens=250, max_rounds=0)
+    assert 250 in seen and 240 not in seen and 4000 not in seen

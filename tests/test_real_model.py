@@ -58,3 +58,17 @@ def test_pruned_gemma_reloads_with_plain_transformers_and_generates(gemma, tmp_p
     gen = model.generate(**ids, max_new_tokens=6, do_sample=False)
     assert gen.shape[1] > ids["input_ids"].shape[1]
     assert tok.decode(gen[0, ids["input_ids"].shape[1]:]).strip()
+
+
+def test_gguf_spec_scores_like_the_converted_embedded_model(gemma):
+    """`gguf:FILE` (dequantised by transformers at load) and the converted folder hold the same weights."""
+    from stillroom.backends import load_backend
+    from stillroom.backends.base import ScoreRequest
+    from stillroom.backends.embedded import stillroom_cache_dir
+
+    gguf = next((stillroom_cache_dir() / "models" / "gemma-3-270m").glob("*.gguf"))
+    reqs = [ScoreRequest("The capital of France is", (" Paris", " Rome")), ScoreRequest("2 + 2 =", (" 4", " 5"))]
+    a = load_backend(f"gguf:{gguf}").score(reqs)
+    b = load_backend("gemma3-270m").score(reqs)
+    for x, y in zip(a, b, strict=True):
+        assert x == pytest.approx(y, abs=1e-3)

@@ -17,9 +17,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+from conftest import tiny_gemma, tiny_tokenizer  # noqa: E402
 from helpers_fake_server import FakeOpenAIServer  # noqa: E402
 from helpers_vllm_server import VLLMShapedServer  # noqa: E402
-from tiny import one_thread, tiny_tokenizer  # noqa: E402, F401  (autouse fixture: one torch thread)
 
 from stillroom.backends.base import GenerationParams, ScoreRequest  # noqa: E402
 from stillroom.backends.hf import HFBackend  # noqa: E402
@@ -29,6 +29,13 @@ from stillroom.errors import BackendError, ConfigError  # noqa: E402
 WORDS = ["red", "green", "blue", "apple", "pear", "car", "bus", "the", "a", "is", "of", "number"]
 LABELS = ["fruit", "colour", "vehicle"]
 CORPUS = [f"Input: {a} {b} {c}\nAnswer: {lab}" for a in WORDS for b in WORDS[:4] for c in ("1", "2") for lab in LABELS]
+
+
+@pytest.fixture(autouse=True)
+def tiny_threads(request):
+    """Tiny models on one torch thread; the real-model test keeps them all."""
+    if request.node.get_closest_marker("slow") is None:
+        request.getfixturevalue("one_thread")
 
 
 @pytest.fixture(autouse=True)
@@ -44,22 +51,9 @@ def tok():
     return tiny_tokenizer(CORPUS, vocab_size=320)
 
 
-def tiny_lm(tok, *, seed=0, layers=2, hidden=16):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(seed)
-    cfg = Gemma3TextConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=32, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
-        layer_types=["full_attention"] * layers, initializer_range=0.3, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )
-    return Gemma3ForCausalLM(cfg).eval()
-
-
 @pytest.fixture(scope="module")
 def model(tok):
-    return tiny_lm(tok, seed=0, layers=3, hidden=24)
+    return tiny_gemma(tok, seed=0, layers=3, hidden=24).eval()
 
 
 REQUESTS = [
@@ -247,7 +241,7 @@ def test_kd_logits_cli_with_served_teacher(tok, model, tmp_path):
     from stillroom.backends.embedded import save_model_folder
     from stillroom.kd.cli import register
 
-    save_model_folder(tiny_lm(tok, seed=13), tok, tmp_path / "student")
+    save_model_folder(tiny_gemma(tok, seed=13), tok, tmp_path / "student")
     task = tmp_path / "task.jsonl"
     task.write_text("".join(json.dumps({"id": f"x{i}", "input": f"{WORDS[i % len(WORDS)]} {i}",
                                         "label": LABELS[i % 3]}) + "\n" for i in range(20)))

@@ -12,7 +12,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
 pytest.importorskip("peft")
 
-from tiny import tiny_tokenizer  # noqa: E402
+from conftest import tiny_gemma as _gemma  # noqa: E402
+from conftest import tiny_llama as _llama  # noqa: E402
+from conftest import tiny_tokenizer  # noqa: E402
 
 from stillroom.train.sft import (  # noqa: E402
     SFTSettings,
@@ -37,25 +39,12 @@ def tok():
 
 
 def tiny_llama(tok, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    return LlamaForCausalLM(cfg)
+    return _llama(tok, seed=seed, init=0.02)
 
 
 def tiny_gemma(tok, seed=0):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(seed)
-    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
-                           layer_types=["sliding_attention", "full_attention"], sliding_window=8,
-                           final_logit_softcapping=5.0, initializer_range=0.5,
-                           pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    return Gemma3ForCausalLM(cfg)
+    return _gemma(tok, seed=seed, layer_types=["sliding_attention", "full_attention"], sliding_window=8,
+                  final_logit_softcapping=5.0, init=0.5)
 
 
 def records(n=32):

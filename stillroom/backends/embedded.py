@@ -40,8 +40,9 @@ _DONE_MARKER = ".stillroom-complete"
 
 def stillroom_cache_dir() -> Path:
     """The Stillroom cache root: `$STILLROOM_CACHE` or `~/.cache/stillroom`."""
-    env = os.environ.get("STILLROOM_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "stillroom"
+    from stillroom.paths import cache_root
+
+    return cache_root()
 
 
 def embedded_model_dir(cache_dir: Path | None = None) -> Path:

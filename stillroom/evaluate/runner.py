@@ -8,20 +8,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-
 from stillroom.backends.base import Backend, GenerationParams, ScoreRequest
 from stillroom.errors import ConfigError
 from stillroom.evaluate.metrics import classification_metrics, cost_metrics
 from stillroom.tasks.prompts import continuation, render_chat, render_prompt
 from stillroom.tasks.task import Example, Task
+from stillroom.ui import progress_bar
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -34,18 +26,6 @@ class EvalResult:
     metrics: dict
     method: str
     extra: dict = field(default_factory=dict)
-
-
-def progress_bar(transient: bool = False) -> Progress:
-    """The progress bar every long loop in Stillroom uses."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        transient=transient,
-    )
 
 
 def _norm(s: str) -> str:
@@ -97,14 +77,16 @@ def evaluate(
     system_prompt: str | None = None,
     method: str = "auto",
     max_new_tokens: int = 16,
+    cot_max_tokens: int = 256,
     chunk_size: int = 8,
     description: str = "eval",
 ) -> EvalResult:
     """Evaluate `backend` on `examples`.
 
     method: 'loglik' (argmax log-likelihood over the options, identical to lm-evaluation-harness's
-    multiple-choice `acc`), 'generate' (answer only, parsed), 'cot' (reason, then 'Answer: ...'), or 'auto'
-    (loglik where the backend can score and the task has options, else generate).
+    multiple-choice `acc`), 'generate' (answer only, parsed, at most `max_new_tokens`), 'cot' (reason, then
+    'Answer: ...', at most `cot_max_tokens` in all), or 'auto' (loglik where the backend can score and the task
+    has options, else generate).
     """
     extra: dict = {}
     # A served model's refusal says why it cannot score (e.g. llama.cpp's server ignores echo) and what to do.
@@ -125,7 +107,8 @@ def evaluate(
             if method == "loglik":
                 preds.extend(_score_chunk(task, chunk, backend, shots, system_prompt))
             else:
-                preds.extend(_generate_chunk(task, chunk, backend, shots, system_prompt, method, max_new_tokens))
+                budget = cot_max_tokens if method == "cot" else max_new_tokens
+                preds.extend(_generate_chunk(task, chunk, backend, shots, system_prompt, method, budget))
             bar.advance(job, len(chunk))
     return EvalResult(predictions=preds, metrics=summarise(task, examples, preds), method=method, extra=extra)
 
@@ -158,7 +141,7 @@ def _score_chunk(task, chunk, backend, shots, system_prompt) -> list[dict]:
 def _generate_chunk(task, chunk, backend, shots, system_prompt, method, max_new_tokens) -> list[dict]:
     reason = method == "cot"
     prompts = [render_chat(task, ex, shots, system_prompt, reason=reason) for ex in chunk]
-    params = GenerationParams(max_tokens=max_new_tokens * (16 if reason else 1), temperature=0.0)
+    params = GenerationParams(max_tokens=max_new_tokens, temperature=0.0)
     gens = backend.generate_many(prompts, params)
     out = []
     for ex, g in zip(chunk, gens, strict=True):

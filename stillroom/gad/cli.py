@@ -10,22 +10,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-console = Console()
+from stillroom.ui import console, print_results, run_guarded
 
 Opt = typer.Option
 
 
-def _guarded(fn):
-    from stillroom.cli import _run_guarded
-
-    return _run_guarded(fn)
-
-
 def _print(metrics: dict, run_dir: Path) -> None:
-    from stillroom.cli import print_results
-
     print_results(metrics["conditions"])
     d = metrics["data"]
     acc = "-" if d["teacher_accuracy"] is None else f"{d['teacher_accuracy']:.3f}"
@@ -43,78 +34,74 @@ def _print(metrics: dict, run_dir: Path) -> None:
     console.print(f"report: [bold]{run_dir / 'report.html'}[/]")
 
 
+def gad_cmd(
+    config: Annotated[Path | None, typer.Argument(help="Optional YAML config (every GADConfig field); options override it.")] = None,
+    task: Annotated[str | None, Opt("--task", "-t", help="A .jsonl/.csv file, 'bigbench:NAME' or 'hf:LOCAL_DATASET'.")] = None,
+    teacher: Annotated[str | None, Opt(help="Teacher spec, any backend: 'openai:MODEL', 'hf:PATH', 'gemma3-270m' (only its text is used).")] = None,
+    teacher_base_url: Annotated[str | None, Opt(help="Base URL of an OpenAI-compatible teacher server.")] = None,
+    teacher_api_key_env: Annotated[str | None, Opt(help="NAME of the environment variable holding the teacher's API key.")] = None,
+    student: Annotated[str | None, Opt(help="Student (generator): 'gemma3-270m', 'hf:PATH' or a local model folder.")] = None,
+    num_generations: Annotated[int | None, Opt("--num-generations", "-G", help="Student samples per prompt per adversarial step (paper: 8).")] = None,
+    temperature: Annotated[float | None, Opt(help="Student sampling temperature (paper: 0.8).")] = None,
+    prompts_per_step: Annotated[int | None, Opt(help="Prompts per adversarial step.")] = None,
+    adversarial_steps: Annotated[int | None, Opt(help="Adversarial (GRPO) steps.")] = None,
+    disc_warmup_steps: Annotated[int | None, Opt(help="Discriminator-only steps before the SeqKD warm-up.")] = None,
+    warmup_epochs: Annotated[float | None, Opt(help="SeqKD warm-up passes over the teacher answers (0: none).")] = None,
+    warmup_steps: Annotated[int | None, Opt(help="SeqKD warm-up steps (overrides --warmup-epochs).")] = None,
+    lr: Annotated[float | None, Opt("--lr", help="Student learning rate in the adversarial stage.")] = None,
+    warmup_lr: Annotated[float | None, Opt(help="Student learning rate in the SeqKD warm-up.")] = None,
+    disc_lr: Annotated[float | None, Opt(help="Discriminator learning rate.")] = None,
+    beta: Annotated[float | None, Opt(help="KL penalty to the warmed-up student (paper: 0.001).")] = None,
+    max_completion_length: Annotated[int | None, Opt(help="Tokens per student sample at most.")] = None,
+    update_discriminator: Annotated[bool | None, Opt("--update-discriminator/--frozen-discriminator", help="Keep training the discriminator in the adversarial stage (frozen: an ablation that gets reward-hacked).")] = None,
+    lora: Annotated[bool | None, Opt("--lora/--full", help="LoRA adapters on the student (default) or full fine-tuning.")] = None,
+    batch_size: Annotated[int | None, Opt(help="SeqKD warm-up batch size (and prompts per warm-up discriminator step).")] = None,
+    train_limit: Annotated[int | None, Opt(help="Train on a deterministic sample of N training examples.")] = None,
+    eval_limit: Annotated[int | None, Opt(help="Evaluate on a deterministic sample of N examples.")] = None,
+    seed: Annotated[int | None, Opt(help="Training and sampling seed.")] = None,
+    max_cost: Annotated[float | None, Opt(help="Teacher spend cap in USD for this run folder.")] = None,
+    max_spend_tokens: Annotated[int | None, Opt(help="Teacher spend cap in tokens.")] = None,
+    run_dir: Annotated[Path | None, Opt(help="Run folder (default: runs/gad-<task>-<config hash>; rerun resumes).")] = None,
+) -> None:
+    """Generative Adversarial Distillation (GAD, arXiv 2511.10643): black-box on-policy distillation.
+
+    The student is the generator; a copy of it with a scalar head is the discriminator, trained with the
+    Bradley-Terry loss to score the teacher's answer above the student's. Warm-up: discriminator-only steps,
+    then SeqKD on the teacher's answers with the discriminator trained alongside. Adversarial stage (TRL
+    GRPOTrainer): G samples per prompt, rewarded by the discriminator, group-normalised advantages, clipped
+    policy gradient with a KL penalty β; the discriminator keeps learning on the same samples.
+
+    Only the teacher's text is used (any backend, API teachers included), through the run's durable cache:
+    a rerun repays nothing and skips finished stages. Writes teacher_outputs.jsonl, warmup/, student/,
+    discriminator/, train.json, predictions.jsonl, metrics.json (eval before/after, reward and
+    discriminator accuracy per logging step) and report.html. Adversarial training is unstable: watch the
+    discriminator accuracy and the answer lengths in metrics.json.
+    """
+
+    def body():
+        from stillroom.gad.config import GADConfig
+        from stillroom.gad.train import run_gad
+        from stillroom.options import load_config
+        from stillroom.runs import run_dir_for
+
+        over = {
+            "task": {"spec": task}, "student": student,
+            "teacher": {"spec": teacher, "base_url": teacher_base_url, "api_key_env": teacher_api_key_env},
+            "num_generations": num_generations, "temperature": temperature, "prompts_per_step": prompts_per_step,
+            "adversarial_steps": adversarial_steps, "disc_warmup_steps": disc_warmup_steps,
+            "warmup_epochs": warmup_epochs, "warmup_steps": warmup_steps, "learning_rate": lr,
+            "warmup_learning_rate": warmup_lr, "disc_learning_rate": disc_lr, "beta": beta,
+            "max_completion_length": max_completion_length, "update_discriminator": update_discriminator,
+            "lora": lora, "batch_size": batch_size, "train_limit": train_limit, "eval_limit": eval_limit,
+            "seed": seed, "spend": {"max_cost_usd": max_cost, "max_tokens": max_spend_tokens},
+        }
+        cfg = load_config(config, GADConfig, over, "--task and --student", bool(task and student))
+        out = run_dir or run_dir_for("gad", cfg)
+        _print(run_gad(cfg, out), out)
+
+    run_guarded(body)
+
+
 def register(app: typer.Typer) -> None:
     """Add `stillroom gad` to the main app."""
-
-    @app.command("gad")
-    def gad_cmd(
-        config: Annotated[Path | None, typer.Argument(help="Optional YAML config (every GADConfig field); options override it.")] = None,
-        task: Annotated[str | None, Opt("--task", "-t", help="A .jsonl/.csv file, 'bigbench:NAME' or 'hf:LOCAL_DATASET'.")] = None,
-        teacher: Annotated[str | None, Opt(help="Teacher spec, any backend: 'openai:MODEL', 'hf:PATH', 'gemma3-270m' (only its text is used).")] = None,
-        teacher_base_url: Annotated[str | None, Opt(help="Base URL of an OpenAI-compatible teacher server.")] = None,
-        teacher_api_key_env: Annotated[str | None, Opt(help="NAME of the environment variable holding the teacher's API key.")] = None,
-        student: Annotated[str | None, Opt(help="Student (generator): 'gemma3-270m', 'hf:PATH' or a local model folder.")] = None,
-        num_generations: Annotated[int | None, Opt("--num-generations", "-G", help="Student samples per prompt per adversarial step (paper: 8).")] = None,
-        temperature: Annotated[float | None, Opt(help="Student sampling temperature (paper: 0.8).")] = None,
-        prompts_per_step: Annotated[int | None, Opt(help="Prompts per adversarial step.")] = None,
-        adversarial_steps: Annotated[int | None, Opt(help="Adversarial (GRPO) steps.")] = None,
-        disc_warmup_steps: Annotated[int | None, Opt(help="Discriminator-only steps before the SeqKD warm-up.")] = None,
-        warmup_epochs: Annotated[float | None, Opt(help="SeqKD warm-up passes over the teacher answers (0: none).")] = None,
-        warmup_steps: Annotated[int | None, Opt(help="SeqKD warm-up steps (overrides --warmup-epochs).")] = None,
-        lr: Annotated[float | None, Opt("--lr", help="Student learning rate in the adversarial stage.")] = None,
-        warmup_lr: Annotated[float | None, Opt(help="Student learning rate in the SeqKD warm-up.")] = None,
-        disc_lr: Annotated[float | None, Opt(help="Discriminator learning rate.")] = None,
-        beta: Annotated[float | None, Opt(help="KL penalty to the warmed-up student (paper: 0.001).")] = None,
-        max_completion_length: Annotated[int | None, Opt(help="Tokens per student sample at most.")] = None,
-        update_discriminator: Annotated[bool | None, Opt("--update-discriminator/--frozen-discriminator", help="Keep training the discriminator in the adversarial stage (frozen: an ablation that gets reward-hacked).")] = None,
-        lora: Annotated[bool | None, Opt("--lora/--full", help="LoRA adapters on the student (default) or full fine-tuning.")] = None,
-        batch_size: Annotated[int | None, Opt(help="SeqKD warm-up batch size (and prompts per warm-up discriminator step).")] = None,
-        train_limit: Annotated[int | None, Opt(help="Train on a deterministic sample of N training examples.")] = None,
-        eval_limit: Annotated[int | None, Opt(help="Evaluate on a deterministic sample of N examples.")] = None,
-        seed: Annotated[int | None, Opt(help="Training and sampling seed.")] = None,
-        max_cost: Annotated[float | None, Opt(help="Teacher spend cap in USD for this run folder.")] = None,
-        max_spend_tokens: Annotated[int | None, Opt(help="Teacher spend cap in tokens.")] = None,
-        run_dir: Annotated[Path | None, Opt(help="Run folder (default: runs/gad-<task>-<config hash>; rerun resumes).")] = None,
-    ) -> None:
-        """Generative Adversarial Distillation (GAD, arXiv 2511.10643): black-box on-policy distillation.
-
-        The student is the generator; a copy of it with a scalar head is the discriminator, trained with the
-        Bradley-Terry loss to score the teacher's answer above the student's. Warm-up: discriminator-only steps,
-        then SeqKD on the teacher's answers with the discriminator trained alongside. Adversarial stage (TRL
-        GRPOTrainer): G samples per prompt, rewarded by the discriminator, group-normalised advantages, clipped
-        policy gradient with a KL penalty β; the discriminator keeps learning on the same samples.
-
-        Only the teacher's text is used (any backend, API teachers included), through the run's durable cache:
-        a rerun repays nothing and skips finished stages. Writes teacher_outputs.jsonl, warmup/, student/,
-        discriminator/, train.json, predictions.jsonl, metrics.json (eval before/after, reward and
-        discriminator accuracy per logging step) and report.html. Adversarial training is unstable: watch the
-        discriminator accuracy and the answer lengths in metrics.json.
-        """
-
-        def body():
-            from stillroom.config import deep_merge, load_yaml_config, validate_config
-            from stillroom.gad.config import GADConfig
-            from stillroom.gad.train import run_gad
-            from stillroom.runs import run_dir_for
-
-            over = {
-                "task": {"spec": task}, "student": student,
-                "teacher": {"spec": teacher, "base_url": teacher_base_url, "api_key_env": teacher_api_key_env},
-                "num_generations": num_generations, "temperature": temperature, "prompts_per_step": prompts_per_step,
-                "adversarial_steps": adversarial_steps, "disc_warmup_steps": disc_warmup_steps,
-                "warmup_epochs": warmup_epochs, "warmup_steps": warmup_steps, "learning_rate": lr,
-                "warmup_learning_rate": warmup_lr, "disc_learning_rate": disc_lr, "beta": beta,
-                "max_completion_length": max_completion_length, "update_discriminator": update_discriminator,
-                "lora": lora, "batch_size": batch_size, "train_limit": train_limit, "eval_limit": eval_limit,
-                "seed": seed, "spend": {"max_cost_usd": max_cost, "max_tokens": max_spend_tokens},
-            }
-            if config:
-                cfg = load_yaml_config(config, GADConfig, over)
-            else:
-                if not (task and student):
-                    raise typer.BadParameter("give --task and --student, or a config file")
-                cfg = validate_config(GADConfig, deep_merge({}, over), source="command line")
-            out = run_dir or run_dir_for("gad", cfg.model_dump(mode="json"))
-            _print(run_gad(cfg, out), out)
-
-        _guarded(body)
+    app.command("gad")(gad_cmd)

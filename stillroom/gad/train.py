@@ -30,8 +30,6 @@ fine-tuned (a full copy of the student in memory, with its own AdamW state).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -44,6 +42,7 @@ from transformers import TrainerCallback
 from stillroom.errors import ConfigError
 from stillroom.gad.config import ADVERSARIAL_FIELDS, EVAL_FIELDS, GADConfig
 from stillroom.gad.discriminator import Discriminator, sample_completions
+from stillroom.models import bf16_supported, lora_config
 
 # ------------------------------------------------------------------------------------------------ reward
 
@@ -153,10 +152,6 @@ def warm_up(student: Any, tokenizer: Any, records: list[dict], disc: Discriminat
 # ------------------------------------------------------------------------------------------------ adversarial
 
 
-def _bf16() -> bool:
-    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-
-
 def grpo_config(cfg: GADConfig, output_dir: str | Path):
     """TRL's `GRPOConfig` for GAD: G samples per prompt, group-normalised advantages, clipped loss, KL β."""
     from trl import GRPOConfig
@@ -178,7 +173,7 @@ def grpo_config(cfg: GADConfig, output_dir: str | Path):
         max_steps=cfg.adversarial_steps,
         logging_steps=cfg.logging_steps,
         # GRPOConfig's own defaults (bf16 on, checkpointing on) assume a GPU; follow the device instead.
-        bf16=_bf16(), fp16=False,
+        bf16=bf16_supported(), fp16=False,
         activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5 name of gradient_checkpointing
         seed=cfg.seed, data_seed=cfg.seed,
         remove_unused_columns=False,  # keep the `teacher` column: TRL passes it to the reward function
@@ -194,10 +189,7 @@ def adversarial(student: Any, tokenizer: Any, records: list[dict], disc: Discrim
 
     peft_config = None
     if cfg.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM", bias="none")
+        peft_config = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     reward = GADReward(disc, update=cfg.update_discriminator)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "teacher": r["completion"]} for r in records])
     trainer = GRPOTrainer(model=student, reward_funcs=[reward], args=grpo_config(cfg, output_dir),
@@ -225,8 +217,9 @@ def adversarial(student: Any, tokenizer: Any, records: list[dict], disc: Discrim
 
 
 def _digest(cfg: GADConfig, exclude: tuple[str, ...]) -> str:
-    data = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in exclude}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    from stillroom.runs import digest_of
+
+    return digest_of(cfg, exclude=exclude)
 
 
 def refuse_multi_process() -> None:
@@ -257,24 +250,19 @@ def run_gad(cfg: GADConfig, run_dir: str | Path, *, teacher_backend=None) -> dic
     from stillroom.backends.embedded import is_converted, save_model_folder
     from stillroom.backends.hf import HFBackend
     from stillroom.kd.data import collect_and_record, sft_records
-    from stillroom.kd.trainer import (
-        _release_memory,
-        evaluate_model,
-        load_causal_lm,
-        load_tokenizer,
-        resolve_model_path,
-    )
-    from stillroom.report.html import eval_report
-    from stillroom.runs import start_run
-    from stillroom.tasks.task import sample
+    from stillroom.kd.trainer import evaluate_model
+    from stillroom.models import load_causal_lm, load_tokenizer, release_memory, resolve_model_path
+    from stillroom.route import BuildCost, Deployment, Timer, evaluate_deployment, open_run, record, select
 
-    run, config_dict, task, splits = start_run(cfg, run_dir)
-    teacher_shots = sample(splits.train, cfg.teacher_shots, seed=cfg.task.seed) if cfg.teacher_shots else []
-    student_shots = sample(splits.train, cfg.shots, seed=cfg.task.seed) if cfg.shots else []
-    shot_ids = {s.id for s in teacher_shots} | {s.id for s in student_shots}
-    train = [e for e in sample(splits.train, cfg.train_limit, seed=cfg.task.seed) if e.id not in shot_ids]
-    eval_examples = sample(splits.get(cfg.eval_split), cfg.eval_limit, seed=cfg.task.seed)
+    timer = Timer()
+    sel = select(cfg.task, split=cfg.eval_split, limit=cfg.eval_limit, train_limit=cfg.train_limit)
     student_path = resolve_model_path(cfg.student)
+    run, config_dict = open_run(cfg, run_dir)
+    task, eval_examples = sel.task, sel.test
+    teacher_shots = sel.shots(cfg.teacher_shots)
+    student_shots = sel.shots(cfg.shots)
+    shot_ids = {s.id for s in teacher_shots} | {s.id for s in student_shots}
+    train = [e for e in sel.train if e.id not in shot_ids]
     notes: list[str] = []
 
     # The teacher is black-box: only its text is used, and every call goes through the run's durable cache.
@@ -311,12 +299,14 @@ def run_gad(cfg: GADConfig, run_dir: str | Path, *, teacher_backend=None) -> dic
         run.write_json("train.json", info)
         del disc, res
     del student
-    _release_memory()
+    release_memory()
 
     # Stage 2: adversarial.
     student_dir, disc_dir = run.file("student"), run.file("discriminator")
     a_digest = _digest(cfg, EVAL_FIELDS)
+    resumed = False
     if is_converted(student_dir) and (info.get("adversarial") or {}).get("digest") == a_digest:
+        resumed = teacher.meter.calls == 0
         notes.append("resumed: the adversarial stage was already finished in this run folder")
         trained = load_causal_lm(student_dir)
     else:
@@ -331,11 +321,10 @@ def run_gad(cfg: GADConfig, run_dir: str | Path, *, teacher_backend=None) -> dic
         info["adversarial"] = {**res.info, "digest": a_digest}
         run.write_json("train.json", info)
         del disc, res, student
-    conditions["student (GAD)"] = evaluate_model(task, eval_examples, trained, tok, shots=student_shots, name="student-gad")
-    _release_memory()
-
-    rows_out = [{"condition": name, **p} for name, r in conditions.items() for p in r.predictions]
-    run.write_jsonl("predictions.jsonl", rows_out)
+    deployed = Deployment(name="student (GAD)", backend=HFBackend.from_objects(trained, tok, name="student-gad"),
+                          model=str(student_dir), shots=student_shots, model_dir=student_dir)
+    conditions[deployed.name] = evaluate_deployment(sel, deployed)
+    release_memory()
     adv = info.get("adversarial") or {}
     if adv.get("log") and cfg.update_discriminator:
         acc = [x["disc_accuracy"] for x in adv["log"] if "disc_accuracy" in x]
@@ -344,16 +333,16 @@ def run_gad(cfg: GADConfig, run_dir: str | Path, *, teacher_backend=None) -> dic
                          "student's reward carried little signal (try a lower disc_learning_rate)")
     if not cfg.update_discriminator:
         notes.append("frozen discriminator (update_discriminator: false): expect reward hacking, e.g. longer answers")
-    metrics = {
-        "task": task.name, "split": cfg.eval_split, "examples": len(eval_examples), "train_examples": len(records),
+    extra = {
+        "split": cfg.eval_split, "train_examples": len(records),
         "method": "GAD (warm-up: SeqKD + discriminator; adversarial: TRL GRPOTrainer, discriminator reward)",
         "teacher": teacher.identity, "student": str(student_path), "data": data_stats,
-        "conditions": {n: {"method": r.method, **r.metrics} for n, r in conditions.items()},
         "warmup": {k: v for k, v in (info.get("warmup") or {}).items() if k != "digest"},
         "adversarial": {k: v for k, v in adv.items() if k != "digest"},
-        "notes": notes,
     }
-    run.write_json("metrics.json", metrics)
-    run.write_text("report.html", eval_report(f"Stillroom GAD: {task.name}", {n: r.metrics for n, r in conditions.items()},
-                                              config_dict, usage=teacher.meter.summary(), notes=notes))
-    return metrics
+    steps = int(((info.get("warmup") or {}).get("seqkd") or {}).get("steps", 0)) + int(adv.get("steps", 0) or 0)
+    cost = BuildCost.from_meter(teacher.meter.summary(), seconds=timer.seconds, training_steps=steps)
+    artifacts = {k: str(run.file(k)) for k in ("student", "discriminator", "teacher_outputs.jsonl", "gad_data.jsonl")}
+    return record(run, sel, route="gad", deployed=deployed, results=conditions, cost=cost, config_dict=config_dict,
+                  title=f"Stillroom GAD: {task.name}", metrics_extra=extra, notes=notes, artifacts=artifacts,
+                  usage=teacher.meter.summary(), resumed=resumed)

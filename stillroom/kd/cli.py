@@ -11,14 +11,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-console = Console()
+from stillroom.options import RunDirOpt, TaskOpt, load_config
+from stillroom.ui import console, print_results, run_guarded
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="Optional YAML config; options override it.")]
-TaskOpt = Annotated[str | None, typer.Option("--task", "-t", help="A .jsonl/.csv file, 'bigbench:NAME' or 'hf:LOCAL_DATASET'.")]
 StudentOpt = Annotated[str | None, typer.Option(help="Student: 'hf:PATH' or a local model folder.")]
-RunDirOpt = Annotated[Path | None, typer.Option(help="Run folder (default: runs/<command>-<task>-<config hash>; rerun resumes).")]
 TrainLimitOpt = Annotated[int | None, typer.Option(help="Train on a deterministic sample of N training examples.")]
 EvalLimitOpt = Annotated[int | None, typer.Option(help="Evaluate on a deterministic sample of N examples.")]
 EpochsOpt = Annotated[float | None, typer.Option(help="Passes over the training examples.")]
@@ -28,25 +26,7 @@ BatchOpt = Annotated[int | None, typer.Option(help="Batch size per device.")]
 LoraOpt = Annotated[bool | None, typer.Option("--lora/--full", help="LoRA adapters (default) or full fine-tuning.")]
 
 
-def _guarded(fn):
-    from stillroom.cli import _run_guarded
-
-    return _run_guarded(fn)
-
-
-def _load(config: Path | None, model, overrides: dict, require: str, have: bool):
-    from stillroom.config import deep_merge, load_yaml_config, validate_config
-
-    if config:
-        return load_yaml_config(config, model, overrides)
-    if not have:
-        raise typer.BadParameter(f"give {require} or a config file")
-    return validate_config(model, deep_merge({}, overrides), source="command line")
-
-
 def _print(metrics: dict, run_dir: Path) -> None:
-    from stillroom.cli import print_results
-
     if not metrics:  # a non-main rank under `accelerate launch`
         return
     print_results(metrics["conditions"])
@@ -87,116 +67,119 @@ KeyEnvOpt = Annotated[str | None, typer.Option("--api-key-env", help="NAME of th
 ShotsOpt = Annotated[int | None, typer.Option(help="k solved training examples in every prompt.")]
 
 
+def logits_cmd(
+    config: ConfigArg = None, task: TaskOpt = None, teacher: TeacherWB = None, student: StudentOpt = None,
+    divergence: DivOpt = None, beta: BetaOpt = None, alpha: AlphaOpt = None, temperature: TempOpt = None,
+    ce_weight: CeOpt = None, top_k: TopKOpt = None, online: OnlineOpt = None, on_policy: OnPolicyOpt = None,
+    lora: LoraOpt = None, epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, lr: LrOpt = None,
+    batch_size: BatchOpt = None, train_limit: TrainLimitOpt = None, eval_limit: EvalLimitOpt = None,
+    shots: ShotsOpt = None, run_dir: RunDirOpt = None, base_url: BaseUrlOpt = None, api_key_env: KeyEnvOpt = None,
+) -> None:
+    """White-box logit KD: the teacher's top-k log-probabilities are computed once and cached on disk
+    (resumable shards), then the student (LoRA or full) is trained on them without the teacher in memory.
+
+    Writes teacher_logits/, student/ (the distilled model), train.json, predictions.jsonl, metrics.json and
+    report.html; evaluates the student before and after on the same examples.
+    """
+
+    def body():
+        from stillroom.kd.trainer import KDLogitsConfig, distill_logits
+        from stillroom.runs import run_dir_for
+
+        over = _logits_overrides(task, teacher, student, divergence, beta, alpha, temperature, ce_weight, top_k,
+                                 online, on_policy, lora, epochs, max_steps, lr, batch_size, train_limit,
+                                 eval_limit, shots)
+        over.update({"teacher_base_url": base_url, "teacher_api_key_env": api_key_env})
+        cfg = load_config(config, KDLogitsConfig, over, "--task and --student", bool(task and student))
+        out = run_dir or run_dir_for("kd-logits", cfg)
+        _print(distill_logits(cfg, out), out)
+
+    run_guarded(body)
+
+
+def hints_cmd(
+    config: ConfigArg = None, task: TaskOpt = None, teacher: TeacherWB = None, student: StudentOpt = None,
+    layer_map: Annotated[str | None, typer.Option(help="'uniform', 'uniform:N' or 'S:T,S:T' (hidden-state indices).")] = None,
+    metric: Annotated[str | None, typer.Option(help="mse or cosine.")] = None,
+    hint_weight: Annotated[float | None, typer.Option(help="Weight of the hint loss.")] = None,
+    positions: Annotated[str | None, typer.Option(help="answer (default) or all.")] = None,
+    divergence: DivOpt = None, temperature: TempOpt = None, ce_weight: CeOpt = None, top_k: TopKOpt = None,
+    online: OnlineOpt = None, lora: LoraOpt = None, epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None,
+    lr: LrOpt = None, batch_size: BatchOpt = None, train_limit: TrainLimitOpt = None,
+    eval_limit: EvalLimitOpt = None, shots: ShotsOpt = None, run_dir: RunDirOpt = None,
+) -> None:
+    """Hint KD: the logit loss plus hidden-state matching through a learned projection (student width →
+    teacher width), MSE or cosine, on a layer mapping (default uniform). Teacher states are cached with its
+    logits."""
+
+    def body():
+        from stillroom.kd.trainer import KDLogitsConfig, distill_logits
+        from stillroom.runs import run_dir_for
+
+        over = _logits_overrides(task, teacher, student, divergence, None, None, temperature, ce_weight, top_k,
+                                 online, None, lora, epochs, max_steps, lr, batch_size, train_limit,
+                                 eval_limit, shots)
+        over["hints"] = {"enabled": True, "layer_map": layer_map, "metric": metric, "weight": hint_weight,
+                         "positions": positions}
+        cfg = load_config(config, KDLogitsConfig, over, "--task and --student", bool(task and student))
+        out = run_dir or run_dir_for("kd-hints", cfg)
+        _print(distill_logits(cfg, out), out)
+
+    run_guarded(body)
+
+
+def data_cmd(
+    config: ConfigArg = None, task: TaskOpt = None,
+    teacher: Annotated[str | None, typer.Option(help="Teacher spec: 'gemma3-270m', 'hf:PATH', 'openai:MODEL', ...")] = None,
+    teacher_base_url: Annotated[str | None, typer.Option(help="Base URL of an OpenAI-compatible server.")] = None,
+    teacher_api_key_env: Annotated[str | None, typer.Option(help="NAME of the variable holding the API key.")] = None,
+    student: StudentOpt = None,
+    mode: Annotated[str | None, typer.Option(help="answers (SeqKD), cot (rationales + answers) or demos (few-shot).")] = None,
+    filter_correct: Annotated[bool | None, typer.Option("--filter/--no-filter", help="Keep only teacher outputs matching the gold label.")] = None,
+    samples: Annotated[int | None, typer.Option(help="Teacher attempts per example (re-sampled while wrong).")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Teacher sampling temperature.")] = None,
+    demos: Annotated[int | None, typer.Option(help="demos mode: number of teacher-labelled demonstrations.")] = None,
+    shots: ShotsOpt = None,
+    teacher_shots: Annotated[int | None, typer.Option(help="Gold-labelled shots in the teacher's prompt.")] = None,
+    lora: LoraOpt = None, epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, lr: LrOpt = None,
+    batch_size: BatchOpt = None, train_limit: TrainLimitOpt = None, eval_limit: EvalLimitOpt = None,
+    max_cost: Annotated[float | None, typer.Option(help="Teacher spend cap in USD for this run folder.")] = None,
+    max_spend_tokens: Annotated[int | None, typer.Option(help="Teacher spend cap in tokens.")] = None,
+    run_dir: RunDirOpt = None,
+) -> None:
+    """Black-box KD from any backend (API teachers included): teacher answers (SeqKD), rationales + answers
+    (CoT), or teacher-labelled demonstrations; filtered by correctness against gold labels; then SFT of the
+    student (stillroom.train.sft). Teacher calls go through the run's durable cache: reruns repay nothing.
+    """
+
+    def body():
+        from stillroom.kd.data import KDDataConfig, distill_data
+        from stillroom.runs import run_dir_for
+
+        over = {
+            "task": {"spec": task}, "student": student, "mode": mode, "filter_correct": filter_correct,
+            "teacher": {"spec": teacher, "base_url": teacher_base_url, "api_key_env": teacher_api_key_env},
+            "samples": samples, "temperature": temperature, "demos": demos, "shots": shots,
+            "teacher_shots": teacher_shots, "lora": lora, "epochs": epochs,
+            "max_steps": max_steps, "learning_rate": lr, "batch_size": batch_size, "train_limit": train_limit,
+            "eval_limit": eval_limit, "spend": {"max_cost_usd": max_cost, "max_tokens": max_spend_tokens},
+        }
+        cfg = load_config(config, KDDataConfig, over, "--task and --student", bool(task and student))
+        out = run_dir or run_dir_for("kd-data", cfg)
+        m = distill_data(cfg, out)
+        d = m["data"]
+        acc = "-" if d["teacher_accuracy"] is None else f"{d['teacher_accuracy']:.3f}"
+        console.print(f"teacher: {d['examples']} examples, accuracy {acc}, kept {d['kept']}")
+        _print(m, out)
+
+    run_guarded(body)
+
+
 def register(app: typer.Typer) -> None:
     """Add `stillroom kd ...` to the main app."""
     kd_app = typer.Typer(help="Knowledge distillation: teacher logits, hidden-state hints, or teacher text.",
                          no_args_is_help=True)
     app.add_typer(kd_app, name="kd")
-
-    @kd_app.command("logits")
-    def logits_cmd(
-        config: ConfigArg = None, task: TaskOpt = None, teacher: TeacherWB = None, student: StudentOpt = None,
-        divergence: DivOpt = None, beta: BetaOpt = None, alpha: AlphaOpt = None, temperature: TempOpt = None,
-        ce_weight: CeOpt = None, top_k: TopKOpt = None, online: OnlineOpt = None, on_policy: OnPolicyOpt = None,
-        lora: LoraOpt = None, epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, lr: LrOpt = None,
-        batch_size: BatchOpt = None, train_limit: TrainLimitOpt = None, eval_limit: EvalLimitOpt = None,
-        shots: ShotsOpt = None, run_dir: RunDirOpt = None, base_url: BaseUrlOpt = None, api_key_env: KeyEnvOpt = None,
-    ) -> None:
-        """White-box logit KD: the teacher's top-k log-probabilities are computed once and cached on disk
-        (resumable shards), then the student (LoRA or full) is trained on them without the teacher in memory.
-
-        Writes teacher_logits/, student/ (the distilled model), train.json, predictions.jsonl, metrics.json and
-        report.html; evaluates the student before and after on the same examples.
-        """
-
-        def body():
-            from stillroom.kd.trainer import KDLogitsConfig, distill_logits
-            from stillroom.runs import run_dir_for
-
-            over = _logits_overrides(task, teacher, student, divergence, beta, alpha, temperature, ce_weight, top_k,
-                                     online, on_policy, lora, epochs, max_steps, lr, batch_size, train_limit,
-                                     eval_limit, shots)
-            over.update({"teacher_base_url": base_url, "teacher_api_key_env": api_key_env})
-            cfg = _load(config, KDLogitsConfig, over, "--task and --student", bool(task and student))
-            out = run_dir or run_dir_for("kd-logits", cfg.model_dump(mode="json"))
-            _print(distill_logits(cfg, out), out)
-
-        _guarded(body)
-
-    @kd_app.command("hints")
-    def hints_cmd(
-        config: ConfigArg = None, task: TaskOpt = None, teacher: TeacherWB = None, student: StudentOpt = None,
-        layer_map: Annotated[str | None, typer.Option(help="'uniform', 'uniform:N' or 'S:T,S:T' (hidden-state indices).")] = None,
-        metric: Annotated[str | None, typer.Option(help="mse or cosine.")] = None,
-        hint_weight: Annotated[float | None, typer.Option(help="Weight of the hint loss.")] = None,
-        positions: Annotated[str | None, typer.Option(help="answer (default) or all.")] = None,
-        divergence: DivOpt = None, temperature: TempOpt = None, ce_weight: CeOpt = None, top_k: TopKOpt = None,
-        online: OnlineOpt = None, lora: LoraOpt = None, epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None,
-        lr: LrOpt = None, batch_size: BatchOpt = None, train_limit: TrainLimitOpt = None,
-        eval_limit: EvalLimitOpt = None, shots: ShotsOpt = None, run_dir: RunDirOpt = None,
-    ) -> None:
-        """Hint KD: the logit loss plus hidden-state matching through a learned projection (student width →
-        teacher width), MSE or cosine, on a layer mapping (default uniform). Teacher states are cached with its
-        logits."""
-
-        def body():
-            from stillroom.kd.trainer import KDLogitsConfig, distill_logits
-            from stillroom.runs import run_dir_for
-
-            over = _logits_overrides(task, teacher, student, divergence, None, None, temperature, ce_weight, top_k,
-                                     online, None, lora, epochs, max_steps, lr, batch_size, train_limit,
-                                     eval_limit, shots)
-            over["hints"] = {"enabled": True, "layer_map": layer_map, "metric": metric, "weight": hint_weight,
-                             "positions": positions}
-            cfg = _load(config, KDLogitsConfig, over, "--task and --student", bool(task and student))
-            out = run_dir or run_dir_for("kd-hints", cfg.model_dump(mode="json"))
-            _print(distill_logits(cfg, out), out)
-
-        _guarded(body)
-
-    @kd_app.command("data")
-    def data_cmd(
-        config: ConfigArg = None, task: TaskOpt = None,
-        teacher: Annotated[str | None, typer.Option(help="Teacher spec: 'gemma3-270m', 'hf:PATH', 'openai:MODEL', ...")] = None,
-        teacher_base_url: Annotated[str | None, typer.Option(help="Base URL of an OpenAI-compatible server.")] = None,
-        teacher_api_key_env: Annotated[str | None, typer.Option(help="NAME of the variable holding the API key.")] = None,
-        student: StudentOpt = None,
-        mode: Annotated[str | None, typer.Option(help="answers (SeqKD), cot (rationales + answers) or demos (few-shot).")] = None,
-        filter_correct: Annotated[bool | None, typer.Option("--filter/--no-filter", help="Keep only teacher outputs matching the gold label.")] = None,
-        samples: Annotated[int | None, typer.Option(help="Teacher attempts per example (re-sampled while wrong).")] = None,
-        temperature: Annotated[float | None, typer.Option(help="Teacher sampling temperature.")] = None,
-        demos: Annotated[int | None, typer.Option(help="demos mode: number of teacher-labelled demonstrations.")] = None,
-        shots: ShotsOpt = None,
-        teacher_shots: Annotated[int | None, typer.Option(help="Gold-labelled shots in the teacher's prompt.")] = None,
-        lora: LoraOpt = None, epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, lr: LrOpt = None,
-        batch_size: BatchOpt = None, train_limit: TrainLimitOpt = None, eval_limit: EvalLimitOpt = None,
-        max_cost: Annotated[float | None, typer.Option(help="Teacher spend cap in USD for this run folder.")] = None,
-        max_spend_tokens: Annotated[int | None, typer.Option(help="Teacher spend cap in tokens.")] = None,
-        run_dir: RunDirOpt = None,
-    ) -> None:
-        """Black-box KD from any backend (API teachers included): teacher answers (SeqKD), rationales + answers
-        (CoT), or teacher-labelled demonstrations; filtered by correctness against gold labels; then SFT of the
-        student (stillroom.train.sft). Teacher calls go through the run's durable cache: reruns repay nothing.
-        """
-
-        def body():
-            from stillroom.kd.data import KDDataConfig, distill_data
-            from stillroom.runs import run_dir_for
-
-            over = {
-                "task": {"spec": task}, "student": student, "mode": mode, "filter_correct": filter_correct,
-                "teacher": {"spec": teacher, "base_url": teacher_base_url, "api_key_env": teacher_api_key_env},
-                "samples": samples, "temperature": temperature, "demos": demos, "shots": shots,
-                "teacher_shots": teacher_shots, "lora": lora, "epochs": epochs,
-                "max_steps": max_steps, "learning_rate": lr, "batch_size": batch_size, "train_limit": train_limit,
-                "eval_limit": eval_limit, "spend": {"max_cost_usd": max_cost, "max_tokens": max_spend_tokens},
-            }
-            cfg = _load(config, KDDataConfig, over, "--task and --student", bool(task and student))
-            out = run_dir or run_dir_for("kd-data", cfg.model_dump(mode="json"))
-            m = distill_data(cfg, out)
-            d = m["data"]
-            acc = "-" if d["teacher_accuracy"] is None else f"{d['teacher_accuracy']:.3f}"
-            console.print(f"teacher: {d['examples']} examples, accuracy {acc}, kept {d['kept']}")
-            _print(m, out)
-
-        _guarded(body)
+    kd_app.command("logits")(logits_cmd)
+    kd_app.command("hints")(hints_cmd)
+    kd_app.command("data")(data_cmd)

@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from stillroom.config import BackendConfig, SpendConfig, TaskConfig
 from stillroom.errors import ConfigError
@@ -69,6 +69,12 @@ class KDDataConfig(BaseModel):
     max_length: int = Field(1024, ge=8, description="SFT tokens per example.")
     seed: int = Field(0, description="SFT seed.")
     spend: SpendConfig = Field(default_factory=SpendConfig, description="Cap on the teacher's spend for this run.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError("samples > 1 needs temperature > 0 (greedy decoding repeats the same answer)")
+        return self
 
 
 def teacher_answer(task, ex, text: str) -> str | None:
@@ -176,21 +182,19 @@ def distill_data(cfg: KDDataConfig, run_dir: str | Path, *, teacher_backend=None
     from stillroom.backends import open_cached_backend
     from stillroom.backends.embedded import is_converted, save_model_folder
     from stillroom.backends.hf import HFBackend
-    from stillroom.evaluate.runner import evaluate
-    from stillroom.kd.trainer import load_causal_lm, load_tokenizer, resolve_model_path, training_digest
-    from stillroom.report.html import eval_report
-    from stillroom.runs import start_run
-    from stillroom.tasks.task import sample
+    from stillroom.kd.trainer import training_digest
+    from stillroom.models import load_causal_lm, load_tokenizer, resolve_model_path
+    from stillroom.route import BuildCost, Deployment, Timer, evaluate_deployment, open_run, record, select
 
-    run, config_dict, task, splits = start_run(cfg, run_dir)
-    teacher_shots = sample(splits.train, cfg.teacher_shots, seed=cfg.task.seed) if cfg.teacher_shots else []
-    student_shots = sample(splits.train, cfg.shots, seed=cfg.task.seed) if cfg.shots and cfg.mode != "demos" else []
-    shot_ids = {s.id for s in teacher_shots} | {s.id for s in student_shots}
-    train = [e for e in sample(splits.train, cfg.train_limit, seed=cfg.task.seed) if e.id not in shot_ids]
-    eval_examples = sample(splits.get(cfg.eval_split), cfg.eval_limit, seed=cfg.task.seed)
-    if cfg.samples > 1 and cfg.temperature == 0:
-        raise ConfigError("samples > 1 needs temperature > 0 (greedy decoding repeats the same answer)")
+    timer = Timer()
+    sel = select(cfg.task, split=cfg.eval_split, limit=cfg.eval_limit, train_limit=cfg.train_limit)
     student_path = resolve_model_path(cfg.student)
+    run, config_dict = open_run(cfg, run_dir)
+    task = sel.task
+    teacher_shots = sel.shots(cfg.teacher_shots)
+    student_shots = sel.shots(cfg.shots) if cfg.mode != "demos" else []
+    shot_ids = {s.id for s in teacher_shots} | {s.id for s in student_shots}
+    train = [e for e in sel.train if e.id not in shot_ids]
     max_tokens = cfg.teacher_max_tokens or (256 if cfg.mode == "cot" else 32)
 
     teacher = open_cached_backend(cfg.teacher, run.cache_path, cfg.spend, backend=teacher_backend)
@@ -205,20 +209,24 @@ def distill_data(cfg: KDDataConfig, run_dir: str | Path, *, teacher_backend=None
     student = load_causal_lm(student_path)
     conditions: dict[str, Any] = {}
     method = "cot" if cfg.mode == "cot" else "auto"
+    budget = 256 if cfg.mode == "cot" else 16
     if cfg.eval_before or cfg.mode == "demos":
         base = HFBackend.from_objects(student, tok, name="student-base")
-        conditions["student (no KD)"] = evaluate(task, eval_examples, base, shots=student_shots, method=method,
-                                                 description="student-base")
+        conditions["student (no KD)"] = evaluate_deployment(sel, Deployment(
+            name="student (no KD)", backend=base, model=cfg.student, shots=student_shots, method=method,
+            max_new_tokens=budget, model_dir=student_path))
     notes: list[str] = []
+    resumed = False
     train_info: dict[str, Any] = {"data": data_stats}
     if cfg.mode == "demos":
         kept = [r for r in rows if r["kept"]][: cfg.demos]
         by_id = {ex.id: ex for ex in train}
         demos = [dataclasses.replace(by_id[r["id"]], label=r["answer"]) for r in kept]
         run.write_jsonl("demos.jsonl", [{"id": d.id, "input": d.input, "label": d.label} for d in demos])
-        backend = HFBackend.from_objects(student, tok, name="student-demos")
-        conditions[f"student + {len(demos)} teacher demos"] = evaluate(
-            task, eval_examples, backend, shots=demos, method=method, description="student-demos")
+        deployed = Deployment(name=f"student + {len(demos)} teacher demos",
+                              backend=HFBackend.from_objects(student, tok, name="student-demos"), model=cfg.student,
+                              shots=demos, method=method, max_new_tokens=budget, model_dir=student_path)
+        conditions[deployed.name] = evaluate_deployment(sel, deployed)
         notes.append("demos mode: no training; the teacher's labelled examples are the student's few-shot prompt")
     else:
         from stillroom.train.sft import SFTSettings, train_sft
@@ -230,6 +238,7 @@ def distill_data(cfg: KDDataConfig, run_dir: str | Path, *, teacher_backend=None
         digest = training_digest(cfg)
         if is_converted(student_dir) and (run.read_json("train.json") or {}).get("config_digest") == digest:
             notes.append("resumed: the student was already fine-tuned in this run folder")
+            resumed = teacher.meter.calls == 0
             trained = load_causal_lm(student_dir)
             train_info = run.read_json("train.json")
         else:
@@ -245,17 +254,16 @@ def distill_data(cfg: KDDataConfig, run_dir: str | Path, *, teacher_backend=None
                                   "losses": res.losses, "trainable_parameters": res.trainable_parameters,
                                   "settings": dataclasses.asdict(settings)}}
             run.write_json("train.json", train_info)
-        backend = HFBackend.from_objects(trained, tok, name="student-kd")
-        conditions[f"student ({cfg.mode} KD)"] = evaluate(task, eval_examples, backend, shots=student_shots,
-                                                          method=method, description="student-kd")
-    rows_out = [{"condition": name, **p} for name, r in conditions.items() for p in r.predictions]
-    run.write_jsonl("predictions.jsonl", rows_out)
-    metrics = {"task": task.name, "split": cfg.eval_split, "examples": len(eval_examples), "mode": cfg.mode,
-               "teacher": teacher.identity, "student": str(student_path), "data": data_stats,
-               "conditions": {n: {"method": r.method, **r.metrics} for n, r in conditions.items()},
-               "train": {k: v for k, v in train_info.items() if k != "data"}, "notes": notes}
-    run.write_json("metrics.json", metrics)
-    run.write_text("report.html", eval_report(f"Stillroom KD (data, {cfg.mode}): {task.name}",
-                                              {n: r.metrics for n, r in conditions.items()}, config_dict,
-                                              usage=teacher.meter.summary(), notes=notes))
-    return metrics
+        deployed = Deployment(name=f"student ({cfg.mode} KD)", backend=HFBackend.from_objects(trained, tok, name="student-kd"),
+                              model=str(student_dir), shots=student_shots, method=method, max_new_tokens=budget,
+                              model_dir=student_dir)
+        conditions[deployed.name] = evaluate_deployment(sel, deployed)
+    steps = int((train_info.get("sft") or {}).get("steps", 0))
+    cost = BuildCost.from_meter(teacher.meter.summary(), seconds=timer.seconds, training_steps=steps)
+    artifacts = {k: str(run.file(k)) for k in ("teacher_outputs.jsonl", "sft_data.jsonl", "demos.jsonl", "student")
+                 if run.file(k).exists()}
+    extra = {"split": cfg.eval_split, "mode": cfg.mode, "teacher": teacher.identity, "student": str(student_path),
+             "data": data_stats, "train": {k: v for k, v in train_info.items() if k != "data"}}
+    return record(run, sel, route=f"kd-data-{cfg.mode}", deployed=deployed, results=conditions, cost=cost,
+                  config_dict=config_dict, title=f"Stillroom KD (data, {cfg.mode}): {task.name}", metrics_extra=extra,
+                  notes=notes, artifacts=artifacts, usage=teacher.meter.summary(), resumed=resumed)

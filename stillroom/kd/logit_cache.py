@@ -349,7 +349,7 @@ def build_logit_cache(
     """
     import time
 
-    from stillroom.evaluate.runner import progress_bar
+    from stillroom.ui import progress_bar
 
     if hint_positions not in ("answer", "all"):
         raise ConfigError(f"hint_positions must be 'answer' or 'all', got {hint_positions!r}")

@@ -24,9 +24,6 @@ the run folder → evaluation of the student before and after on the same exampl
 
 from __future__ import annotations
 
-import gc
-import hashlib
-import json
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -59,6 +56,16 @@ from stillroom.kd.losses import (
     dense_divergence,
     sparse_divergence,
     topk_targets,
+)
+from stillroom.models import (
+    bf16_supported,
+    load_causal_lm,
+    load_tokenizer,
+    lora_config,
+    merged,
+    model_fingerprint,
+    release_memory,
+    resolve_model_path,
 )
 
 Divergence = Literal["fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl"]
@@ -145,8 +152,10 @@ class KDLogitsConfig(KDConfig):
         "stillroom.kd.served_teacher).",
     )
     teacher_base_url: str | None = Field(None, description="A served teacher's vLLM URL, e.g. http://gpu-node:8000/v1.")
-    teacher_api_key_env: str = Field("OPENAI_API_KEY", description="NAME of the variable holding the served teacher's key.")
-    teacher_max_concurrency: int = Field(8, ge=1, description="A served teacher's requests in flight.")
+    teacher_api_key_env: str = Field("OPENAI_API_KEY", description="NAME of the variable holding the served teacher's key.",
+                                     json_schema_extra={"identity": False})
+    teacher_max_concurrency: int = Field(8, ge=1, description="A served teacher's requests in flight.",
+                                         json_schema_extra={"identity": False})
     student: str = Field(..., description="Student: 'hf:PATH' or a local model folder (same vocabulary family).")
     shots: int = Field(0, ge=0, description="k solved training examples in every prompt (training and evaluation).")
     train_limit: int | None = Field(None, ge=1, description="Train on a deterministic sample of N training examples.")
@@ -163,63 +172,11 @@ class KDLogitsConfig(KDConfig):
 # ---------------------------------------------------------------------------------------------- models
 
 
-def resolve_model_path(spec: str) -> Path:
-    """A local transformers folder for a white-box model spec ('gemma3-270m', 'hf:PATH', or a path)."""
-    if spec in ("gemma3-270m", "embedded"):
-        from stillroom.backends.embedded import ensure_embedded_gemma
-
-        return Path(ensure_embedded_gemma())
-    kind, _, rest = spec.partition(":")
-    if kind in ("openai", "scripted", "gguf"):
-        raise ConfigError(
-            f"{spec!r}: white-box KD needs the model's weights as a local transformers folder; an API or scripted "
-            "teacher can only be distilled through text (`stillroom kd data`)"
-        )
-    path = Path(rest if kind == "hf" and rest else spec).expanduser()
-    if not (path / "config.json").exists():
-        raise ConfigError(f"{spec!r}: no transformers model folder at {path} (config.json missing)")
-    return path
-
-
-def model_fingerprint(path: Path) -> str:
-    """Path plus size and mtime of the weight files: a changed checkpoint gets a new teacher cache."""
-    parts = [str(Path(path).resolve())]
-    for f in sorted(Path(path).glob("*.safetensors")) + sorted(Path(path).glob("*.bin")):
-        st = f.stat()
-        parts.append(f"{f.name}:{st.st_size}:{int(st.st_mtime)}")
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16] + ":" + Path(path).name
-
-
-def load_causal_lm(path: str | Path, *, dtype: str = "auto", device: str = "auto"):
-    """Load a local causal LM on `device` ('auto': CUDA, else MPS, else CPU)."""
-    from transformers import AutoModelForCausalLM
-
-    from stillroom.backends.hf import resolve_device, resolve_dtype
-
-    dev = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype, dev))
-    return model.to(dev)
-
-
-def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(path))
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
-    return tok
-
-
 def apply_lora(model: Any, cfg: KDConfig):
     """Wrap the student in LoRA adapters (PEFT)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    targets = cfg.lora_target_modules
-    lc = LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
-        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
-    )
-    return get_peft_model(model, lc)
+    return get_peft_model(model, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules))
 
 
 def n_blocks(model: Any) -> int:
@@ -414,7 +371,7 @@ class TrainResult:
 
 def training_arguments(cfg: KDConfig, output_dir: str | Path, **over) -> TrainingArguments:
     """The TrainingArguments every Stillroom KD run uses (no checkpoints, no external loggers)."""
-    bf16 = torch.cuda.is_available() and cfg.dtype in ("auto", "bfloat16", "bf16") and torch.cuda.is_bf16_supported()
+    bf16 = bf16_supported(cfg.dtype)
     kw = dict(
         output_dir=str(output_dir), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
@@ -524,7 +481,7 @@ def train_on_policy(
     if cfg.ce_weight:
         notes.append("ce_weight ignored on-policy (the student's samples have no gold answers)")
     tokenizer.padding_side = "left"
-    bf16 = torch.cuda.is_available() and cfg.dtype in ("auto", "bfloat16", "bf16") and torch.cuda.is_bf16_supported()
+    bf16 = bf16_supported(cfg.dtype)
     args = DistillationConfig(
         output_dir=str(output_dir), beta=beta, temperature=cfg.temperature, max_completion_length=max_completion_length,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
@@ -534,12 +491,7 @@ def train_on_policy(
     )
     peft_config = None
     if cfg.lora and not hasattr(student, "peft_config"):
-        from peft import LoraConfig
-
-        t = cfg.lora_target_modules
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 task_type="CAUSAL_LM",
-                                 target_modules=t if t == "all-linear" else [x.strip() for x in t.split(",")])
+        peft_config = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     trainer = DistillationTrainer(
         model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), peft_config=peft_config,
@@ -552,15 +504,6 @@ def train_on_policy(
 
 
 # ---------------------------------------------------------------------------------------------- the route
-
-
-def merged(model: Any) -> Any:
-    """A plain transformers model: LoRA adapters merged in, hint projector removed."""
-    if hasattr(model, "kd_projector"):
-        del model.kd_projector
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    return model
 
 
 def evaluate_model(task, examples, model, tokenizer, *, shots=(), name: str = "student") -> Any:
@@ -578,15 +521,9 @@ EVAL_ONLY_FIELDS = ("eval_split", "eval_limit", "eval_before", "eval_teacher")
 def training_digest(cfg: BaseModel) -> str:
     """Hash of the settings that shape the trained student (not the evaluation ones): a run folder's student is
     reused on a rerun only when this matches."""
-    data = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in EVAL_ONLY_FIELDS}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    from stillroom.runs import digest_of
 
-
-def _release_memory() -> None:
-    """Return freed model memory (call after dropping the last reference to a model)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    return digest_of(cfg, exclude=EVAL_ONLY_FIELDS)
 
 
 def process_state():
@@ -613,19 +550,18 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
     train.json, predictions.jsonl, metrics.json and report.html.
     """
     from stillroom.backends.embedded import is_converted, save_model_folder
-    from stillroom.report.html import eval_report
-    from stillroom.runs import start_run
+    from stillroom.backends.hf import HFBackend
+    from stillroom.route import BuildCost, Deployment, Timer, evaluate_deployment, open_run, record, select
     from stillroom.tasks.prompts import continuation, render_prompt
-    from stillroom.tasks.task import sample
 
-    run, config_dict, task, splits = start_run(cfg, run_dir)
-    shots = sample(splits.train, cfg.shots, seed=cfg.task.seed) if cfg.shots else []
+    timer = Timer()
+    sel = select(cfg.task, split=cfg.eval_split, limit=cfg.eval_limit, train_limit=cfg.train_limit)
+    task, eval_examples = sel.task, sel.test
+    shots = sel.shots(cfg.shots)
     shot_ids = {s.id for s in shots}
-    train = [e for e in sample(splits.train, cfg.train_limit, seed=cfg.task.seed) if e.label is not None and e.id not in shot_ids]
-    eval_examples = sample(splits.get(cfg.eval_split), cfg.eval_limit, seed=cfg.task.seed)
+    train = [e for e in sel.train if e.label is not None and e.id not in shot_ids]
     if not train:
         raise ConfigError(f"task {task.name!r}: no labelled training examples")
-
     served = None
     if cfg.teacher.partition(":")[0] == "openai":  # a teacher behind vLLM: never loaded here
         from stillroom.kd.served_teacher import served_teacher_for
@@ -633,6 +569,7 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
         served = served_teacher_for(cfg)
     teacher_path = None if served else resolve_model_path(cfg.teacher)
     student_path = resolve_model_path(cfg.student)
+    run, config_dict = open_run(cfg, run_dir)
     from transformers import AutoConfig
 
     s_tok = load_tokenizer(student_path)
@@ -665,19 +602,21 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
         teacher = load_teacher()
         conditions["teacher"] = evaluate_model(task, eval_examples, teacher, t_tok, shots=shots, name="teacher")
         del teacher
-        _release_memory()
+        release_memory()
 
     student_dir = run.file("student")
     train_info = run.read_json("train.json")
     cache_info: dict[str, Any] = {}
     digest = training_digest(cfg)
+    resumed = False
     if is_converted(student_dir) and train_info is not None and train_info.get("config_digest") == digest:
+        resumed = True
         notes.append("resumed: the distilled student was already trained in this run folder")
         if cfg.eval_before:
             base = load_causal_lm(student_path, dtype=cfg.dtype)
             conditions["student (no KD)"] = evaluate_model(task, eval_examples, base, s_tok, shots=shots, name="student-base")
             del base
-            _release_memory()
+            release_memory()
         trained = load_causal_lm(student_dir, dtype=cfg.dtype)
     else:
         student = load_causal_lm(student_path, dtype=cfg.dtype)
@@ -708,7 +647,7 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
                         shard_size=cfg.shard_size, batch_size=cfg.teacher_batch_size, pad_id=s_tok.pad_token_id or 0,
                         progress=progress, **hint_kw,
                     )
-                _release_memory()  # the teacher loaded inside build_logit_cache is unreachable now
+                release_memory()  # the teacher loaded inside build_logit_cache is unreachable now
                 cache_info = {"folder": str(cache.folder), "computed_shards": stats.computed,
                               "reused_shards": stats.skipped, "seconds": round(time.perf_counter() - t0, 2),
                               "teacher_tokens": stats.teacher_tokens, "k": cache.k}
@@ -719,25 +658,25 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
         trained = merged(result.model)
         train_info = {**result.summary(), "cache": cache_info, "examples": len(encoded), "config_digest": digest}
         del teacher, result
-        _release_memory()
+        release_memory()
         if not process_state().is_main_process:
             return {}  # other ranks of a multi-GPU run: the main process saves and evaluates
         save_model_folder(trained, s_tok, student_dir)
         run.write_json("train.json", train_info)
-    conditions["student (KD)"] = evaluate_model(task, eval_examples, trained, s_tok, shots=shots, name="student-kd")
-    rows = [{"condition": name, **p} for name, r in conditions.items() for p in r.predictions]
-    run.write_jsonl("predictions.jsonl", rows)
+    deployed = Deployment(name="student (KD)", backend=HFBackend.from_objects(trained, s_tok, name="student-kd"),
+                          model=str(student_dir), shots=shots, model_dir=student_dir)
+    conditions[deployed.name] = evaluate_deployment(sel, deployed)
     method = "on-policy GKD (TRL)" if cfg.on_policy else f"{cfg.divergence} ({cfg.teacher_mode} teacher, top-{cfg.top_k})"
-    metrics = {
-        "task": task.name, "split": cfg.eval_split, "examples": len(eval_examples), "train_examples": len(encoded),
-        "teacher": served.identity if served else str(teacher_path), "student": str(student_path), "method": method,
-        "conditions": {name: {"method": r.method, **r.metrics} for name, r in conditions.items()},
-        "train": {k: v for k, v in train_info.items() if k != "log_history"}, "notes": notes,
-    }
-    run.write_json("metrics.json", metrics)
-    run.write_text("report.html", eval_report(f"Stillroom KD: {task.name}", {n: r.metrics for n, r in conditions.items()},
-                                              config_dict, notes=notes + [f"method: {method}"]))
-    return metrics
+    cache_meta = train_info.get("cache") or {}
+    cost = BuildCost(teacher_input_tokens=int(cache_meta.get("teacher_tokens", 0) or 0), seconds=timer.seconds,
+                     training_steps=int(train_info.get("steps", 0)))
+    extra = {"split": cfg.eval_split, "train_examples": len(encoded), "teacher": served.identity if served else str(teacher_path),
+             "student": str(student_path), "method": method,
+             "train": {k: v for k, v in train_info.items() if k != "log_history"}}
+    artifacts = {"student": str(student_dir), "teacher_logits": str(run.file("teacher_logits"))}
+    return record(run, sel, route="kd-hints" if cfg.hints.enabled else "kd-logits", deployed=deployed,
+                  results=conditions, cost=cost, config_dict=config_dict, title=f"Stillroom KD: {task.name}",
+                  metrics_extra=extra, notes=notes + [f"method: {method}"], artifacts=artifacts, resumed=resumed)
 
 
 def hint_meta(layer_map: Sequence[tuple[int, int]], teacher_config: Any) -> dict:

@@ -25,8 +25,9 @@ from stillroom.pld.prompts import TEACHER_STOPS
 from stillroom.pld.resolve import Resolution, resolve_conflicts
 from stillroom.pld.rulebook import Rulebook
 from stillroom.pld.synthesize import synthesize_rules
+from stillroom.route import BuildCost, Deployment, evaluate_deployment, open_run, record, select
 from stillroom.runs import RunFolder
-from stillroom.tasks.task import Task, sample
+from stillroom.tasks.task import Task
 
 console = Console()
 
@@ -49,21 +50,10 @@ def run_pld(cfg: PLDConfig, run_dir: Path, *, teacher=None, student=None, embedd
             task: Task | None = None) -> dict:
     """Run PLD end to end; returns the metrics written to metrics.json."""
     started = time.perf_counter()
-    run = RunFolder(run_dir)
-    config_dict = cfg.model_dump(mode="json")
-    run.save_config(config_dict)
-    if task is None:
-        from stillroom.tasks import load_task
-
-        task = load_task(cfg.task.spec, instruction=cfg.task.instruction, labels=cfg.task.labels)
-    if task.kind == "free_text":
-        from stillroom.errors import ConfigError
-
-        raise ConfigError(f"PLD needs a label set or options; task {task.name!r} is free text")
-    splits = task.splits(seed=cfg.task.seed, val_fraction=cfg.task.val_fraction, test_fraction=cfg.task.test_fraction)
-    train = sample(splits.train, cfg.extract_sample, seed=cfg.task.seed)
-    val = sample(splits.val, cfg.val_limit, seed=cfg.task.seed)
-    test = sample(splits.test, cfg.test_limit, seed=cfg.task.seed)
+    sel = select(cfg.task, limit=cfg.test_limit, train_limit=cfg.extract_sample, val_limit=cfg.val_limit, task=task,
+                 need_labels=True)
+    task, train, val, test = sel.task, sel.train, sel.val, sel.test
+    run, config_dict = open_run(cfg, run_dir)
     teacher_b, student_b = open_backends(cfg, run, teacher, student)
     tparams = GenerationParams(max_tokens=cfg.teacher_max_tokens, temperature=0.0, stop=TEACHER_STOPS)
     notes: list[str] = []
@@ -139,15 +129,17 @@ def run_pld(cfg: PLDConfig, run_dir: Path, *, teacher=None, student=None, embedd
 
         # The comparison on the test split: same student, same examples.
         conditions: dict[str, EvalResult] = {}
-        conditions["zero-shot"] = student_eval(None, test, "test zero-shot")
-        if cfg.shots:
-            shots = sample(splits.train, cfg.shots, seed=cfg.task.seed)
-            conditions[f"{cfg.shots}-shot"] = evaluate(task, test, student_b, shots=shots, method=cfg.student_method,
-                                                       description=f"test {cfg.shots}-shot")
-        if cfg.cot:
-            conditions["chain-of-thought"] = evaluate(task, test, student_b, method="cot",
-                                                      max_new_tokens=max(1, cfg.cot_max_tokens // 16), description="test CoT")
-        conditions["PLD"] = student_eval(final, test, "test PLD")
+        if cfg.compare_baselines:
+            conditions["zero-shot"] = student_eval(None, test, "test zero-shot")
+            if cfg.shots:
+                conditions[f"{cfg.shots}-shot"] = evaluate(task, test, student_b, shots=sel.shots(cfg.shots),
+                                                           method=cfg.student_method, description=f"test {cfg.shots}-shot")
+            if cfg.cot:
+                conditions["chain-of-thought"] = evaluate(task, test, student_b, method="cot",
+                                                          cot_max_tokens=cfg.cot_max_tokens, description="test CoT")
+        deployed = Deployment(name="PLD", backend=student_b, model=cfg.student.spec, system_prompt=final.system_prompt(),
+                              method=cfg.student_method)
+        conditions["PLD"] = evaluate_deployment(sel, deployed)
         for name, r in conditions.items():
             if r.metrics.get("invalid_rate") == 1.0:
                 notes.append(f"{name}: the student never produced a valid label ({r.metrics['n']} answers, all invalid).")
@@ -170,9 +162,13 @@ def run_pld(cfg: PLDConfig, run_dir: Path, *, teacher=None, student=None, embedd
                        for n, r in conditions.items()},
         "notes": notes,
     }
-    run.write_json("metrics.json", metrics)
-    run.write_jsonl("predictions.jsonl", [{"condition": n, **p} for n, r in conditions.items() for p in r.predictions])
     from stillroom.pld.report import pld_report
 
-    run.write_text("report.html", pld_report(metrics, final, config_dict))
-    return metrics
+    resumed = build_cost.get("calls", 0) == 0 and build_cost.get("run_calls", 0) > 0
+    cost = BuildCost.from_meter(build_cost, seconds=build_s)
+    artifacts = {k: str(run.file(k)) for k in ("rulebook.json", "rulebook.md", "system_prompt.txt")}
+    extra = {k: v for k, v in metrics.items() if k not in ("conditions", "notes", "task")}
+    record(run, sel, route="pld", deployed=deployed, results=conditions, cost=cost, config_dict=config_dict,
+           title=f"Stillroom PLD: {task.name}", metrics_extra=extra, notes=notes, artifacts=artifacts,
+           resumed=resumed, report_html=pld_report(metrics, final, config_dict))
+    return {**metrics, "build": {**metrics["build"], **{"seconds": run.read_json("result.json")["build"]["seconds"]}}}

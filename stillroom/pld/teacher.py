@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from stillroom.backends.base import Backend, GenerationParams, Message
-from stillroom.evaluate.runner import progress_bar
+from stillroom.ui import progress_bar
 
 
 @dataclass

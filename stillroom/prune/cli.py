@@ -11,25 +11,27 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
+from stillroom.options import ConfigArg, RunDirOpt, TaskOpt
+from stillroom.ui import console, print_notes, print_results, run_guarded
 
 ModelArg = Annotated[str, typer.Option("--model", "-m", help="Model: 'gemma3-270m', 'hf:PATH' or a model folder.")]
-OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: under runs/).")]
-
-
-def _guarded(fn):
-    from stillroom.cli import _run_guarded
-
-    return _run_guarded(fn)
+OutOpt = Annotated[Path | None, typer.Option("--run-dir", "--out", "-o", help="Output folder (default: runs/<command>-<hash of the inputs>; a model folder for apply, heal and merge).")]
 
 
 def _default_out(command: str, config: dict) -> Path:
     from stillroom.runs import run_dir_for
 
     return run_dir_for(command, config)
+
+
+def _save_config(dest: Path, command: str, config: dict) -> None:
+    """Every command records what it ran in its folder's config.yaml, like the other routes (written last: model
+    folders are replaced whole when they are saved)."""
+    from stillroom.runs import RunFolder
+
+    RunFolder(dest).save_config({"command": command, **{k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()}})
 
 
 def _print_analysis(data: dict) -> None:
@@ -72,226 +74,276 @@ def analyze_to_folder(model: str, calibration: str, out: Path, samples: int = 64
     return data
 
 
+def prune_analyze(
+    model: ModelArg,
+    calibration: Annotated[str, typer.Option(help="Calibration texts: a task spec, a .txt or a .jsonl file.")],
+    samples: Annotated[int, typer.Option(help="Calibration texts to average over.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Texts per forward.")] = 4,
+    max_length: Annotated[int, typer.Option(help="Tokens per text (truncated).")] = 512,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    run_dir: OutOpt = None,
+) -> None:
+    """Angular distance d(l, n) for every block (last token, averaged over the calibration texts) and Block
+    Influence per layer. Writes angular.json and angular_heatmap.png; names the best block per size n.
+
+    Index convention: 0-based, end exclusive; hidden_states[l] is the input of layer l.
+    """
+
+    def body():
+        dest = run_dir or _default_out("prune-analyze", {"model": model, "calibration": calibration,
+                                                     "samples": samples, "seed": seed})
+        data = analyze_to_folder(model, calibration, dest, samples, batch_size, max_length, seed)
+        _save_config(dest, "prune analyze", {"model": model, "calibration": calibration, "samples": samples,
+                                             "batch_size": batch_size, "max_length": max_length, "seed": seed})
+        _print_analysis(data)
+        console.print(f"written: [bold]{dest / 'angular.json'}[/], {dest / 'angular_heatmap.png'}")
+
+    run_guarded(body)
+
+
+def prune_apply(
+    model: ModelArg,
+    drop: Annotated[str | None, typer.Option(help="Layers to remove, START:END (0-based, end exclusive).")] = None,
+    block_size: Annotated[int | None, typer.Option(help="Remove the best block of this size (needs --analysis "
+                                                         "or --calibration).")] = None,
+    analysis: Annotated[Path | None, typer.Option(help="angular.json from `prune analyze`.")] = None,
+    calibration: Annotated[str | None, typer.Option(help="Calibration data, to analyse now.")] = None,
+    samples: Annotated[int, typer.Option(help="Calibration texts (with --calibration).")] = 64,
+    check: Annotated[bool, typer.Option("--check/--no-check", help="Reload the saved model and generate.")] = True,
+    run_dir: OutOpt = None,
+) -> None:
+    """Remove a block of layers and save a model folder that reloads with plain AutoModelForCausalLM.
+
+    Per-layer indices and per-layer config lists (e.g. Gemma-3 layer_types) are renumbered; the config records
+    num_hidden_layers and stillroom_removed_layers (original indices).
+    """
+
+    def body():
+        from stillroom.errors import ConfigError
+        from stillroom.prune.angular import LayerAnalysis
+        from stillroom.prune.surgery import model_folder, parse_block, prune_model_folder
+
+        if (drop is None) == (block_size is None):
+            raise ConfigError("give exactly one of --drop START:END or --block-size N")
+        folder = model_folder(model)
+        record = None
+        if drop is not None:
+            start, end = parse_block(drop)
+        else:
+            if analysis is not None:
+                data = json.loads(Path(analysis).read_text(encoding="utf-8"))
+            elif calibration is not None:
+                dest = _default_out("prune-analyze", {"model": model, "calibration": calibration,
+                                                     "samples": samples, "seed": 0})
+                data = analyze_to_folder(model, calibration, dest, samples)
+            else:
+                raise ConfigError("--block-size needs --analysis angular.json or --calibration DATA")
+            start, end, d = LayerAnalysis.from_json(data).best_block(block_size)
+            record = {"block_size": block_size, "angular_distance": d, "calibration": data.get("calibration")}
+            console.print(f"best block of size {block_size}: drop {start}:{end} (d = {d:.4f})")
+        dest = run_dir or _default_out("pruned", {"model": str(folder), "drop": f"{start}:{end}"})
+        saved = prune_model_folder(folder, start, end, dest, analysis=record)
+        _save_config(saved, "prune apply", {"model": model, "drop": f"{start}:{end}", "block_size": block_size,
+                                            "analysis": analysis, "calibration": calibration, "samples": samples})
+        info = json.loads((saved / "stillroom.json").read_text())
+        console.print(f"removed layers {info['removed_layers']} ({info['num_hidden_layers']['before']} -> "
+                      f"{info['num_hidden_layers']['after']} layers, {info['parameters']['before']:,} -> "
+                      f"{info['parameters']['after']:,} parameters): [bold]{saved}[/]")
+        if check:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(saved))
+            m = AutoModelForCausalLM.from_pretrained(str(saved))
+            ids = tok("The capital of France is", return_tensors="pt")
+            with torch.inference_mode():
+                g = m.generate(**ids, max_new_tokens=8, do_sample=False)
+            console.print(f"reload + generate ok: {tok.decode(g[0, ids['input_ids'].shape[1]:])!r}")
+
+    run_guarded(body)
+
+
+def selfdistill_cmd(
+    teacher: Annotated[str, typer.Option(help="The unpruned model: 'gemma3-270m', 'hf:PATH', 'openai:MODEL'...")],
+    task: Annotated[str, typer.Option("--task", "-t", help="A task spec (its training split is rewritten).")],
+    limit: Annotated[int | None, typer.Option(help="Rewrite a deterministic sample of N training examples.")] = None,
+    shots: Annotated[int, typer.Option(help="Solved examples in the healing prompts (match your evaluation).")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(help="Rewrite length budget.")] = 64,
+    chat: Annotated[bool, typer.Option("--chat/--raw", help="Send the rewrite prompt as a chat message.")] = False,
+    seed_text: Annotated[str, typer.Option(help="Start of every response, e.g. \"Great! Let's think step by "
+                                                "step.\" for maths (part of the rewrite).")] = "",
+    seed: Annotated[int, typer.Option(help="Split and sampling seed.")] = 0,
+    run_dir: Annotated[Path | None, typer.Option(help="Run folder (rerun resumes from its cache).")] = None,
+) -> None:
+    """Self-data distillation: the unpruned teacher rewrites each training answer given the question and the
+    reference answer; conditional selection keeps a rewrite only if its answer equals the label and it has no
+    meta-phrases. Writes selfdistill.jsonl (both versions), sft_original.jsonl, sft_self_data.jsonl and
+    selfdistill.json (acceptance share)."""
+
+    def body():
+        from stillroom.prune.selfdistill import run_selfdistill
+        from stillroom.ui import progress_bar
+
+        dest = run_dir or _default_out("selfdistill", {"teacher": teacher, "task": {"spec": task}, "limit": limit,
+                                                       "shots": shots, "seed": seed, "chat": chat,
+                                                       "max_new_tokens": max_new_tokens, "seed_text": seed_text})
+        with progress_bar() as bar:
+            job = bar.add_task("rewriting", total=None)
+            summary = run_selfdistill(teacher, task, dest, limit=limit, shots=shots, seed=seed,
+                                      max_new_tokens=max_new_tokens, chat=chat, seed_text=seed_text,
+                                      progress=lambda n: bar.advance(job, n))
+        console.print(f"kept {summary['kept']}/{summary['examples']} rewrites "
+                      f"(acceptance {summary['acceptance']:.1%}); reasons: {summary['reasons']}; "
+                      f"{summary['backend_calls']} new teacher calls")
+        console.print(f"healing data: [bold]{dest / 'sft_self_data.jsonl'}[/] (self-data), "
+                      f"{dest / 'sft_original.jsonl'} (original answers)")
+
+    run_guarded(body)
+
+
+def heal_cmd(
+    model: ModelArg,
+    data: Annotated[Path, typer.Option(help="Prompt/completion JSONL (e.g. sft_self_data.jsonl).")],
+    lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters (q_proj,v_proj r=8) or full fine-tuning.")] = True,
+    steps: Annotated[int, typer.Option(help="Optimizer steps (> 0 overrides --epochs).")] = -1,
+    epochs: Annotated[float, typer.Option(help="Passes over the data.")] = 1.0,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 1e-4,
+    batch_size: Annotated[int, typer.Option(help="Examples per micro-batch.")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per step.")] = 1,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    max_length: Annotated[int, typer.Option(help="Tokens per example.")] = 1024,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    run_dir: OutOpt = None,
+) -> None:
+    """Healing fine-tune of a (pruned) model on prompt/completion data, loss on completions only; saves a plain
+    model folder (LoRA folded in)."""
+
+    def body():
+        from stillroom.prune.surgery import model_folder
+        from stillroom.train.sft import SFTSettings, heal
+
+        folder = model_folder(model)
+        settings = SFTSettings(lora=lora, max_steps=steps, epochs=epochs, learning_rate=lr, batch_size=batch_size,
+                               grad_accum=grad_accum, lora_r=lora_r, max_length=max_length, seed=seed)
+        dest = run_dir or _default_out("healed", {"model": str(folder), "data": str(data), "lora": lora,
+                                              "steps": steps, "epochs": epochs, "lr": lr, "seed": seed})
+        rec = heal(folder, data, dest, settings)
+        _save_config(dest, "heal", {"model": model, "data": data, "lora": lora, "steps": steps, "epochs": epochs,
+                                    "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum, "lora_r": lora_r,
+                                    "max_length": max_length, "seed": seed})
+        console.print(f"{rec['steps']} steps in {rec['seconds']:.0f} s, loss {rec['first_loss']:.4f} -> "
+                      f"{rec['last_loss']:.4f}: [bold]{dest}[/]")
+
+    run_guarded(body)
+
+
+def merge_slerp(
+    model_a: Annotated[str, typer.Argument(help="Base model A (t=0 gives A).")],
+    model_b: Annotated[str, typer.Argument(help="Model B (t=1 gives B).")],
+    t: Annotated[float, typer.Option(help="Interpolation factor for every tensor.")] = 0.5,
+    t_schedule: Annotated[str | None, typer.Option(help="Anchors interpolated across layers, e.g. 0,0.5,1 "
+                                                        "(mergekit gradient); overrides --t.")] = None,
+    run_dir: OutOpt = None,
+) -> None:
+    """SLERP two models of the same shape with mergekit semantics (per tensor; linear when nearly parallel)."""
+
+    def body():
+        from stillroom.prune.merge import parse_schedule, slerp_model_folders
+        from stillroom.prune.surgery import model_folder
+
+        a, b = model_folder(model_a), model_folder(model_b)
+        schedule = parse_schedule(t_schedule) if t_schedule else t
+        dest = run_dir or _default_out("merged", {"a": str(a), "b": str(b), "t": schedule})
+        saved = slerp_model_folders(a, b, dest, schedule)
+        _save_config(saved, "merge slerp", {"model_a": model_a, "model_b": model_b, "t": schedule})
+        console.print(f"merged (t={schedule}): [bold]{saved}[/]")
+
+    run_guarded(body)
+
+
+def specdec_cmd(
+    target: Annotated[str, typer.Option(help="Target model (the unpruned one).")],
+    draft: Annotated[str, typer.Option(help="Draft model (e.g. the pruned one).")],
+    prompts: Annotated[str, typer.Option(help="A task spec (test-split prompts), a .txt or a .jsonl file.")],
+    k: Annotated[int, typer.Option("--k", help="Draft tokens per round (fixed).")] = 4,
+    limit: Annotated[int, typer.Option(help="Prompts to use.")] = 20,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 32,
+    run_dir: OutOpt = None,
+) -> None:
+    """Speculative-decoding check: acceptance rate, mean accepted length per target call and wall-clock
+    speed-up of the draft for the target (transformers assisted generation, greedy, fixed K)."""
+
+    def body():
+        from stillroom.prune.specdec import load_prompts, measure_speculative
+        from stillroom.prune.surgery import load_causal_lm, model_folder
+        from stillroom.runs import RunFolder
+        from stillroom.ui import progress_bar
+
+        tf, df = model_folder(target), model_folder(draft)
+        texts = load_prompts(prompts, limit)
+        tm, tok = load_causal_lm(tf)
+        dm, _ = load_causal_lm(df)
+        with progress_bar() as bar:
+            job = bar.add_task("specdec", total=len(texts))
+            res = measure_speculative(tm, dm, tok, texts, k=k, max_new_tokens=max_new_tokens,
+                                      progress=lambda i, n: bar.update(job, completed=i))
+        res.update({"target": str(tf), "draft": str(df), "prompts_from": prompts})
+        dest = run_dir or _default_out("specdec", {"target": str(tf), "draft": str(df), "prompts": prompts, "k": k,
+                                               "limit": limit, "max_new_tokens": max_new_tokens})
+        RunFolder(dest).write_json("specdec.json", res)
+        _save_config(dest, "specdec", {"target": target, "draft": draft, "prompts": prompts, "k": k, "limit": limit,
+                                       "max_new_tokens": max_new_tokens})
+        console.print(f"K={k}: acceptance {res['acceptance_rate']:.3f}, mean accepted length "
+                      f"{res['mean_accepted_length']:.2f} tokens/target call, speed-up {res['speedup']:.2f}x "
+                      f"({res['rounds']} rounds, identical outputs {res['identical_outputs']:.0%}): "
+                      f"[bold]{dest / 'specdec.json'}[/]")
+
+    run_guarded(body)
+
+
+def prune_heal_cmd(
+    config: ConfigArg = None,
+    task: TaskOpt = None,
+    student: Annotated[str | None, typer.Option(help="The model to prune: 'gemma3-270m', 'hf:PATH' or a folder.")] = None,
+    drop: Annotated[int | None, typer.Option(help="Layers to remove (the contiguous block with the smallest angular distance).")] = None,
+    block: Annotated[str | None, typer.Option(help="Remove this block instead, START:END (0-based, end exclusive).")] = None,
+    healing: Annotated[str | None, typer.Option(help="sft (gold answers), self-data (selected rewrites) or none.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Healing optimizer steps.")] = None,
+    train_limit: Annotated[int | None, typer.Option(help="Heal on a deterministic sample of N training examples.")] = None,
+    eval_limit: Annotated[int | None, typer.Option(help="Evaluate on a deterministic sample of N test examples.")] = None,
+    run_dir: RunDirOpt = None,
+) -> None:
+    """Prune + heal as one route: remove the most redundant block of layers (angular distance on the task's
+    training prompts), heal the pruned model with SFT on gold answers or with self-data distillation, and evaluate
+    it on the test split. Writes angular.json, pruned/, healing_data.jsonl, student/, result.json and report.html;
+    rerunning resumes."""
+
+    def body():
+        from stillroom.options import load_config
+        from stillroom.prune.route import PruneHealConfig, run_prune_heal
+        from stillroom.runs import run_dir_for
+
+        over = {"task": {"spec": task}, "student": student, "drop": drop, "block": block, "healing": healing,
+                "steps": steps, "train_limit": train_limit, "eval_limit": eval_limit}
+        cfg = load_config(config, PruneHealConfig, over, "--task", bool(task))
+        out = run_dir or run_dir_for("prune-heal", cfg)
+        m = run_prune_heal(cfg, out)
+        print_results(m["conditions"])
+        print_notes(m.get("notes"), out / "report.html")
+
+    run_guarded(body)
+
+
 def register(app: typer.Typer) -> None:
     """Add the compression commands to the main app."""
     prune_app = typer.Typer(help="Depth pruning: find redundant layer blocks and remove them.", no_args_is_help=True)
     merge_app = typer.Typer(help="Merge two same-shape models.", no_args_is_help=True)
     app.add_typer(prune_app, name="prune")
     app.add_typer(merge_app, name="merge")
-
-    @prune_app.command("analyze")
-    def prune_analyze(
-        model: ModelArg,
-        calibration: Annotated[str, typer.Option(help="Calibration texts: a task spec, a .txt or a .jsonl file.")],
-        samples: Annotated[int, typer.Option(help="Calibration texts to average over.")] = 64,
-        batch_size: Annotated[int, typer.Option(help="Texts per forward.")] = 4,
-        max_length: Annotated[int, typer.Option(help="Tokens per text (truncated).")] = 512,
-        seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-        out: OutOpt = None,
-    ) -> None:
-        """Angular distance d(l, n) for every block (last token, averaged over the calibration texts) and Block
-        Influence per layer. Writes angular.json and angular_heatmap.png; names the best block per size n.
-
-        Index convention: 0-based, end exclusive; hidden_states[l] is the input of layer l.
-        """
-
-        def body():
-            dest = out or _default_out("prune-analyze", {"model": model, "calibration": calibration,
-                                                         "samples": samples, "seed": seed})
-            data = analyze_to_folder(model, calibration, dest, samples, batch_size, max_length, seed)
-            _print_analysis(data)
-            console.print(f"written: [bold]{dest / 'angular.json'}[/], {dest / 'angular_heatmap.png'}")
-
-        _guarded(body)
-
-    @prune_app.command("apply")
-    def prune_apply(
-        model: ModelArg,
-        drop: Annotated[str | None, typer.Option(help="Layers to remove, START:END (0-based, end exclusive).")] = None,
-        block_size: Annotated[int | None, typer.Option(help="Remove the best block of this size (needs --analysis "
-                                                             "or --calibration).")] = None,
-        analysis: Annotated[Path | None, typer.Option(help="angular.json from `prune analyze`.")] = None,
-        calibration: Annotated[str | None, typer.Option(help="Calibration data, to analyse now.")] = None,
-        samples: Annotated[int, typer.Option(help="Calibration texts (with --calibration).")] = 64,
-        check: Annotated[bool, typer.Option("--check/--no-check", help="Reload the saved model and generate.")] = True,
-        out: OutOpt = None,
-    ) -> None:
-        """Remove a block of layers and save a model folder that reloads with plain AutoModelForCausalLM.
-
-        Per-layer indices and per-layer config lists (e.g. Gemma-3 layer_types) are renumbered; the config records
-        num_hidden_layers and stillroom_removed_layers (original indices).
-        """
-
-        def body():
-            from stillroom.errors import ConfigError
-            from stillroom.prune.angular import LayerAnalysis
-            from stillroom.prune.surgery import model_folder, parse_block, prune_model_folder
-
-            if (drop is None) == (block_size is None):
-                raise ConfigError("give exactly one of --drop START:END or --block-size N")
-            folder = model_folder(model)
-            record = None
-            if drop is not None:
-                start, end = parse_block(drop)
-            else:
-                if analysis is not None:
-                    data = json.loads(Path(analysis).read_text(encoding="utf-8"))
-                elif calibration is not None:
-                    dest = _default_out("prune-analyze", {"model": model, "calibration": calibration,
-                                                         "samples": samples, "seed": 0})
-                    data = analyze_to_folder(model, calibration, dest, samples)
-                else:
-                    raise ConfigError("--block-size needs --analysis angular.json or --calibration DATA")
-                start, end, d = LayerAnalysis.from_json(data).best_block(block_size)
-                record = {"block_size": block_size, "angular_distance": d, "calibration": data.get("calibration")}
-                console.print(f"best block of size {block_size}: drop {start}:{end} (d = {d:.4f})")
-            dest = out or _default_out("pruned", {"model": str(folder), "drop": f"{start}:{end}"})
-            saved = prune_model_folder(folder, start, end, dest, analysis=record)
-            info = json.loads((saved / "stillroom.json").read_text())
-            console.print(f"removed layers {info['removed_layers']} ({info['num_hidden_layers']['before']} -> "
-                          f"{info['num_hidden_layers']['after']} layers, {info['parameters']['before']:,} -> "
-                          f"{info['parameters']['after']:,} parameters): [bold]{saved}[/]")
-            if check:
-                import torch
-                from transformers import AutoModelForCausalLM, AutoTokenizer
-
-                tok = AutoTokenizer.from_pretrained(str(saved))
-                m = AutoModelForCausalLM.from_pretrained(str(saved))
-                ids = tok("The capital of France is", return_tensors="pt")
-                with torch.inference_mode():
-                    g = m.generate(**ids, max_new_tokens=8, do_sample=False)
-                console.print(f"reload + generate ok: {tok.decode(g[0, ids['input_ids'].shape[1]:])!r}")
-
-        _guarded(body)
-
-    @app.command("selfdistill")
-    def selfdistill_cmd(
-        teacher: Annotated[str, typer.Option(help="The unpruned model: 'gemma3-270m', 'hf:PATH', 'openai:MODEL'...")],
-        task: Annotated[str, typer.Option("--task", "-t", help="A task spec (its training split is rewritten).")],
-        limit: Annotated[int | None, typer.Option(help="Rewrite a deterministic sample of N training examples.")] = None,
-        shots: Annotated[int, typer.Option(help="Solved examples in the healing prompts (match your evaluation).")] = 0,
-        max_new_tokens: Annotated[int, typer.Option(help="Rewrite length budget.")] = 64,
-        chat: Annotated[bool, typer.Option("--chat/--raw", help="Send the rewrite prompt as a chat message.")] = False,
-        seed_text: Annotated[str, typer.Option(help="Start of every response, e.g. \"Great! Let's think step by "
-                                                    "step.\" for maths (part of the rewrite).")] = "",
-        seed: Annotated[int, typer.Option(help="Split and sampling seed.")] = 0,
-        run_dir: Annotated[Path | None, typer.Option(help="Run folder (rerun resumes from its cache).")] = None,
-    ) -> None:
-        """Self-data distillation: the unpruned teacher rewrites each training answer given the question and the
-        reference answer; conditional selection keeps a rewrite only if its answer equals the label and it has no
-        meta-phrases. Writes selfdistill.jsonl (both versions), sft_original.jsonl, sft_self_data.jsonl and
-        selfdistill.json (acceptance share)."""
-
-        def body():
-            from stillroom.evaluate.runner import progress_bar
-            from stillroom.prune.selfdistill import run_selfdistill
-
-            dest = run_dir or _default_out("selfdistill", {"teacher": teacher, "task": {"spec": task}, "limit": limit,
-                                                           "shots": shots, "seed": seed, "chat": chat,
-                                                           "max_new_tokens": max_new_tokens, "seed_text": seed_text})
-            with progress_bar() as bar:
-                job = bar.add_task("rewriting", total=None)
-                summary = run_selfdistill(teacher, task, dest, limit=limit, shots=shots, seed=seed,
-                                          max_new_tokens=max_new_tokens, chat=chat, seed_text=seed_text,
-                                          progress=lambda n: bar.advance(job, n))
-            console.print(f"kept {summary['kept']}/{summary['examples']} rewrites "
-                          f"(acceptance {summary['acceptance']:.1%}); reasons: {summary['reasons']}; "
-                          f"{summary['backend_calls']} new teacher calls")
-            console.print(f"healing data: [bold]{dest / 'sft_self_data.jsonl'}[/] (self-data), "
-                          f"{dest / 'sft_original.jsonl'} (original answers)")
-
-        _guarded(body)
-
-    @app.command("heal")
-    def heal_cmd(
-        model: ModelArg,
-        data: Annotated[Path, typer.Option(help="Prompt/completion JSONL (e.g. sft_self_data.jsonl).")],
-        lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters (q_proj,v_proj r=8) or full fine-tuning.")] = True,
-        steps: Annotated[int, typer.Option(help="Optimizer steps (> 0 overrides --epochs).")] = -1,
-        epochs: Annotated[float, typer.Option(help="Passes over the data.")] = 1.0,
-        lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 1e-4,
-        batch_size: Annotated[int, typer.Option(help="Examples per micro-batch.")] = 8,
-        grad_accum: Annotated[int, typer.Option(help="Micro-batches per step.")] = 1,
-        lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
-        max_length: Annotated[int, typer.Option(help="Tokens per example.")] = 1024,
-        seed: Annotated[int, typer.Option(help="Seed.")] = 0,
-        out: OutOpt = None,
-    ) -> None:
-        """Healing fine-tune of a (pruned) model on prompt/completion data, loss on completions only; saves a plain
-        model folder (LoRA folded in)."""
-
-        def body():
-            from stillroom.prune.surgery import model_folder
-            from stillroom.train.sft import SFTSettings, heal
-
-            folder = model_folder(model)
-            settings = SFTSettings(lora=lora, max_steps=steps, epochs=epochs, learning_rate=lr, batch_size=batch_size,
-                                   grad_accum=grad_accum, lora_r=lora_r, max_length=max_length, seed=seed)
-            dest = out or _default_out("healed", {"model": str(folder), "data": str(data), "lora": lora,
-                                                  "steps": steps, "epochs": epochs, "lr": lr, "seed": seed})
-            rec = heal(folder, data, dest, settings)
-            console.print(f"{rec['steps']} steps in {rec['seconds']:.0f} s, loss {rec['first_loss']:.4f} -> "
-                          f"{rec['last_loss']:.4f}: [bold]{dest}[/]")
-
-        _guarded(body)
-
-    @merge_app.command("slerp")
-    def merge_slerp(
-        model_a: Annotated[str, typer.Argument(help="Base model A (t=0 gives A).")],
-        model_b: Annotated[str, typer.Argument(help="Model B (t=1 gives B).")],
-        t: Annotated[float, typer.Option(help="Interpolation factor for every tensor.")] = 0.5,
-        t_schedule: Annotated[str | None, typer.Option(help="Anchors interpolated across layers, e.g. 0,0.5,1 "
-                                                            "(mergekit gradient); overrides --t.")] = None,
-        out: OutOpt = None,
-    ) -> None:
-        """SLERP two models of the same shape with mergekit semantics (per tensor; linear when nearly parallel)."""
-
-        def body():
-            from stillroom.prune.merge import parse_schedule, slerp_model_folders
-            from stillroom.prune.surgery import model_folder
-
-            a, b = model_folder(model_a), model_folder(model_b)
-            schedule = parse_schedule(t_schedule) if t_schedule else t
-            dest = out or _default_out("merged", {"a": str(a), "b": str(b), "t": schedule})
-            saved = slerp_model_folders(a, b, dest, schedule)
-            console.print(f"merged (t={schedule}): [bold]{saved}[/]")
-
-        _guarded(body)
-
-    @app.command("specdec")
-    def specdec_cmd(
-        target: Annotated[str, typer.Option(help="Target model (the unpruned one).")],
-        draft: Annotated[str, typer.Option(help="Draft model (e.g. the pruned one).")],
-        prompts: Annotated[str, typer.Option(help="A task spec (test-split prompts), a .txt or a .jsonl file.")],
-        k: Annotated[int, typer.Option("--k", help="Draft tokens per round (fixed).")] = 4,
-        limit: Annotated[int, typer.Option(help="Prompts to use.")] = 20,
-        max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 32,
-        out: OutOpt = None,
-    ) -> None:
-        """Speculative-decoding check: acceptance rate, mean accepted length per target call and wall-clock
-        speed-up of the draft for the target (transformers assisted generation, greedy, fixed K)."""
-
-        def body():
-            from stillroom.evaluate.runner import progress_bar
-            from stillroom.prune.specdec import load_prompts, measure_speculative
-            from stillroom.prune.surgery import load_causal_lm, model_folder
-            from stillroom.runs import RunFolder
-
-            tf, df = model_folder(target), model_folder(draft)
-            texts = load_prompts(prompts, limit)
-            tm, tok = load_causal_lm(tf)
-            dm, _ = load_causal_lm(df)
-            with progress_bar() as bar:
-                job = bar.add_task("specdec", total=len(texts))
-                res = measure_speculative(tm, dm, tok, texts, k=k, max_new_tokens=max_new_tokens,
-                                          progress=lambda i, n: bar.update(job, completed=i))
-            res.update({"target": str(tf), "draft": str(df), "prompts_from": prompts})
-            dest = out or _default_out("specdec", {"target": str(tf), "draft": str(df), "prompts": prompts, "k": k,
-                                                   "limit": limit, "max_new_tokens": max_new_tokens})
-            RunFolder(dest).write_json("specdec.json", res)
-            console.print(f"K={k}: acceptance {res['acceptance_rate']:.3f}, mean accepted length "
-                          f"{res['mean_accepted_length']:.2f} tokens/target call, speed-up {res['speedup']:.2f}x "
-                          f"({res['rounds']} rounds, identical outputs {res['identical_outputs']:.0%}): "
-                          f"[bold]{dest / 'specdec.json'}[/]")
-
-        _guarded(body)
+    prune_app.command("analyze")(prune_analyze)
+    prune_app.command("apply")(prune_apply)
+    app.command("selfdistill")(selfdistill_cmd)
+    app.command("heal")(heal_cmd)
+    app.command("prune-heal")(prune_heal_cmd)
+    merge_app.command("slerp")(merge_slerp)
+    app.command("specdec")(specdec_cmd)

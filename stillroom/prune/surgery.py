@@ -96,15 +96,9 @@ def _slice_config(cfg: Any, keep: list[int], old_layers: int) -> None:
 
 def load_causal_lm(path: str | Path, dtype: str = "float32"):
     """Model and tokenizer from a local transformers folder (float32 on CPU by default)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from stillroom.models import load_model_and_tokenizer
 
-    p = Path(path).expanduser()
-    if not (p / "config.json").exists():
-        raise ConfigError(f"{p}: not a transformers model folder (no config.json)")
-    tok = AutoTokenizer.from_pretrained(str(p))
-    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=getattr(torch, dtype))
-    return model, tok
+    return load_model_and_tokenizer(path, dtype=dtype, device="cpu")
 
 
 def save_model(model: Any, tokenizer: Any, out_dir: str | Path, record: dict | None = None) -> Path:
@@ -140,13 +134,7 @@ def prune_model_folder(model_path: str | Path, start: int, end: int, out_dir: st
 
 
 def model_folder(spec: str) -> Path:
-    """A local transformers folder from a model spec: 'gemma3-270m' (the embedded model, converted on first use),
-    'hf:PATH' or a plain path."""
-    if spec in ("gemma3-270m", "embedded"):
-        from stillroom.backends.embedded import ensure_embedded_gemma
+    """A local transformers folder from a model spec (see `stillroom.models.resolve_model_path`)."""
+    from stillroom.models import resolve_model_path
 
-        return Path(ensure_embedded_gemma())
-    path = Path(spec.removeprefix("hf:")).expanduser()
-    if not (path / "config.json").exists():
-        raise ConfigError(f"model {spec!r}: expected 'gemma3-270m', 'hf:PATH' or a folder with config.json")
-    return path
+    return resolve_model_path(spec)

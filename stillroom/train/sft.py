@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from stillroom.errors import ConfigError
+from stillroom.models import bf16_supported
 
 try:  # The train extra: `pip install 'stillroom[train]'`.
     from trl import SFTConfig, SFTTrainer
@@ -227,17 +228,11 @@ def load_records(path: str | Path) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ training
 
 
-def _default_bf16() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-
-
 def sft_config(settings: SFTSettings, output_dir: str | Path, has_eval: bool = False):
     """The `SFTConfig` for these settings (prompt/completion data, completion-only loss, no hub, no reports)."""
     if SFTConfig is None:  # pragma: no cover
         raise ConfigError("fine-tuning needs trl and peft: pip install 'stillroom[train]'")
-    bf16 = _default_bf16() if settings.bf16 is None else settings.bf16
+    bf16 = bf16_supported() if settings.bf16 is None else settings.bf16
     kwargs = dict(
         output_dir=str(output_dir),
         completion_only_loss=True,
@@ -268,10 +263,9 @@ def sft_config(settings: SFTSettings, output_dir: str | Path, has_eval: bool = F
 
 def lora_config(settings: SFTSettings):
     """The PEFT `LoraConfig` for these settings."""
-    from peft import LoraConfig
+    from stillroom.models import lora_config as build
 
-    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                      target_modules=list(settings.target_modules), task_type="CAUSAL_LM", bias="none")
+    return build(settings.lora_r, settings.lora_alpha, settings.lora_dropout, settings.target_modules)
 
 
 def build_trainer(model: Any, tokenizer: Any, train: list[dict], settings: SFTSettings, output_dir: str | Path,

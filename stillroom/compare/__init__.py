@@ -1,0 +1,1 @@
+"""`stillroom compare`: one task, one teacher, one student, every route, one report."""

@@ -1,0 +1,66 @@
+"""`stillroom compare`: every route on one task, one report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from stillroom.ui import console, run_guarded
+
+
+def print_compare(summary: dict, out: Path) -> None:
+    """The compare table in the terminal, then the recommendation and the report's path."""
+    t = Table(title=f"compare: {summary['task']}")
+    for col in ("route", "macro-F1 [95% CI]", "accuracy", "Δ vs " + summary["baseline"], "latency p50 s",
+                "build s", "status"):
+        t.add_column(col, justify="right")
+    for r in summary["rows"]:
+        if r["status"] != "ok":
+            t.add_row(r["route"], "", "", "", "", "", f"{r['status']}: {r.get('error') or r.get('reason') or ''}"[:70])
+            continue
+        v = r.get("vs_baseline") or {}
+        ci = r["macro_f1_ci95"]
+        f1 = "-" if r["macro_f1"] is None else f"{r['macro_f1']:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+        d = "-" if r.get("is_baseline") or v.get("diff") is None else f"{v['diff']:+.3f}{' *' if v['significant'] else ''}"
+        t.add_row(r["route"] + (" (ref)" if r["reference"] else ""), f1, f"{r['accuracy']:.3f}", d,
+                  f"{r['latency_p50_s']:.3f}", f"{r['build_seconds']:.0f}", "reused" if r.get("reused") else "ok")
+    console.print(t)
+    console.print("* paired bootstrap p < 0.05 against the baseline on the same examples; other gaps may be noise.")
+    console.print(f"[bold]{summary['recommendation']}[/]")
+    console.print(f"report: [bold]{out / 'report.html'}[/]")
+
+
+def compare(
+    config: Annotated[Path, typer.Argument(help="YAML config: task, teacher, student, routes, budgets (CompareConfig).")],
+    routes: Annotated[str | None, typer.Option(help="Comma-separated routes to run (overrides the config).")] = None,
+    test_limit: Annotated[int | None, typer.Option(help="Test examples, the same for every route.")] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Compare folder (default: runs/compare-<task>-<hash>; rerun resumes).")] = None,
+) -> None:
+    """Run every route that applies to one teacher → student pair on the same task and the same test examples,
+    and write one report: quality with 95% intervals and a paired test against zero-shot, latency, tokens, build
+    cost and size, the Pareto fronts, and a recommendation. Each route keeps its own run folder under
+    <run-dir>/routes/. Rerunning with nothing changed makes no model call and no training step; changing one
+    route's budget reruns that route only."""
+
+    def body():
+        from stillroom.compare.config import CompareConfig
+        from stillroom.compare.run import run_compare
+        from stillroom.config import load_yaml_config
+        from stillroom.runs import run_dir_for
+
+        over = {"routes": [r.strip() for r in routes.split(",") if r.strip()] if routes else None,
+                "test_limit": test_limit}
+        cfg = load_yaml_config(config, CompareConfig, over)
+        out = run_dir or run_dir_for("compare", cfg)
+        summary = run_compare(cfg, out)
+        print_compare(summary, out)
+
+    run_guarded(body)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `stillroom compare` to the main app."""
+    app.command("compare")(compare)

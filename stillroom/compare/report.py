@@ -1,0 +1,195 @@
+"""The compare report: one table (quality with 95% intervals, a paired test against the baseline, latency,
+tokens, build cost, size), two plots with the Pareto front marked, one plain recommendation, and a link to each
+route's own report. `summarise` makes compare.json; `compare_report` renders it."""
+
+from __future__ import annotations
+
+import html
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from stillroom.compare.config import CompareConfig
+from stillroom.evaluate.stats import mcnemar, paired_bootstrap
+from stillroom.report.html import fig_to_img, page, plt, table
+
+ALPHA = 0.05
+WITHIN = 0.02
+"""'Within 2 points of the teacher': the recommendation's tolerance on macro-F1 (or accuracy)."""
+
+
+def pareto_front(points: Sequence[tuple[str, float, float]]) -> set[str]:
+    """Names of the points no other point dominates, for (name, cost, quality): lower cost and higher quality
+    are better; a point is dominated when another is at least as good on both and better on one."""
+    front = set()
+    for name, c, q in points:
+        dominated = any((c2 <= c and q2 >= q) and (c2 < c or q2 > q) for n2, c2, q2 in points if n2 != name)
+        if not dominated:
+            front.add(name)
+    return front
+
+
+def _quality(r: dict) -> float | None:
+    q = r["quality"]
+    return q["macro_f1"] if q.get("macro_f1") is not None else q["accuracy"]
+
+
+def paired_test(base_preds: list[dict], preds: list[dict], labels: list[str] | None) -> dict | None:
+    """Paired bootstrap on macro-F1 (accuracy for free text) and exact McNemar on correctness, over the examples
+    both were evaluated on."""
+    by_id = {p["id"]: p for p in base_preds}
+    pairs = [(by_id[p["id"]], p) for p in preds if p["id"] in by_id]
+    if not pairs:
+        return None
+    gold = [b["gold"] for b, _ in pairs]
+    pb = paired_bootstrap(gold, [p["pred"] for _, p in pairs], [b["pred"] for b, _ in pairs], labels,
+                          metric="macro_f1" if labels else "accuracy")
+    mc = mcnemar([p["correct"] for _, p in pairs], [b["correct"] for b, _ in pairs])
+    return {"n": len(pairs), "metric": "macro_f1" if labels else "accuracy", "diff": pb["diff"], "diff_ci95": pb["ci"],
+            "bootstrap_p": pb["p_value"], "mcnemar_p": mc["p_value"], "wins": mc["a_only"], "losses": mc["b_only"],
+            "significant": bool(pb["p_value"] is not None and pb["p_value"] < ALPHA)}
+
+
+def recommendation(rows: list[dict]) -> str:
+    """One plain line: the cheapest-to-serve route within 2 points of the teacher, else the best route."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    students = [r for r in ok if not r["reference"]]
+    if not students:
+        return "No route finished: nothing to recommend yet."
+    teacher = next((r for r in ok if r["route"] == "teacher"), None)
+    best = max(students, key=lambda r: r["quality"])
+    if teacher is not None:
+        close = [r for r in students if r["quality"] >= teacher["quality"] - WITHIN]
+        if close:
+            pick = min(close, key=lambda r: (r["latency_p50_s"] or 0.0, r["build_seconds"]))
+            return (f"Cheapest route within {WITHIN * 100:.0f} points of the teacher ({teacher['quality']:.3f}): "
+                    f"{pick['route']} ({pick['quality']:.3f}, {pick['latency_p50_s']:.3f} s per answer, built in "
+                    f"{pick['build_seconds']:.0f} s).")
+        return (f"No route comes within {WITHIN * 100:.0f} points of the teacher ({teacher['quality']:.3f}); the best "
+                f"is {best['route']} ({best['quality']:.3f}){_sig_text(best)}.")
+    return f"Best route: {best['route']} ({best['quality']:.3f}){_sig_text(best)}."
+
+
+def _sig_text(r: dict) -> str:
+    t = r.get("vs_baseline")
+    if not t or r.get("is_baseline"):
+        return ""
+    word = "significantly" if t["significant"] else "not significantly"
+    return f", {word} different from the baseline (paired p = {t['bootstrap_p']:.3f})"
+
+
+def summarise(cfg: CompareConfig, entries: list[dict]) -> dict:
+    """compare.json: one row per route, paired tests against the baseline, Pareto fronts, the recommendation."""
+    base = next((e for e in entries if e["status"] == "ok" and e["route"] == cfg.baseline), None)
+    rows = []
+    for e in entries:
+        row = {k: e.get(k) for k in ("route", "reference", "status", "reason", "error", "folder", "reused")}
+        if e["status"] == "ok":
+            res = e["result"]
+            labels = list(res["quality"]["per_class_f1"]) or None
+            row.update({
+                "condition": res["condition"], "quality": _quality(res), "metric": "macro_f1" if labels else "accuracy",
+                **{k: res["quality"][k] for k in ("n", "accuracy", "accuracy_ci95", "macro_f1", "macro_f1_ci95",
+                                                   "invalid_rate")},
+                "latency_p50_s": res["latency"]["p50_s"], "latency_p95_s": res["latency"]["p95_s"],
+                "input_tokens": res["tokens"]["input_per_answer"], "output_tokens": res["tokens"]["output_per_answer"],
+                "system_prompt_tokens": res["deployment"]["system_prompt_tokens"],
+                "parameters": res["deployment"]["parameters"], "size_on_disk_bytes": res["deployment"]["size_on_disk_bytes"],
+                "build": res["build"], "build_seconds": res["build"]["seconds"], "examples": res["examples"],
+                "is_baseline": e is base, "notes": res.get("notes", []),
+            })
+            if base is not None:
+                row["vs_baseline"] = paired_test(base.get("predictions", []), e.get("predictions", []), labels)
+        rows.append(row)
+    done = [r for r in rows if r["status"] == "ok"]
+    same = len({tuple(r["examples"]) for r in done}) <= 1
+    latency_points = [(r["route"], r["latency_p50_s"] or 0.0, r["quality"]) for r in done]
+    cost_points = [(r["route"], r["build_seconds"], r["quality"]) for r in done]
+    return {
+        "task": cfg.task.spec, "teacher": cfg.teacher.spec, "student": cfg.student.spec, "baseline": cfg.baseline,
+        "same_test_examples": same, "rows": rows,
+        "pareto": {"latency": sorted(pareto_front(latency_points)), "build_cost": sorted(pareto_front(cost_points))},
+        "recommendation": recommendation(rows),
+    }
+
+
+def _scatter(points, front: set[str], xlabel: str, title: str, ylabel: str, log: bool = False) -> str:
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for name, x, y in points:
+        on = name in front
+        ax.scatter([x], [y], s=55 if on else 30, c="#c0392b" if on else "#7f8c8d", zorder=3)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    fr = sorted((x, y) for n, x, y in points if n in front)
+    if len(fr) > 1:
+        ax.step([p[0] for p in fr], [p[1] for p in fr], where="post", c="#c0392b", lw=1, alpha=.6, zorder=2)
+    if log and all(x > 0 for _, x, _ in points):
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.grid(alpha=.3)
+    return fig_to_img(fig)
+
+
+def _ci(v, ci) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{v:.3f}"
+
+
+def _mb(b) -> str:
+    return "-" if not b else f"{b / 1e6:.0f} MB"
+
+
+def compare_report(summary: dict, out: Path) -> str:
+    """The compare report as one self-contained HTML page."""
+    rows = summary["rows"]
+    done = [r for r in rows if r["status"] == "ok"]
+    metric = done[0]["metric"] if done else "macro_f1"
+    headers = ["route", "condition", "n", "macro-F1 [95% CI]", "accuracy [95% CI]", f"Δ {metric} vs {summary['baseline']}",
+               "paired p", "invalid", "latency p50 / p95 s", "out tok / answer", "prompt tok / answer",
+               "build: teacher calls", "tokens", "USD", "wall s", "steps", "served size", "report"]
+    body = []
+    for r in rows:
+        link_path = Path(r["folder"]) / "report.html"
+        link = (f"<a href='{html.escape(os.path.relpath(link_path, out))}'>open</a>" if link_path.exists() else "")
+        if r["status"] != "ok":
+            why = r.get("error") or r.get("reason") or ""
+            body.append([r["route"], f"{r['status']}: {why}"] + [""] * (len(headers) - 3) + [link])
+            continue
+        t = r.get("vs_baseline") or {}
+        diff = "-" if r.get("is_baseline") or t.get("diff") is None else (
+            f"{t['diff']:+.3f}{' *' if t['significant'] else ''}")
+        p = "-" if r.get("is_baseline") or t.get("bootstrap_p") is None else f"{t['bootstrap_p']:.3f} (McNemar {t['mcnemar_p']:.3f})"
+        b = r["build"]
+        name = r["route"] + (" (reference)" if r["reference"] else "")
+        body.append([name, r["condition"], r["n"], _ci(r["macro_f1"], r["macro_f1_ci95"]),
+                     _ci(r["accuracy"], r["accuracy_ci95"]), diff, p, r["invalid_rate"],
+                     f"{r['latency_p50_s']:.3f} / {r['latency_p95_s']:.3f}", r["output_tokens"], r["input_tokens"],
+                     b["teacher_calls"], b["teacher_input_tokens"] + b["teacher_output_tokens"],
+                     f"{b['teacher_cost_usd']:.4f}", f"{b['seconds']:.0f}", b["training_steps"],
+                     _mb(r["size_on_disk_bytes"]), link])
+    html_table = table(headers, body).replace("&lt;a href=&#x27;", "<a href='").replace("&#x27;&gt;open&lt;/a&gt;", "'>open</a>")
+    legend = (f"<p>Intervals: 95% percentile bootstrap over the test examples. Δ and p: paired bootstrap of {metric} "
+              f"against {html.escape(summary['baseline'])} on the same examples (McNemar on correctness in brackets); "
+              "* marks p &lt; 0.05. Every other difference is within what chance gives on this many examples. Build "
+              "cost counts teacher calls of the route's own run folder; wall seconds are those of the first build.</p>")
+    lat = [(r["route"], r["latency_p50_s"] or 0.0, r["quality"]) for r in done]
+    cost = [(r["route"], max(r["build_seconds"], 0.1), r["quality"]) for r in done]
+    ylabel = "macro-F1" if metric == "macro_f1" else "accuracy"
+    plots = ""
+    if done:
+        plots = (_scatter(lat, set(summary["pareto"]["latency"]), "latency per answer, p50 (s)", "Quality vs latency", ylabel)
+                 + _scatter(cost, set(summary["pareto"]["build_cost"]), "build cost: wall seconds (log)",
+                            "Quality vs build cost", ylabel, log=True))
+    notes = [summary["recommendation"]]
+    if not summary["same_test_examples"]:
+        notes.append("Warning: the routes were not all evaluated on the same test examples.")
+    sections = [("Routes", html_table + legend),
+                ("Trade-offs (red: Pareto front)", f"<div class='plots'>{plots}</div>")]
+    route_notes = [f"<li><b>{html.escape(r['route'])}</b>: {html.escape(n)}</li>" for r in done for n in r.get("notes", [])]
+    if route_notes:
+        sections.append(("Route notes", "<ul>" + "".join(route_notes) + "</ul>"))
+    title = f"Stillroom compare: {summary['task']} — teacher {summary['teacher']}, student {summary['student']}"
+    return page(title, sections, notes)

@@ -1,0 +1,76 @@
+"""`stillroom eval`: one model, one task split, any prompting condition."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from stillroom.options import BaseUrlOpt, ConfigArg, KeyEnvOpt, ModelOpt, RunDirOpt, TaskOpt
+from stillroom.ui import console, print_results, run_guarded
+
+
+def eval_cmd(
+    task: TaskOpt = None,
+    model: ModelOpt = None,
+    config: ConfigArg = None,
+    split: Annotated[str | None, typer.Option(help="train, val or test.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate a deterministic sample of at most N examples.")] = None,
+    shots: Annotated[int | None, typer.Option(help="k solved training examples in the prompt.")] = None,
+    system_prompt: Annotated[Path | None, typer.Option(help="Plain-text system prompt file (e.g. an exported rulebook).")] = None,
+    rulebook: Annotated[Path | None, typer.Option(help="A PLD rulebook.json (or edited .md/.txt rule list) to deploy as the system prompt.")] = None,
+    method: Annotated[str | None, typer.Option(help="auto, loglik, generate or cot.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Split and sampling seed.")] = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: KeyEnvOpt = None,
+    max_cost: Annotated[float | None, typer.Option(help="Spend cap in USD for this run folder.")] = None,
+    max_spend_tokens: Annotated[int | None, typer.Option(help="Spend cap in tokens (input + output).")] = None,
+    run_dir: RunDirOpt = None,
+) -> None:
+    """Evaluate a model on a task split: accuracy, macro-F1, per-class F1, invalid answers, latency, tokens, cost.
+
+    Writes config.yaml, predictions.jsonl, metrics.json, usage.json and report.html into the run folder.
+    """
+
+    def body():
+        from stillroom.config import EvalConfig
+        from stillroom.evaluate.job import run_eval
+        from stillroom.options import load_config
+        from stillroom.runs import run_dir_for
+
+        overrides = {
+            "task": {"spec": task, "seed": seed},
+            "model": {"spec": model, "base_url": base_url, "api_key_env": api_key_env},
+            "split": split, "limit": limit, "shots": shots, "method": method,
+            "system_prompt_file": str(system_prompt) if system_prompt else None,
+            "spend": {"max_cost_usd": max_cost, "max_tokens": max_spend_tokens},
+        }
+        cfg = load_config(config, EvalConfig, overrides, "--task", bool(task))
+        if cfg.system_prompt_file and not Path(cfg.system_prompt_file).exists():
+            from stillroom.errors import ConfigError
+
+            raise ConfigError(f"{cfg.system_prompt_file}: system prompt file does not exist")
+        if rulebook:
+            from stillroom.pld.rulebook import load_rulebook
+
+            if cfg.system_prompt_file:
+                raise typer.BadParameter("give --rulebook or --system-prompt, not both")
+            rb = load_rulebook(rulebook)
+            out = run_dir or run_dir_for("eval", {**cfg.model_dump(mode="json"), "rulebook": rb.to_json()})
+            sp = out / "system_prompt.txt"
+            out.mkdir(parents=True, exist_ok=True)
+            sp.write_text(rb.system_prompt() + "\n", encoding="utf-8")
+            cfg = cfg.model_copy(update={"system_prompt_file": str(sp)})
+        else:
+            out = run_dir or run_dir_for("eval", cfg)
+        results = run_eval(cfg, out)
+        print_results({n: r.metrics for n, r in results.items()})
+        console.print(f"report: [bold]{out / 'report.html'}[/]")
+
+    run_guarded(body)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `stillroom eval` to the main app."""
+    app.command("eval")(eval_cmd)

@@ -1,0 +1,138 @@
+"""One home for the model helpers every route uses: resolve a white-box spec to a local folder, load a causal
+LM and its tokenizer, build a LoRA config, check bf16, free memory, and measure what a deployment serves
+(parameter count, size on disk)."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from stillroom.errors import ConfigError
+
+EMBEDDED_SPECS = ("gemma3-270m", "embedded")
+
+
+def resolve_model_path(spec: str) -> Path:
+    """A local transformers folder for a white-box model spec: 'gemma3-270m' (the embedded model, converted on
+    first use), 'hf:PATH' or a plain folder. API, scripted and GGUF specs are refused with the reason."""
+    if spec in EMBEDDED_SPECS:
+        from stillroom.backends.embedded import ensure_embedded_gemma
+
+        return Path(ensure_embedded_gemma())
+    kind, _, rest = spec.partition(":")
+    if kind in ("openai", "scripted", "gguf"):
+        raise ConfigError(
+            f"{spec!r}: this route needs the model's weights as a local transformers folder; an API or scripted "
+            "model can only be distilled through text (`stillroom kd data`, `stillroom gad`)"
+        )
+    path = Path(rest if kind == "hf" and rest else spec).expanduser()
+    if not (path / "config.json").exists():
+        raise ConfigError(f"{spec!r}: no transformers model folder at {path} (config.json missing)")
+    return path
+
+
+def is_white_box(spec: str) -> bool:
+    """Whether a spec names weights this process can load and train (not an API or a scripted backend)."""
+    return spec.partition(":")[0] not in ("openai", "scripted")
+
+
+def model_fingerprint(path: Path) -> str:
+    """Path plus size and mtime of the weight files: a changed checkpoint gets a new teacher cache."""
+    parts = [str(Path(path).resolve())]
+    for f in sorted(Path(path).glob("*.safetensors")) + sorted(Path(path).glob("*.bin")):
+        st = f.stat()
+        parts.append(f"{f.name}:{st.st_size}:{int(st.st_mtime)}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16] + ":" + Path(path).name
+
+
+def load_causal_lm(path: str | Path, *, dtype: str = "auto", device: str = "auto"):
+    """Load a local causal LM on `device` ('auto': CUDA, else MPS, else CPU; dtype 'auto': float32 on CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    from stillroom.backends.hf import resolve_device, resolve_dtype
+
+    p = Path(path).expanduser()
+    if not (p / "config.json").exists():
+        raise ConfigError(f"{p}: not a transformers model folder (no config.json)")
+    dev = resolve_device(device)
+    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=resolve_dtype(dtype, dev))
+    return model.to(dev)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a local model folder, with a pad token (EOS, else UNK, when the model has none)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def load_model_and_tokenizer(path: str | Path, *, dtype: str = "auto", device: str = "auto"):
+    """`load_causal_lm` and `load_tokenizer` of one folder."""
+    return load_causal_lm(path, dtype=dtype, device=device), load_tokenizer(path)
+
+
+def lora_config(r: int, alpha: int, dropout: float, target_modules: str | Sequence[str]):
+    """The one PEFT `LoraConfig` builder. `target_modules` is 'all-linear', a comma-separated string or a list."""
+    from peft import LoraConfig
+
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
+    elif not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                      task_type="CAUSAL_LM", bias="none")
+
+
+def bf16_supported(dtype: str = "auto") -> bool:
+    """Whether training should run in bfloat16 mixed precision: on CUDA devices that support it, when the
+    requested dtype allows it; never on CPU."""
+    import torch
+
+    return bool(dtype in ("auto", "bfloat16", "bf16") and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def release_memory() -> None:
+    """Return freed model memory (call after dropping the last reference to a model)."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def merged(model: Any) -> Any:
+    """A plain transformers model: LoRA adapters merged in, a KD hint projector removed."""
+    if hasattr(model, "kd_projector"):
+        del model.kd_projector
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return model
+
+
+def parameter_count(model: Any) -> int:
+    """Parameters of an in-memory model (tied weights counted once)."""
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return int(n)
+
+
+def size_on_disk(folder: str | Path | None) -> int | None:
+    """Bytes of a model folder's weight files (safetensors, bin, gguf); None when there is no local folder."""
+    if folder is None:
+        return None
+    p = Path(folder)
+    if p.is_file():
+        return p.stat().st_size
+    if not p.is_dir():
+        return None
+    files = [f for pat in ("*.safetensors", "*.bin", "*.gguf") for f in p.glob(pat)]
+    return int(sum(f.stat().st_size for f in files)) if files else None

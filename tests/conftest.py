@@ -1,0 +1,74 @@
+"""The fast suite's building blocks, in one place: a tiny BPE tokenizer trained in-process, tiny random Gemma-3
+and Llama models built from a config, and a fixture that runs tiny models on one thread. No downloads."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `from conftest import ...` / `import helpers_*`
+
+
+def tiny_tokenizer(corpus: Sequence[str], vocab_size: int = 300):
+    """A small byte-level BPE tokenizer trained in-process on `corpus`, prepending <bos> like Gemma's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    t.train_from_iterator(list(corpus) * 20, trainer)
+    bos = t.token_to_id("<bos>")
+    t.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                     special_tokens=[("<bos>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def tiny_gemma(tok, *, layers: int = 2, hidden: int = 16, seed: int = 0, layer_types: Sequence[str] | None = None,
+               sliding_window: int = 512, init: float = 0.3, vocab: int | None = None, **extra):
+    """A random Gemma-3 text model (head_dim 8, 2 heads, 1 KV head), all full attention unless `layer_types`."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(
+        vocab_size=vocab or len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
+        sliding_window=sliding_window, layer_types=list(layer_types or ["full_attention"] * layers),
+        initializer_range=init, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, **extra,
+    )
+    return Gemma3ForCausalLM(cfg)
+
+
+def tiny_llama(tok, *, layers: int = 2, hidden: int = 16, seed: int = 0, init: float = 0.3, eos: bool = True, **extra):
+    """A random Llama model (2 heads, 1 KV head)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, initializer_range=init,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id if eos else None, **extra,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread (no intra-op hand-offs); restored after the module. Modules of tiny
+    models use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,0 +1,177 @@
+"""`stillroom compare` on tiny random models: several routes side by side, a rerun that does nothing, a failing
+route reported while the others finish; the Pareto front and the paired tests on planted numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("trl")
+pytest.importorskip("peft")
+
+from conftest import tiny_gemma, tiny_tokenizer  # noqa: E402
+
+from stillroom.compare.config import CompareConfig  # noqa: E402
+from stillroom.compare.report import paired_test, pareto_front, recommendation  # noqa: E402
+from stillroom.compare.routes import RoutePlan, plan_routes  # noqa: E402
+from stillroom.compare.run import run_compare  # noqa: E402
+from stillroom.evaluate.stats import bootstrap_ci, macro_f1, mcnemar, paired_bootstrap  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+WORDS = ["red", "green", "blue", "apple", "pear", "car", "bus", "plum"]
+LABELS = ["fruit", "colour", "vehicle"]
+
+
+def _lm(tok, seed, layers):
+    return tiny_gemma(tok, layers=layers, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from stillroom.backends.embedded import save_model_folder
+
+    root = tmp_path_factory.mktemp("compare")
+    corpus = [f"Input: {w} {i}\nAnswer: {lab}" for w in WORDS for i in range(4) for lab in LABELS]
+    tok = tiny_tokenizer(corpus, vocab_size=300)
+    save_model_folder(_lm(tok, 0, 3), tok, root / "teacher")
+    save_model_folder(_lm(tok, 1, 3), tok, root / "student")
+    task = root / "task.jsonl"
+    task.write_text("".join(json.dumps({"id": f"x{i}", "input": f"{WORDS[i % len(WORDS)]} {i}",
+                                        "label": LABELS[i % 3]}) + "\n" for i in range(60)))
+    return root
+
+
+def _cfg(root, **over):
+    data = {"task": {"spec": str(root / "task.jsonl")}, "teacher": {"spec": f"hf:{root / 'teacher'}"},
+            "student": {"spec": f"hf:{root / 'student'}"},
+            "routes": ["zero-shot", "k-shot", "kd-logits", "prune-heal-sft", "sft-gold"],
+            "test_limit": 12, "train_limit": 16, "shots": 2,
+            "budgets": {"kd-logits": {"max_steps": 2, "top_k": 8}, "prune-heal-sft": {"drop": 1, "steps": 2},
+                        "sft-gold": {"steps": 2}}}
+    data.update(over)
+    return CompareConfig.model_validate(data)
+
+
+def test_compare_routes_side_by_side_rerun_free_and_a_failing_route(setup, tmp_path):
+    cfg = _cfg(setup)
+    plans = plan_routes(cfg)
+
+    def boom(c, out):
+        raise RuntimeError("planted failure")
+
+    plans.append(RoutePlan("gad", plans[0].config, boom))
+    out = tmp_path / "cmp"
+    summary = run_compare(cfg, out, plans=plans)
+    rows = {r["route"]: r for r in summary["rows"]}
+    ok = [r for r in rows.values() if r["status"] == "ok"]
+    assert len(ok) == 5, rows
+    assert rows["gad"]["status"] == "failed" and "planted failure" in rows["gad"]["error"]
+    # Same ground: every route on the same 12 test examples.
+    assert summary["same_test_examples"] and all(r["n"] == 12 for r in ok)
+    assert rows["zero-shot"]["is_baseline"] and rows["kd-logits"]["vs_baseline"]["n"] == 12
+    assert rows["kd-logits"]["build"]["training_steps"] == 2 and rows["sft-gold"]["build"]["training_steps"] == 2
+    # The pruned model is smaller than the student; its result says so.
+    assert rows["prune-heal-sft"]["parameters"] < rows["sft-gold"]["parameters"]
+    for r in ok:
+        lo, hi = r["accuracy_ci95"]
+        assert lo <= r["accuracy"] <= hi
+        assert (out / "routes" / r["route"] / "result.json").exists()
+    html = (out / "report.html").read_text()
+    assert html.count("<img") == 2 and "planted failure" in html and summary["recommendation"] in html
+    assert json.loads((out / "compare.json").read_text())["rows"][0]["route"] == "zero-shot"
+
+    # A rerun with nothing changed runs no route: no model call, no training step, the same numbers.
+    for p in plans:
+        if p.name != "gad":
+            p.run = lambda c, o: pytest.fail("an unchanged route ran again")
+    plans[-1] = RoutePlan("gad", plans[0].config, boom)
+    again = run_compare(cfg, out, plans=plans)
+    rows2 = {r["route"]: r for r in again["rows"]}
+    assert all(rows2[n]["reused"] for n in rows if rows[n]["status"] == "ok")
+    assert [r.get("macro_f1") for r in again["rows"]] == [r.get("macro_f1") for r in summary["rows"]]
+
+    # Changing one route's budget reruns that route only.
+    cfg2 = _cfg(setup, budgets={**cfg.budgets, "sft-gold": {"steps": 3}})
+    plans2 = [p for p in plan_routes(cfg2)]
+    ran = []
+    for p in plans2:
+        if p.name != "sft-gold":
+            p.run = lambda c, o: pytest.fail("an unchanged route ran again")
+        else:
+            inner = p.run
+            p.run = lambda c, o, inner=inner: (ran.append(1), inner(c, o))[1]
+    third = run_compare(cfg2, out, plans=plans2)
+    assert ran == [1] and {r["route"]: r for r in third["rows"]}["sft-gold"]["build"]["training_steps"] == 3
+
+
+def test_api_student_gets_prompting_routes_only():
+    cfg = CompareConfig.model_validate({"task": {"spec": "x.jsonl"}, "teacher": {"spec": "openai:big"},
+                                        "student": {"spec": "openai:small"}})
+    plans = {p.name: p for p in plan_routes(cfg)}
+    assert plans["zero-shot"].skip_reason is None and plans["pld"].skip_reason is None
+    assert "cannot be trained" in plans["seqkd"].skip_reason and "cannot be trained" in plans["kd-logits"].skip_reason
+
+
+def test_api_teacher_gives_no_logits(setup):
+    cfg = CompareConfig.model_validate({"task": {"spec": "x.jsonl"}, "teacher": {"spec": "openai:big"},
+                                        "student": {"spec": f"hf:{setup / 'student'}"}})
+    plans = {p.name: p for p in plan_routes(cfg)}
+    assert "no logits" in plans["kd-logits"].skip_reason and plans["seqkd"].skip_reason is None
+
+
+def test_bad_budget_fails_at_load(setup):
+    from stillroom.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="kd-logits"):
+        plan_routes(_cfg(setup, budgets={"kd-logits": {"max_stepz": 3}}))
+    with pytest.raises(ValueError, match="unknown route"):
+        _cfg(setup, routes=["zero-shot", "telepathy"])
+
+
+def test_pareto_front_on_planted_points():
+    pts = [("a", 1.0, 0.5), ("b", 2.0, 0.7), ("c", 3.0, 0.6), ("d", 0.5, 0.2), ("e", 2.0, 0.7)]
+    assert pareto_front(pts) == {"a", "b", "d", "e"}  # c is dominated by b; b and e tie (neither dominates)
+    assert pareto_front([("x", 1.0, 0.1), ("y", 1.0, 0.3)]) == {"y"}
+
+
+def test_paired_tests_on_planted_predictions():
+    gold = ["a", "b"] * 50
+    base = [{"id": i, "gold": g, "pred": "a", "correct": g == "a"} for i, g in enumerate(gold)]
+    better = [{"id": i, "gold": g, "pred": g, "correct": True} for i, g in enumerate(gold)]
+    t = paired_test(base, better, ["a", "b"])
+    assert t["significant"] and t["diff"] > 0.6 and t["mcnemar_p"] < 1e-10 and t["wins"] == 50 and t["losses"] == 0
+    same = paired_test(base, base, ["a", "b"])
+    assert not same["significant"] and same["diff"] == 0 and same["mcnemar_p"] == 1.0
+    # One extra right answer in 100 is noise.
+    nearly = [dict(p) for p in base]
+    nearly[1] = {**nearly[1], "pred": "b", "correct": True}
+    assert not paired_test(base, nearly, ["a", "b"])["significant"]
+    assert mcnemar([True, False], [True, True]) == {"a_only": 0, "b_only": 1, "p_value": 1.0}
+
+
+def test_bootstrap_macro_f1_matches_sklearn_and_brackets_the_estimate():
+    from sklearn.metrics import f1_score
+
+    gold = ["a", "b", "c"] * 20
+    pred = ["a", "b", "b", None, "c", "c"] * 10
+    want = f1_score(gold, ["<inv>" if p is None else p for p in pred], labels=["a", "b", "c"], average="macro",
+                    zero_division=0)
+    assert macro_f1(gold, pred, ["a", "b", "c"]) == pytest.approx(want)
+    ci = bootstrap_ci(gold, pred, ["a", "b", "c"])
+    assert ci["macro_f1"][0] < want < ci["macro_f1"][1] and ci["accuracy"][1] - ci["accuracy"][0] > 0.1
+    assert paired_bootstrap(gold, pred, pred, ["a", "b", "c"])["p_value"] == 1.0
+
+
+def test_recommendation_names_cheapest_within_two_points_of_the_teacher():
+    rows = [
+        {"route": "teacher", "reference": True, "status": "ok", "quality": 0.80, "latency_p50_s": 2.0, "build_seconds": 0},
+        {"route": "pld", "reference": False, "status": "ok", "quality": 0.79, "latency_p50_s": 0.1, "build_seconds": 50},
+        {"route": "kd-logits", "reference": False, "status": "ok", "quality": 0.81, "latency_p50_s": 0.2, "build_seconds": 900},
+        {"route": "zero-shot", "reference": False, "status": "ok", "quality": 0.5, "latency_p50_s": 0.05, "build_seconds": 0},
+    ]
+    assert "pld" in recommendation(rows) and "within 2 points" in recommendation(rows)
+    rows[1]["quality"] = 0.70
+    assert "kd-logits" in recommendation(rows)

@@ -1,0 +1,50 @@
+"""Model specs: each kind resolves to the right backend or folder, and a bad spec fails with one clear error."""
+
+from __future__ import annotations
+
+import pytest
+
+from stillroom.backends import load_backend
+from stillroom.errors import ConfigError
+from stillroom.models import is_white_box, resolve_model_path
+
+
+def test_gguf_spec_loads_the_file_through_transformers(tmp_path, monkeypatch):
+    import stillroom.backends.hf as hf
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, src, **kw):
+            seen.update(src=src, **kw)
+
+    monkeypatch.setattr(hf, "HFBackend", Recorder)
+    f = tmp_path / "models" / "tiny-q4.gguf"
+    f.parent.mkdir()
+    f.write_bytes(b"GGUF")
+    load_backend(f"gguf:{f}")
+    assert seen["src"] == str(f.parent) and seen["gguf_file"] == "tiny-q4.gguf"
+
+
+def test_missing_gguf_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nothing.gguf"):
+        load_backend(f"gguf:{tmp_path / 'nothing.gguf'}")
+
+
+@pytest.mark.parametrize("spec", ["openai:gpt-4o", "scripted:echo", "gguf:model.gguf"])
+def test_white_box_routes_refuse_models_without_local_weights(spec):
+    with pytest.raises(ConfigError, match="local transformers folder"):
+        resolve_model_path(spec)
+
+
+def test_white_box_and_folder_checks(tmp_path):
+    assert is_white_box("gemma3-270m") and is_white_box("hf:x") and not is_white_box("openai:m")
+    with pytest.raises(ConfigError, match="config.json missing"):
+        resolve_model_path(f"hf:{tmp_path}")
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_model_path(f"hf:{tmp_path}") == tmp_path and resolve_model_path(str(tmp_path)) == tmp_path
+
+
+def test_unknown_spec_says_what_is_expected():
+    with pytest.raises(ConfigError, match="'gguf:FILE'"):
+        load_backend("weird:thing")
