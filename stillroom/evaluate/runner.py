@@ -90,10 +90,13 @@ def evaluate(
     """
     extra: dict = {}
     # A served model's refusal says why it cannot score (e.g. llama.cpp's server ignores echo) and what to do.
-    refusal = getattr(getattr(backend, "backend", backend), "score_refusal", None) if not backend.supports_score else None
+    # Asked only when scoring is in question: a served model's capability costs a probe request.
+    refusal = None
+    if method in ("auto", "loglik") and task.kind != "free_text" and not backend.supports_score:
+        refusal = getattr(getattr(backend, "backend", backend), "score_refusal", None)
     if method == "auto":
-        method = "loglik" if backend.supports_score and task.kind != "free_text" else "generate"
-        if refusal and task.kind != "free_text":
+        method = "loglik" if task.kind != "free_text" and backend.supports_score else "generate"
+        if refusal:
             extra["notes"] = [f"scored by generation, not log-likelihood: {refusal}"]
     if method == "loglik" and not backend.supports_score:
         raise ConfigError(refusal or f"{backend.identity} cannot score log-likelihoods; use method 'generate'")
