@@ -69,6 +69,15 @@ class BackendConfig(BaseModel):
         "window; for llama.cpp, per slot). Probed from llama.cpp's /props or vLLM's /v1/models when omitted; every "
         "prompt is checked against it before any call is paid.",
     )
+    tokenizer: str | None = Field(
+        None, description="OpenAI-compatible servers: a local folder holding the served model's tokenizer, so "
+        "log-likelihood scoring splits context and continuation exactly without the server's /tokenize.",
+    )
+    max_tokens_param: Literal["auto", "max_tokens", "max_completion_tokens"] = Field(
+        "auto", description="OpenAI-compatible servers: the length field sent. 'auto' sends max_tokens and switches "
+        "for good when the model answers 400 asking for max_completion_tokens (newer OpenAI models).",
+        json_schema_extra={"identity": False},
+    )
     batch_size: int = Field(8, ge=1, description="Batch size for local models (throughput only: not part of the run's identity).",
                             json_schema_extra={"identity": False})
     device: str = Field("auto", description="Local models: 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'.")

@@ -36,6 +36,7 @@ class FakeOpenAIServer:
         gate: bool = False,
         count_tokens=None,
         n_ctx: int | None = None,
+        error_messages: dict[int, str] | None = None,
     ):
         self.script = list(script or [])
         self.delay_s = delay_s
@@ -44,6 +45,7 @@ class FakeOpenAIServer:
         self.hang = hang
         self.count_tokens = count_tokens
         self.n_ctx = n_ctx
+        self.error_messages = dict(error_messages or {})
         self._gate = threading.Event()
         if not gate:
             self._gate.set()
@@ -162,6 +164,7 @@ class FakeOpenAIServer:
                 404: f"The model `{body.get('model')}` does not exist",
                 429: "Rate limit reached",
             }.get(status, "Internal server error")
+            message = self.error_messages.get(status, message)
             return status, {"error": {"message": message, "type": "error", "param": None, "code": None}}
         text = body.get("prompt") if "prompt" in body else [m["content"] for m in body.get("messages", [])]
         prompt_tokens = self.count_tokens(text) if self.count_tokens else self.prompt_tokens

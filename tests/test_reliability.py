@@ -57,8 +57,10 @@ def latin_task(tmp_path: Path, n: int = 24) -> Path:
 
 
 def eval_cfg(task: Path, srv: FakeOpenAIServer, **model) -> EvalConfig:
+    # method 'generate': these tests count every request the server saw, and 'auto' would first probe the
+    # server's scoring (a request of its own, tested in test_served_logprobs.py).
     return EvalConfig(task=TaskConfig(spec=str(task), val_fraction=0.0, test_fraction=0.0), split="train",
-                      model=BackendConfig(spec="openai:fake", base_url=srv.base_url, **model))
+                      method="generate", model=BackendConfig(spec="openai:fake", base_url=srv.base_url, **model))
 
 
 def cli_env(tmp_path: Path) -> dict:
@@ -72,7 +74,7 @@ def start_eval(tmp_path: Path, task: Path, srv: FakeOpenAIServer, run_dir: Path,
     """`stillroom eval` in its own process; stdout+stderr go to a file the test can poll."""
     log = tmp_path / f"{name}.log"
     cmd = [sys.executable, "-m", "stillroom.cli", "eval", "--task", str(task), "--model", "openai:fake",
-           "--base-url", srv.base_url, "--run-dir", str(run_dir), *extra]
+           "--base-url", srv.base_url, "--method", "generate", "--run-dir", str(run_dir), *extra]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(tmp_path), stdout=log.open("w"), stderr=subprocess.STDOUT)
     return proc, log
 

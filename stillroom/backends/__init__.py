@@ -68,6 +68,8 @@ def load_backend(cfg: BackendConfig | str) -> Backend:
             max_retries=cfg.max_retries,
             retry_budget_s=cfg.retry_budget_s,
             max_input_tokens=cfg.max_input_tokens,
+            tokenizer=cfg.tokenizer,
+            max_tokens_param=cfg.max_tokens_param,
         )
     if kind == "scripted" and rest:
         from stillroom.backends.scripted import ScriptedBackend, echo_last_line

@@ -16,6 +16,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 from urllib.parse import urlparse
 
 import openai
@@ -25,6 +26,7 @@ from stillroom.backends.base import (
     Generation,
     GenerationParams,
     Prompt,
+    ScoreRequest,
     Usage,
     estimate_tokens,
     normalise_prompt,
@@ -135,6 +137,15 @@ def tiktoken_encoding(model: str):
         return None
 
 
+MAX_TOKENS_PARAMS = ("auto", "max_tokens", "max_completion_tokens")
+
+
+def rejects_max_tokens(exc: openai.APIError) -> bool:
+    """A 400 saying the model takes `max_completion_tokens` instead of `max_tokens` (newer OpenAI models)."""
+    msg = _server_message(exc)
+    return getattr(exc, "status_code", None) == 400 and "max_tokens" in msg and "max_completion_tokens" in msg
+
+
 class OpenAIBackend(BackendBase):
     """Chat messages go to `/chat/completions`; a raw string prompt goes to legacy `/completions`.
 
@@ -145,7 +156,6 @@ class OpenAIBackend(BackendBase):
     `retry-after-ms`); 400/401/403/404 never are.
     """
 
-    supports_score = False
     supports_chat = True
 
     def __init__(
@@ -160,6 +170,8 @@ class OpenAIBackend(BackendBase):
         retry_budget_s: float = 120.0,
         max_input_tokens: int | None = None,
         extra_body: dict | None = None,
+        tokenizer: Any = None,
+        max_tokens_param: str = "auto",
     ):
         from stillroom.config import check_key_env_name
 
@@ -179,6 +191,14 @@ class OpenAIBackend(BackendBase):
         self._context_tokens = max_input_tokens
         self._probed = max_input_tokens is not None
         self._probe_lock = threading.Lock()
+        if max_tokens_param not in MAX_TOKENS_PARAMS:
+            raise BackendError(f"max_tokens_param must be one of {', '.join(MAX_TOKENS_PARAMS)}, got {max_tokens_param!r}")
+        # 'auto' sends max_tokens until the model answers 400 asking for max_completion_tokens, then switches.
+        self.max_tokens_param = "max_tokens" if max_tokens_param == "auto" else max_tokens_param
+        self._auto_max_tokens = max_tokens_param == "auto"
+        self._param_lock = threading.Lock()
+        self._tokenizer_spec = tokenizer
+        self._scorer = None
         key = os.environ.get(api_key_env) or None
         if key is None:
             if not is_local_url(self.base_url):
@@ -247,15 +267,20 @@ class OpenAIBackend(BackendBase):
         self._client.close()
 
     def _sampling_kwargs(self, params: GenerationParams) -> dict:
-        kw: dict = {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p}
+        kw: dict = {"temperature": params.temperature, "top_p": params.top_p}
+        extra = dict(self.extra_body or {})
+        if self.max_tokens_param == "max_tokens":
+            kw["max_tokens"] = params.max_tokens
+        else:  # not a typed argument of the client's legacy completions: sent in the body
+            extra["max_completion_tokens"] = params.max_tokens
         if params.stop:
             # OpenAI's API takes at most 4 stop sequences (a 400 otherwise); the rest are applied to the text
             # after it arrives (`_cut_at_stops`), so every backend honours every stop string.
             kw["stop"] = list(params.stop)[:MAX_SERVER_STOPS]
         if params.seed is not None:
             kw["seed"] = params.seed
-        if self.extra_body:
-            kw["extra_body"] = self.extra_body
+        if extra:
+            kw["extra_body"] = extra
         return kw
 
     def generate(self, prompt: Prompt, params: GenerationParams) -> Generation:
@@ -268,6 +293,9 @@ class OpenAIBackend(BackendBase):
             err, resp, wait_s = self._attempt(prompt, kwargs, max(0.1, min(self.timeout_s, left)), attempt)
             if err is None:
                 break
+            if getattr(err, "switched_param", False):  # resend at once with max_completion_tokens
+                kwargs = self._sampling_kwargs(params)
+                continue
             if wait_s is None or attempt >= self.max_retries:
                 raise err from None
             left = self.retry_budget_s - (time.perf_counter() - start)
@@ -297,6 +325,10 @@ class OpenAIBackend(BackendBase):
                 )
             return None, resp, None
         except openai.APIError as exc:
+            if self._switch_max_tokens_param(exc, kwargs):
+                err = BackendError("the model takes max_completion_tokens")
+                err.switched_param = True
+                return err, None, None
             err = self._translate(exc, timeout, attempt)
             wait_s = self._retry_wait(exc, attempt)
         return err, None, wait_s
@@ -342,6 +374,47 @@ class OpenAIBackend(BackendBase):
             return [self.generate(p, params) for p in prompts]
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(prompts))) as pool:
             return list(pool.map(lambda p: self.generate(p, params), prompts))
+
+    def _switch_max_tokens_param(self, exc: openai.APIError, sent: dict) -> bool:
+        """Once per backend: on the model's 400 asking for `max_completion_tokens`, send that from now on."""
+        if not (self._auto_max_tokens and "max_tokens" in sent and rejects_max_tokens(exc)):
+            return False
+        with self._param_lock:
+            self.max_tokens_param = "max_completion_tokens"
+        return True
+
+    # Log-likelihood scoring lives in stillroom.backends.openai_logprobs; these are its hooks.
+
+    @property
+    def scorer(self):
+        """The server's scoring helper (`ServerScorer`); its capability is probed on first use and kept."""
+        with self._param_lock:
+            if self._scorer is None:
+                from stillroom.backends.openai_logprobs import ServerScorer
+
+                tok = self._tokenizer_spec
+                if isinstance(tok, str):
+                    from transformers import AutoTokenizer
+
+                    tok = AutoTokenizer.from_pretrained(tok)
+                self._scorer = ServerScorer(self, tok)
+            return self._scorer
+
+    @property
+    def supports_score(self) -> bool:
+        """Whether the server returns prompt log-probabilities (probed once: echo + logprobs / prompt_logprobs)."""
+        return self.scorer.capability.can_score
+
+    @property
+    def score_refusal(self) -> str:
+        """Why this server cannot score, and what to do instead."""
+        return self.scorer.refusal()
+
+    def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
+        """Summed log-probability of each continuation given its context, through the server's /completions."""
+        if not self.supports_score:
+            raise NotImplementedError(self.score_refusal)
+        return self.scorer.score(requests)
 
     def _translate(self, exc: openai.APIError, timeout: float | None = None, attempt: int | None = None) -> BackendError:
         """A `BackendError` with a clear, key-free message for an openai exception; `.reason` is a short

@@ -94,7 +94,7 @@ def _run_eval(cfg: EvalConfig, run_dir: Path, conditions: list[Condition], backe
     finally:
         # Usage is written even when a spend cap or Ctrl-C stops the run, so the user sees what was spent.
         run.write_json("usage.json", cached.meter.summary())
-    notes = []
+    notes = list(dict.fromkeys(n for r in results.values() for n in r.extra.get("notes", [])))
     if overlong["overlong"]:
         notes.append(f"{overlong['overlong']} example(s) did not fit the model's context window: "
                      f"{overlong['truncated']} truncated, {overlong['skipped']} skipped.")

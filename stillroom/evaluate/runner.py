@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from stillroom.backends.base import Backend, GenerationParams, ScoreRequest
+from stillroom.errors import ConfigError
 from stillroom.evaluate.metrics import classification_metrics, cost_metrics
 from stillroom.tasks.prompts import continuation, render_chat, render_prompt
 from stillroom.tasks.task import Example, Task
@@ -87,10 +88,18 @@ def evaluate(
     'Answer: ...', at most `cot_max_tokens` in all), or 'auto' (loglik where the backend can score and the task
     has options, else generate).
     """
+    extra: dict = {}
+    # A served model's refusal says why it cannot score (e.g. llama.cpp's server ignores echo) and what to do.
+    # Asked only when scoring is in question: a served model's capability costs a probe request.
+    refusal = None
+    if method in ("auto", "loglik") and task.kind != "free_text" and not backend.supports_score:
+        refusal = getattr(getattr(backend, "backend", backend), "score_refusal", None)
     if method == "auto":
-        method = "loglik" if backend.supports_score and task.kind != "free_text" else "generate"
+        method = "loglik" if task.kind != "free_text" and backend.supports_score else "generate"
+        if refusal:
+            extra["notes"] = [f"scored by generation, not log-likelihood: {refusal}"]
     if method == "loglik" and not backend.supports_score:
-        raise ValueError(f"{backend.identity} cannot score log-likelihoods; use method 'generate'")
+        raise ConfigError(refusal or f"{backend.identity} cannot score log-likelihoods; use method 'generate'")
     if method == "loglik" and task.kind == "free_text":
         raise ValueError("log-likelihood scoring needs answer options; free-text tasks use 'generate'")
     preds: list[dict] = []
@@ -104,7 +113,7 @@ def evaluate(
                 budget = cot_max_tokens if method == "cot" else max_new_tokens
                 preds.extend(_generate_chunk(task, chunk, backend, shots, system_prompt, method, budget))
             bar.advance(job, len(chunk))
-    return EvalResult(predictions=preds, metrics=summarise(task, examples, preds), method=method)
+    return EvalResult(predictions=preds, metrics=summarise(task, examples, preds), method=method, extra=extra)
 
 
 def _score_chunk(task, chunk, backend, shots, system_prompt) -> list[dict]:

@@ -221,6 +221,21 @@ def _digest(cfg: GADConfig, exclude: tuple[str, ...]) -> str:
     return digest_of(cfg, exclude=exclude)
 
 
+def refuse_multi_process() -> None:
+    """GAD is single-process: raise `ConfigError` when started by `accelerate launch` (or torchrun) with more than
+    one process (WORLD_SIZE > 1)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    if world > 1:
+        raise ConfigError(
+            f"GAD runs in one process, but this is one of {world} (accelerate launch / torchrun): the discriminator "
+            "is updated inside the reward function by whichever process calls it, so every rank would train its own "
+            "discriminator on its own samples and the student would chase several different critics. Run `stillroom "
+            "gad` directly (python -m stillroom.cli gad ...), on one GPU."
+        )
+
+
 def run_gad(cfg: GADConfig, run_dir: str | Path, *, teacher_backend=None) -> dict:
     """The `stillroom gad` route: teacher answers (cached) → warm-up → adversarial stage → evaluation.
 
@@ -229,6 +244,7 @@ def run_gad(cfg: GADConfig, run_dir: str | Path, *, teacher_backend=None) -> dic
     stage), train.json, predictions.jsonl, metrics.json, usage.json and report.html. Rerunning resumes: the
     teacher's answers come from the cache, and a finished stage (same settings) is loaded instead of retrained.
     """
+    refuse_multi_process()
     from stillroom.backends import open_cached_backend
     from stillroom.backends.embedded import is_converted, save_model_folder
     from stillroom.backends.hf import HFBackend

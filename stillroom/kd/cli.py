@@ -61,7 +61,9 @@ CeOpt = Annotated[float | None, typer.Option(help="loss = (1 − w)·KD + w·CE 
 TopKOpt = Annotated[int | None, typer.Option(help="Teacher log-probabilities cached per position (+ a rest bucket).")]
 OnlineOpt = Annotated[bool | None, typer.Option("--online/--cached", help="Keep the teacher resident instead of caching its logits.")]
 OnPolicyOpt = Annotated[bool | None, typer.Option("--on-policy", help="On-policy KD via TRL's DistillationTrainer (teacher resident).")]
-TeacherWB = Annotated[str | None, typer.Option(help="Teacher: 'gemma3-270m' (default), 'hf:PATH' or a model folder.")]
+TeacherWB = Annotated[str | None, typer.Option(help="Teacher: 'gemma3-270m' (default), 'hf:PATH', a model folder, or 'openai:MODEL' served by vLLM (kd logits, with --base-url).")]
+BaseUrlOpt = Annotated[str | None, typer.Option("--base-url", help="A served teacher's vLLM URL (e.g. http://gpu-node:8000/v1): its top-k log-probabilities fill the cache.")]
+KeyEnvOpt = Annotated[str | None, typer.Option("--api-key-env", help="NAME of the variable holding the served teacher's key.")]
 ShotsOpt = Annotated[int | None, typer.Option(help="k solved training examples in every prompt.")]
 
 
@@ -71,7 +73,7 @@ def logits_cmd(
     ce_weight: CeOpt = None, top_k: TopKOpt = None, online: OnlineOpt = None, on_policy: OnPolicyOpt = None,
     lora: LoraOpt = None, epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, lr: LrOpt = None,
     batch_size: BatchOpt = None, train_limit: TrainLimitOpt = None, eval_limit: EvalLimitOpt = None,
-    shots: ShotsOpt = None, run_dir: RunDirOpt = None,
+    shots: ShotsOpt = None, run_dir: RunDirOpt = None, base_url: BaseUrlOpt = None, api_key_env: KeyEnvOpt = None,
 ) -> None:
     """White-box logit KD: the teacher's top-k log-probabilities are computed once and cached on disk
     (resumable shards), then the student (LoRA or full) is trained on them without the teacher in memory.
@@ -87,6 +89,7 @@ def logits_cmd(
         over = _logits_overrides(task, teacher, student, divergence, beta, alpha, temperature, ce_weight, top_k,
                                  online, on_policy, lora, epochs, max_steps, lr, batch_size, train_limit,
                                  eval_limit, shots)
+        over.update({"teacher_base_url": base_url, "teacher_api_key_env": api_key_env})
         cfg = load_config(config, KDLogitsConfig, over, "--task and --student", bool(task and student))
         out = run_dir or run_dir_for("kd-logits", cfg)
         _print(distill_logits(cfg, out), out)

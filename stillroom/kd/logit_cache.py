@@ -30,6 +30,7 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -340,7 +341,8 @@ def build_logit_cache(
     """Run the teacher once over `encoded` and store its top-k answer-position log-probabilities under `root`.
 
     `teacher` is a causal LM, or a zero-argument function returning one: it is called only when some shard is
-    missing, so reopening a finished cache never loads the teacher. `vocab_size` truncates the teacher's logits
+    missing, so reopening a finished cache never loads the teacher. A served teacher
+    (`stillroom.kd.served_teacher.ServedTeacher`, anything with `score_shard`) fills the same shards remotely. `vocab_size` truncates the teacher's logits
     to the range shared with the student (see `check_vocab`); None keeps them all. Resumable: finished shards are
     kept, the rest computed. `extra_meta` is stored in meta.json as is (e.g. the hint layer map). Returns the
     opened cache and what was done.
@@ -378,31 +380,34 @@ def build_logit_cache(
         (stats.skipped if (folder / f"shard-{s:05d}.safetensors").exists() else todo).append(s)
     if todo:
         model = teacher() if callable(teacher) and not isinstance(teacher, torch.nn.Module) else teacher
+        served = hasattr(model, "score_shard")  # a teacher behind a server: no local weights
         t0 = time.perf_counter()
         # Settings that depend on the loaded teacher (its vocabulary) go into meta.json once known.
         if not vocab:
-            vocab = int(model.config.get_text_config().vocab_size)
+            vocab = int(model.vocab_size if served else model.config.get_text_config().vocab_size)
             meta["vocab_size"] = vocab
         atomic_write_text(meta_path, json.dumps(meta) + "\n")
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
+        device = None if served else next(model.parameters()).device
+        was_training = False if served else model.training
+        if not served:
+            model.eval()
         try:
             with progress_bar(transient=True) if progress else _nullbar() as bar:
                 total = sum(len(encoded[s * shard_size : (s + 1) * shard_size]) for s in todo)
                 job = bar.add_task("teacher logits", total=total) if bar else None
                 for s in todo:
                     part = list(encoded[s * shard_size : (s + 1) * shard_size])
-                    tensors, n_tok = _score_shard(model, part, device, k=k, temperature=temperature, vocab=vocab,
-                                                  batch_size=batch_size, pad_id=pad_id, hint_layers=hint_layers,
-                                                  hint_positions=hint_positions)
+                    score = model.score_shard if served else partial(_score_shard, model, device=device)
+                    tensors, n_tok = score(part, k=k, temperature=temperature, vocab=vocab, batch_size=batch_size,
+                                           pad_id=pad_id, hint_layers=hint_layers, hint_positions=hint_positions)
                     _save_atomic(tensors, folder / f"shard-{s:05d}.safetensors", {"n": str(len(part))})
                     stats.computed.append(s)
                     stats.teacher_tokens += n_tok
                     if bar:
                         bar.advance(job, len(part))
         finally:
-            model.train(was_training)
+            if not served:
+                model.train(was_training)
         stats.seconds = time.perf_counter() - t0
     elif not meta_path.exists():
         atomic_write_text(meta_path, json.dumps(meta) + "\n")
@@ -418,7 +423,7 @@ class _nullbar:
 
 
 @torch.no_grad()
-def _score_shard(model, part, device, *, k, temperature, vocab, batch_size, pad_id, hint_layers, hint_positions):
+def _score_shard(model, part, *, device, k, temperature, vocab, batch_size, pad_id, hint_layers, hint_positions):
     idx, logp, rest, offsets = [], [], [], [0]
     hidden: dict[int, list[torch.Tensor]] = {layer: [] for layer in hint_layers}
     h_offsets = [0]

@@ -41,6 +41,7 @@ from stillroom.kd.hints import HintProjector, hint_loss, parse_layer_map
 from stillroom.kd.logit_cache import (
     Encoded,
     LogitCache,
+    VocabPlan,
     answer_forward,
     build_logit_cache,
     check_ids_in_range,
@@ -140,7 +141,16 @@ class KDLogitsConfig(KDConfig):
     """`stillroom kd logits` / `kd hints`: one task, one teacher, one student."""
 
     task: TaskConfig
-    teacher: str = Field("gemma3-270m", description="Teacher: 'gemma3-270m', 'hf:PATH' or a local model folder.")
+    teacher: str = Field(
+        "gemma3-270m", description="Teacher: 'gemma3-270m', 'hf:PATH', a local model folder, or 'openai:MODEL' "
+        "served by vLLM at teacher_base_url (its top-k fill the cache through prompt_logprobs; see "
+        "stillroom.kd.served_teacher).",
+    )
+    teacher_base_url: str | None = Field(None, description="A served teacher's vLLM URL, e.g. http://gpu-node:8000/v1.")
+    teacher_api_key_env: str = Field("OPENAI_API_KEY", description="NAME of the variable holding the served teacher's key.",
+                                     json_schema_extra={"identity": False})
+    teacher_max_concurrency: int = Field(8, ge=1, description="A served teacher's requests in flight.",
+                                         json_schema_extra={"identity": False})
     student: str = Field(..., description="Student: 'hf:PATH' or a local model folder (same vocabulary family).")
     shots: int = Field(0, ge=0, description="k solved training examples in every prompt (training and evaluation).")
     train_limit: int | None = Field(None, ge=1, description="Train on a deterministic sample of N training examples.")
@@ -523,6 +533,22 @@ def training_digest(cfg: BaseModel) -> str:
     return digest_of(cfg, exclude=EVAL_ONLY_FIELDS)
 
 
+def process_state():
+    """accelerate's `PartialState`, created so that CPU processes of a multi-process launch form one (gloo) group.
+
+    A bare `PartialState()` joins a group only on an accelerator: on a machine without CUDA, or with
+    ACCELERATE_USE_CPU set, every rank of `accelerate launch --multi_gpu` / torchrun would count as the main process
+    here and fill the teacher cache itself. (The Trainer builds its own state from `TrainingArguments`, which
+    reads ACCELERATE_USE_CPU: on CPU that variable is what makes training data-parallel.)
+    """
+    import os
+
+    from accelerate import PartialState
+
+    forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return PartialState(cpu=forced or not torch.cuda.is_available())
+
+
 def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool = True) -> dict:
     """The `kd logits` / `kd hints` route. Rerunning the same command resumes: a finished teacher cache is reused
     without loading the teacher, and a finished student is re-evaluated without retraining.
@@ -530,8 +556,6 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
     Writes config.yaml, teacher_logits/<key>/ (the cache), student/ (the distilled student, LoRA merged),
     train.json, predictions.jsonl, metrics.json and report.html.
     """
-    from accelerate import PartialState
-
     from stillroom.backends.embedded import is_converted, save_model_folder
     from stillroom.backends.hf import HFBackend
     from stillroom.route import BuildCost, Deployment, Timer, evaluate_deployment, open_run, record, select
@@ -545,15 +569,25 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
     train = [e for e in sel.train if e.label is not None and e.id not in shot_ids]
     if not train:
         raise ConfigError(f"task {task.name!r}: no labelled training examples")
-    teacher_path, student_path = resolve_model_path(cfg.teacher), resolve_model_path(cfg.student)
+    served = None
+    if cfg.teacher.partition(":")[0] == "openai":  # a teacher behind vLLM: never loaded here
+        from stillroom.kd.served_teacher import served_teacher_for
+
+        served = served_teacher_for(cfg)
+    teacher_path = None if served else resolve_model_path(cfg.teacher)
+    student_path = resolve_model_path(cfg.student)
     run, config_dict = open_run(cfg, run_dir)
     from transformers import AutoConfig
 
     s_tok = load_tokenizer(student_path)
-    t_tok = s_tok if teacher_path.resolve() == student_path.resolve() else load_tokenizer(teacher_path)
-    t_cfg = AutoConfig.from_pretrained(str(teacher_path)).get_text_config()
     s_cfg = AutoConfig.from_pretrained(str(student_path)).get_text_config()
-    plan = check_vocab(s_tok, t_tok, int(s_cfg.vocab_size), int(t_cfg.vocab_size))
+    if served:
+        t_cfg = None
+        plan = VocabPlan(size=int(s_cfg.vocab_size))  # one tokenizer, checked against the server's before use
+    else:
+        t_tok = s_tok if teacher_path.resolve() == student_path.resolve() else load_tokenizer(teacher_path)
+        t_cfg = AutoConfig.from_pretrained(str(teacher_path)).get_text_config()
+        plan = check_vocab(s_tok, t_tok, int(s_cfg.vocab_size), int(t_cfg.vocab_size))
     prompts = [render_prompt(task, ex, shots) for ex in train]
     encoded = encode_examples(
         s_tok, [(ex.id, p, continuation(str(ex.label))) for ex, p in zip(train, prompts, strict=True)],
@@ -564,6 +598,9 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
     conditions: dict[str, Any] = {}
 
     def load_teacher():
+        if served:
+            served.check_tokenizer(s_tok)
+            return served
         return load_causal_lm(teacher_path, dtype=cfg.dtype)
 
     if cfg.eval_teacher:
@@ -607,9 +644,10 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
                 t0 = time.perf_counter()
                 # Under `accelerate launch` the main process fills the cache; the others then find every shard
                 # done and open it without loading the teacher.
-                with PartialState().main_process_first():
+                with process_state().main_process_first():
                     cache, stats = build_logit_cache(
-                        load_teacher, encoded, run.file("teacher_logits"), teacher_id=model_fingerprint(teacher_path),
+                        load_teacher, encoded, run.file("teacher_logits"),
+                        teacher_id=served.identity if served else model_fingerprint(teacher_path),
                         k=cfg.top_k, temperature=cfg.temperature, vocab_size=plan.size,
                         shard_size=cfg.shard_size, batch_size=cfg.teacher_batch_size, pad_id=s_tok.pad_token_id or 0,
                         progress=progress, **hint_kw,
@@ -626,7 +664,7 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
         train_info = {**result.summary(), "cache": cache_info, "examples": len(encoded), "config_digest": digest}
         del teacher, result
         release_memory()
-        if not PartialState().is_main_process:
+        if not process_state().is_main_process:
             return {}  # other ranks of a multi-GPU run: the main process saves and evaluates
         save_model_folder(trained, s_tok, student_dir)
         run.write_json("train.json", train_info)
@@ -637,7 +675,7 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
     cache_meta = train_info.get("cache") or {}
     cost = BuildCost(teacher_input_tokens=int(cache_meta.get("teacher_tokens", 0) or 0), seconds=timer.seconds,
                      training_steps=int(train_info.get("steps", 0)))
-    extra = {"split": cfg.eval_split, "train_examples": len(encoded), "teacher": str(teacher_path),
+    extra = {"split": cfg.eval_split, "train_examples": len(encoded), "teacher": served.identity if served else str(teacher_path),
              "student": str(student_path), "method": method,
              "train": {k: v for k, v in train_info.items() if k != "log_history"}}
     artifacts = {"student": str(student_dir), "teacher_logits": str(run.file("teacher_logits"))}

@@ -1,0 +1,141 @@
+"""A teacher on a server: fills the teacher-logit cache through vLLM's teacher-forced `prompt_logprobs`.
+
+`kd logits --teacher openai:MODEL --base-url http://gpu-node:8000/v1` sends each training example (prompt +
+answer token ids, exactly the ids the student trains on) to `/v1/completions` with `prompt_logprobs: k`. vLLM
+returns, for every prompt position, the k most likely next tokens with their log-probabilities under the teacher;
+the answer positions of that are the same top-k rows `build_logit_cache` computes from a local teacher's logits, and
+the rest of the mass, log(1 − Σ top-k p), is kept as the tail bucket as before. So a teacher on a GPU cluster
+teaches a local student without ever being loaded here.
+
+Limits, each refused with a message: k is at most the server's `max_logprobs` (vLLM's default 20; raise it with
+`--max-logprobs`); the log-probabilities are at temperature 1 (vLLM returns the model's own distribution), so the
+cache's temperature must be 1; a server has no hidden states, so no hint KD; and teacher and student must share a
+tokenizer, checked by comparing the server's `/tokenize` of a probe text with the student tokenizer's ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from stillroom.backends.openai_logprobs import (
+    PROBE_TEXT,
+    ServerScorer,
+    is_openai_api,
+    rest_logmass,
+    teacher_forced_topk,
+)
+from stillroom.errors import BackendError, ConfigError
+from stillroom.kd.losses import LOG_FLOOR
+
+
+class ServedTeacher:
+    """The teacher side of `build_logit_cache` for a model behind a vLLM server (`score_shard`)."""
+
+    def __init__(self, backend: Any):
+        self.backend = backend
+        self.scorer = ServerScorer(backend)
+        self.identity = f"served:{backend.base_url}:{backend.model}"
+        """Names the teacher in the cache key (a different server or model gets a different cache)."""
+        self.vocab_size: int | None = None
+
+    def check_tokenizer(self, student_tokenizer: Any) -> None:
+        """Refuse unless the server tokenizes a probe text to the student tokenizer's ids."""
+        try:
+            theirs = self.scorer.server_tokenize(PROBE_TEXT)
+        except BackendError as exc:
+            raise ConfigError(
+                f"{self.backend.identity}: cannot check that teacher and student share a tokenizer: the server has "
+                f"no usable /tokenize ({exc}). Serve the teacher with vLLM, which has it."
+            ) from None
+        ours = list(student_tokenizer.encode(PROBE_TEXT))
+        if theirs != ours:
+            first = next((i for i, (a, b) in enumerate(zip(theirs, ours, strict=False)) if a != b),
+                         min(len(theirs), len(ours)))
+            raise ConfigError(
+                f"the served teacher ({self.backend.model}) and the student tokenize differently: the probe text "
+                f"{PROBE_TEXT!r} is {len(theirs)} tokens on the server and {len(ours)} for the student, first "
+                f"difference at token {first} (server {theirs[first:first + 5]}, student {ours[first:first + 5]}). "
+                "Logit distillation needs one vocabulary: use a student of the teacher's family, or distil through "
+                "text with `stillroom kd data`."
+            )
+
+    def score_shard(self, part: Sequence[Any], *, k: int, temperature: float, vocab: int, batch_size: int,
+                    pad_id: int = 0, hint_layers: Sequence[int] = (), hint_positions: str = "answer"):
+        """The shard tensors `build_logit_cache` stores (idx, logp, rest, offsets) and the tokens sent."""
+        if hint_layers:
+            raise ConfigError("a served teacher has no hidden states to give: hint KD needs a local teacher")
+        if float(temperature) != 1.0:
+            raise ConfigError(
+                f"a served teacher returns log-probabilities at temperature 1, not {temperature:g}: set temperature "
+                "1, or use a local teacher"
+            )
+        batches = [list(part[i : i + batch_size]) for i in range(0, len(part), batch_size)]
+
+        def one(batch):
+            return teacher_forced_topk(self.scorer, [e.ids for e in batch], k,
+                                       lambda i: range(len(batch[i].prompt_ids), len(batch[i].ids)))
+
+        workers = min(self.backend.max_concurrency, len(batches))
+        if workers <= 1:
+            rows_per_batch = [one(b) for b in batches]
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                rows_per_batch = list(pool.map(one, batches))
+        idx, logp, rest, offsets = [], [], [], [0]
+        for batch, rows in zip(batches, rows_per_batch, strict=True):
+            for e, positions in zip(batch, rows, strict=True):
+                for top in positions:
+                    ids, lps = _fixed_width(top, k, vocab)
+                    idx.append(ids)
+                    logp.append(lps)
+                    rest.append(rest_logmass([x for x in lps if x > LOG_FLOOR], LOG_FLOOR))
+                offsets.append(offsets[-1] + len(e.answer_ids))
+        tensors = {
+            "idx": torch.tensor(idx, dtype=torch.int32),
+            "logp": torch.tensor(logp, dtype=torch.float32),
+            "rest": torch.tensor(rest, dtype=torch.float32).clamp(min=LOG_FLOOR),
+            "offsets": torch.tensor(offsets, dtype=torch.int64),
+        }
+        return tensors, sum(len(e.ids) for e in part)
+
+
+def _fixed_width(top: list[tuple[int, float]], k: int, vocab: int) -> tuple[list[int], list[float]]:
+    """k (id, log-prob) columns: ids outside the student's range dropped (their mass joins the rest), and a short
+    row filled with unused ids at the floor log-probability (they carry no mass)."""
+    kept = [(t, lp) for t, lp in top if 0 <= t < vocab][:k]
+    if len(kept) < min(k, vocab):
+        used = {t for t, _ in kept}
+        filler = (t for t in range(vocab) if t not in used)
+        kept += [(next(filler), LOG_FLOOR) for _ in range(min(k, vocab) - len(kept))]
+    return [t for t, _ in kept], [lp for _, lp in kept]
+
+
+def served_teacher_for(cfg: Any) -> ServedTeacher:
+    """The served teacher a `KDLogitsConfig` names (`teacher: openai:MODEL`, `teacher_base_url`), or a
+    `ConfigError` saying why it cannot teach this way."""
+    from stillroom.backends.openai_compat import OpenAIBackend
+
+    model = cfg.teacher.partition(":")[2]
+    url = cfg.teacher_base_url
+    if not url or is_openai_api(url):
+        raise ConfigError(
+            f"{cfg.teacher!r}: a served teacher fills the logit cache through vLLM's prompt_logprobs; give --base-url "
+            "of a vLLM server (e.g. http://gpu-node:8000/v1). OpenAI's API and servers without prompt "
+            "log-probabilities can only teach through text (`stillroom kd data`)."
+        )
+    for bad, why in (
+        (cfg.teacher_mode == "online", "teacher_mode 'online' keeps a local teacher resident; use the cached mode"),
+        (getattr(cfg, "on_policy", False), "on-policy KD scores the student's samples with a resident teacher"),
+        (cfg.hints.enabled, "hint KD needs the teacher's hidden states, which a server does not return"),
+        (getattr(cfg, "eval_teacher", False), "evaluate the served teacher with `stillroom eval --model openai:...`"),
+        (cfg.top_k == 0, "top_k 0 (the full distribution) is more than a server returns; use top_k <= its max_logprobs"),
+    ):
+        if bad:
+            raise ConfigError(f"{cfg.teacher!r} is a served teacher: {why}")
+    backend = OpenAIBackend(model, base_url=url, api_key_env=cfg.teacher_api_key_env,
+                            max_concurrency=cfg.teacher_max_concurrency)
+    return ServedTeacher(backend)
