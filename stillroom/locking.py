@@ -42,6 +42,14 @@ def lock_holder(path: str | Path) -> int | None:
         return None
 
 
+def _secondary_rank() -> bool:
+    """Whether this process is a non-main rank of a multi-process launch (torchrun / accelerate set RANK)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
+    except ValueError:
+        return False
+
+
 @contextlib.contextmanager
 def run_folder_lock(path: str | Path, wait: bool = False) -> Iterator[Path]:
     """Hold the run folder `path` (created if missing) for this process.
@@ -51,6 +59,11 @@ def run_folder_lock(path: str | Path, wait: bool = False) -> Iterator[Path]:
     """
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
+    if _secondary_rank():
+        # The other processes of one `accelerate launch` / torchrun job share the run with its main process,
+        # which holds the lock (and makes every teacher call); they must not be refused as a second run.
+        yield folder
+        return
     key = folder.resolve()
     with _held_lock:
         entry = _held.get(key)
