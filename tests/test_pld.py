@@ -240,8 +240,14 @@ def test_pld_command_with_yaml_config_writes_the_run_folder(tmp_path):
     res2 = CliRunner().invoke(app, ["eval", "--task", str(data), "--model", "scripted:pld-student",
                                     "--rulebook", str(out / "rulebook.json"), "--run-dir", str(tmp_path / "rescore")])
     assert res2.exit_code == 0, res2.output
-    rescored = json.loads((tmp_path / "rescore" / "metrics.json").read_text())["conditions"]["zero-shot + system prompt"]
-    assert rescored["macro_f1"] == metrics["conditions"]["PLD"]["macro_f1"]
+    n_rules = len(json.loads((out / "rulebook.json").read_text())["rules"])
+    rescored = json.loads((tmp_path / "rescore" / "metrics.json").read_text())["conditions"]
+    assert rescored[f"zero-shot + rulebook ({n_rules} rules)"]["macro_f1"] == metrics["conditions"]["PLD"]["macro_f1"]
+    assert (tmp_path / "rescore" / "system_prompt.txt").read_text() == (out / "system_prompt.txt").read_text()
+    # A failing first run with a rulebook leaves no folder behind.
+    bad = CliRunner().invoke(app, ["eval", "--task", str(tmp_path / "missing.jsonl"), "--model", "scripted:pld-student",
+                                   "--rulebook", str(out / "rulebook.json"), "--run-dir", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and not (tmp_path / "bad").exists()
 
 
 def test_eps_sweep_keeps_the_eps_with_the_best_validation_f1(tmp_path):

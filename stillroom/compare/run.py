@@ -70,8 +70,11 @@ def run_compare(cfg: CompareConfig, out: str | Path, *, plans: list[RoutePlan] |
     """Run every route of `cfg` into `out/routes/<route>/` and write `compare.json` and `report.html`."""
     from stillroom.compare.report import compare_report, summarise
 
+    from stillroom.locking import hold_run_folder
+
     out = Path(out)
-    plans = plans if plans is not None else plan_routes(cfg)
+    plans = plans if plans is not None else plan_routes(cfg)  # every route's config checked before the folder exists
+    hold_run_folder(out)  # one compare per folder (each route's folder is held by its route as well)
     run = RunFolder(out)
     run.save_config(cfg.model_dump(mode="json"))
     entries: list[dict] = []

@@ -62,20 +62,28 @@ def eval_cmd(
             from stillroom.errors import ConfigError
 
             raise ConfigError(f"{cfg.system_prompt_file}: system prompt file does not exist")
+        conditions = None
         if rulebook:
+            from stillroom.evaluate.job import Condition, default_condition
             from stillroom.pld.rulebook import load_rulebook
 
             if cfg.system_prompt_file:
                 raise typer.BadParameter("give --rulebook or --system-prompt, not both")
             rb = load_rulebook(rulebook)
             out = run_dir or run_dir_for("eval", {**cfg.model_dump(mode="json"), "rulebook": rb.to_json()})
-            sp = out / "system_prompt.txt"
-            out.mkdir(parents=True, exist_ok=True)
-            sp.write_text(rb.system_prompt() + "\n", encoding="utf-8")
-            cfg = cfg.model_copy(update={"system_prompt_file": str(sp)})
+            base = default_condition(cfg)
+            # The rulebook goes in as the condition's system prompt: nothing is written before the run's inputs
+            # are checked (a failed first run leaves no folder); its system_prompt.txt is written after.
+            conditions = [Condition(name=f"{base.name} + rulebook ({len(rb.rules)} rules)", shots=base.shots,
+                                    system_prompt=rb.system_prompt(), method=base.method)]
         else:
             out = run_dir or run_dir_for("eval", cfg)
-        results = run_eval(cfg, out, wait=wait)
+        results = run_eval(cfg, out, conditions=conditions, wait=wait)
+        if rulebook:
+            from stillroom.runs import atomic_write_text
+
+            atomic_write_text(out / "system_prompt.txt", conditions[0].system_prompt + "\n")
+            atomic_write_text(out / "rulebook.json", rb.to_json())
         print_results({n: r.metrics for n, r in results.items()})
         console.print(f"report: [bold]{out / 'report.html'}[/]")
 
