@@ -75,7 +75,8 @@ def _sig_text(r: dict) -> str:
     if not t or r.get("is_baseline"):
         return ""
     word = "significantly" if t["significant"] else "not significantly"
-    return f", {word} different from the baseline (paired p = {t['bootstrap_p']:.3f})"
+    p = _p(t["bootstrap_p"])
+    return f", {word} different from the baseline (paired p {p if p.startswith('<') else '= ' + p})"
 
 
 def summarise(cfg: CompareConfig, entries: list[dict]) -> dict:
@@ -138,43 +139,61 @@ def _ci(v, ci) -> str:
     return f"{v:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{v:.3f}"
 
 
+def _p(p) -> str:
+    return "-" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def _unescape_links(table_html: str) -> str:
+    """`table` escapes cell text; the report links are ours, so they are put back as links."""
+    import re
+
+    return re.sub(r"&lt;a href=&#x27;(.*?)&#x27;&gt;(.*?)&lt;/a&gt;", r"<a href='\1'>\2</a>", table_html)
+
+
 def _mb(b) -> str:
     return "-" if not b else f"{b / 1e6:.0f} MB"
 
 
 def compare_report(summary: dict, out: Path) -> str:
-    """The compare report as one self-contained HTML page."""
+    """The compare report as one self-contained HTML page: a quality table, a cost table, the routes that did not
+    run with their reason, the two trade-off plots and the route notes."""
     rows = summary["rows"]
     done = [r for r in rows if r["status"] == "ok"]
     metric = done[0]["metric"] if done else "macro_f1"
-    headers = ["route", "condition", "n", "macro-F1 [95% CI]", "accuracy [95% CI]", f"Δ {metric} vs {summary['baseline']}",
-               "paired p", "invalid", "latency p50 / p95 s", "out tok / answer", "prompt tok / answer",
-               "build: teacher calls", "tokens", "USD", "wall s", "steps", "served size", "report"]
-    body = []
+    n = done[0]["n"] if done else 0
+    quality, cost, others = [], [], []
     for r in rows:
         link_path = Path(r["folder"]) / "report.html"
-        link = (f"<a href='{html.escape(os.path.relpath(link_path, out))}'>open</a>" if link_path.exists() else "")
+        link = f"<a href='{html.escape(os.path.relpath(link_path, out))}'>report</a>" if link_path.exists() else ""
+        name = r["route"] + (" (reference)" if r["reference"] else "")
         if r["status"] != "ok":
-            why = r.get("error") or r.get("reason") or ""
-            body.append([r["route"], f"{r['status']}: {why}"] + [""] * (len(headers) - 3) + [link])
+            others.append([r["route"], r["status"], r.get("error") or r.get("reason") or ""])
             continue
         t = r.get("vs_baseline") or {}
-        diff = "-" if r.get("is_baseline") or t.get("diff") is None else (
-            f"{t['diff']:+.3f}{' *' if t['significant'] else ''}")
-        p = "-" if r.get("is_baseline") or t.get("bootstrap_p") is None else f"{t['bootstrap_p']:.3f} (McNemar {t['mcnemar_p']:.3f})"
+        if r.get("is_baseline") or t.get("diff") is None:
+            diff, p = "baseline" if r.get("is_baseline") else "-", "-"
+        else:
+            diff = f"{t['diff']:+.3f}{' *' if t['significant'] else ''}"
+            p = f"{_p(t['bootstrap_p'])} / {_p(t['mcnemar_p'])}"
+        quality.append([name, r["condition"], r["n"], _ci(r["macro_f1"], r["macro_f1_ci95"]),
+                        _ci(r["accuracy"], r["accuracy_ci95"]), diff, p, r["invalid_rate"]])
         b = r["build"]
-        name = r["route"] + (" (reference)" if r["reference"] else "")
-        body.append([name, r["condition"], r["n"], _ci(r["macro_f1"], r["macro_f1_ci95"]),
-                     _ci(r["accuracy"], r["accuracy_ci95"]), diff, p, r["invalid_rate"],
-                     f"{r['latency_p50_s']:.3f} / {r['latency_p95_s']:.3f}", r["output_tokens"], r["input_tokens"],
-                     b["teacher_calls"], b["teacher_input_tokens"] + b["teacher_output_tokens"],
+        cost.append([name, f"{r['latency_p50_s']:.3f} / {r['latency_p95_s']:.3f}", r["output_tokens"], r["input_tokens"],
+                     r["system_prompt_tokens"], b["teacher_calls"], b["teacher_input_tokens"] + b["teacher_output_tokens"],
                      f"{b['teacher_cost_usd']:.4f}", f"{b['seconds']:.0f}", b["training_steps"],
                      _mb(r["size_on_disk_bytes"]), link])
-    html_table = table(headers, body).replace("&lt;a href=&#x27;", "<a href='").replace("&#x27;&gt;open&lt;/a&gt;", "'>open</a>")
-    legend = (f"<p>Intervals: 95% percentile bootstrap over the test examples. Δ and p: paired bootstrap of {metric} "
-              f"against {html.escape(summary['baseline'])} on the same examples (McNemar on correctness in brackets); "
-              "* marks p &lt; 0.05. Every other difference is within what chance gives on this many examples. Build "
-              "cost counts teacher calls of the route's own run folder; wall seconds are those of the first build.</p>")
+    q_table = table(["route", "served as", "n", "macro-F1 [95% CI]", "accuracy [95% CI]",
+                     f"Δ {metric} vs {summary['baseline']}", "p: bootstrap / McNemar", "invalid"], quality)
+    c_table = _unescape_links(table(["route", "latency p50 / p95 s", "output tok / answer", "prompt tok / answer",
+                                     "system-prompt tok", "teacher calls", "teacher tokens", "USD", "build wall s",
+                                     "training steps", "served size", "route report"], cost))
+    legend = (f"<p>Every route on the same {n} test examples. Intervals: 95% percentile bootstrap over the test "
+              f"examples. Δ and p: paired bootstrap of {metric} against {html.escape(summary['baseline'])} on the same "
+              "examples, and McNemar on correctness; * marks p &lt; 0.05. Any other difference is within what chance "
+              "gives on this many examples.</p>")
+    cost_legend = ("<p>Latency and tokens are per answer when the route is served. Build cost counts the teacher "
+                   "calls and tokens of the route's own run folder; wall seconds are those of the first build, on "
+                   "this machine.</p>")
     lat = [(r["route"], r["latency_p50_s"] or 0.0, r["quality"]) for r in done]
     cost = [(r["route"], max(r["build_seconds"], 0.1), r["quality"]) for r in done]
     ylabel = "macro-F1" if metric == "macro_f1" else "accuracy"
@@ -186,8 +205,10 @@ def compare_report(summary: dict, out: Path) -> str:
     notes = [summary["recommendation"]]
     if not summary["same_test_examples"]:
         notes.append("Warning: the routes were not all evaluated on the same test examples.")
-    sections = [("Routes", html_table + legend),
-                ("Trade-offs (red: Pareto front)", f"<div class='plots'>{plots}</div>")]
+    sections = [("Quality", q_table + legend), ("Cost", c_table + cost_legend)]
+    if others:
+        sections.append(("Not run", table(["route", "status", "why"], others)))
+    sections.append(("Trade-offs (red: the Pareto front)", f"<div class='plots'>{plots}</div>"))
     route_notes = [f"<li><b>{html.escape(r['route'])}</b>: {html.escape(n)}</li>" for r in done for n in r.get("notes", [])]
     if route_notes:
         sections.append(("Route notes", "<ul>" + "".join(route_notes) + "</ul>"))

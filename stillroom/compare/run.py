@@ -69,7 +69,6 @@ def run_one(plan: RoutePlan, out: Path) -> dict:
 def run_compare(cfg: CompareConfig, out: str | Path, *, plans: list[RoutePlan] | None = None) -> dict:
     """Run every route of `cfg` into `out/routes/<route>/` and write `compare.json` and `report.html`."""
     from stillroom.compare.report import compare_report, summarise
-
     from stillroom.locking import hold_run_folder
 
     out = Path(out)
