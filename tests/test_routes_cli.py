@@ -114,3 +114,26 @@ def test_eval_takes_its_config_as_the_first_argument(dirs, tmp_path):
     assert r.exit_code == 0, r.output
     res = _layout(tmp_path / "run")
     assert res["quality"]["accuracy"] == 1.0 and res["quality"]["n"] == 5
+
+
+def test_merge_and_heal_evaluate_their_result_with_a_task(dirs, tmp_path):
+    student = str(dirs / "student")
+    r = CliRunner().invoke(app, ["merge", "slerp", student, student, "--t", "0.5", "--task", str(dirs / "task.jsonl"),
+                                 "--eval-limit", "6", "--run-dir", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    merged = _layout(tmp_path / "m")
+    assert merged["route"] == "merge-slerp" and merged["quality"]["n"] == 6
+    data = tmp_path / "heal.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Input: red {i}\nAnswer:", "completion": " colour"}) + "\n"
+                            for i in range(4)))
+    r = CliRunner().invoke(app, ["heal", "--model", student, "--data", str(data), "--steps", "2", "--batch-size", "2",
+                                 "--task", str(dirs / "task.jsonl"), "--eval-limit", "6", "--run-dir", str(tmp_path / "h")])
+    assert r.exit_code == 0, r.output
+    healed = _layout(tmp_path / "h")
+    assert healed["build"]["training_steps"] == 2
+    # Merging a model with itself gives the same model: the same predictions as the student.
+    a = [json.loads(x)["pred"] for x in (tmp_path / "m" / "predictions.jsonl").read_text().splitlines()]
+    r = CliRunner().invoke(app, ["eval", "--task", str(dirs / "task.jsonl"), "--model", f"hf:{student}", "--limit", "6",
+                                 "--run-dir", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    assert a == [json.loads(x)["pred"] for x in (tmp_path / "e" / "predictions.jsonl").read_text().splitlines()]

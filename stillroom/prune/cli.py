@@ -17,6 +17,8 @@ from stillroom.options import ConfigArg, RunDirOpt, TaskOpt
 from stillroom.ui import console, print_notes, print_results, run_guarded
 
 ModelArg = Annotated[str, typer.Option("--model", "-m", help="Model: 'gemma3-270m', 'hf:PATH' or a model folder.")]
+EvalTaskOpt = Annotated[str | None, typer.Option("--task", "-t", help="Evaluate the result on this task's test split.")]
+EvalLimitOpt = Annotated[int | None, typer.Option(help="Evaluate on a deterministic sample of N test examples.")]
 OutOpt = Annotated[Path | None, typer.Option("--run-dir", "--out", "-o", help="Output folder (default: runs/<command>-<hash of the inputs>; a model folder for apply, heal and merge).")]
 
 
@@ -222,10 +224,12 @@ def heal_cmd(
     lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
     max_length: Annotated[int, typer.Option(help="Tokens per example.")] = 1024,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    task: EvalTaskOpt = None,
+    eval_limit: EvalLimitOpt = None,
     run_dir: OutOpt = None,
 ) -> None:
     """Healing fine-tune of a (pruned) model on prompt/completion data, loss on completions only; saves a plain
-    model folder (LoRA folded in)."""
+    model folder (LoRA folded in). With --task, the healed model is evaluated on the task's test split."""
 
     def body():
         from stillroom.prune.surgery import model_folder
@@ -242,6 +246,16 @@ def heal_cmd(
                                     "max_length": max_length, "seed": seed})
         console.print(f"{rec['steps']} steps in {rec['seconds']:.0f} s, loss {rec['first_loss']:.4f} -> "
                       f"{rec['last_loss']:.4f}: [bold]{dest}[/]")
+        if task:
+            from stillroom.prune.route import evaluate_model_folder
+            from stillroom.route import BuildCost
+
+            cost = BuildCost(seconds=rec["seconds"], training_steps=rec["steps"])
+            m = evaluate_model_folder(dest, task, route="heal", config={"model": model, "data": str(data),
+                                      "steps": steps, "task": task, "eval_limit": eval_limit}, limit=eval_limit,
+                                      cost=cost)
+            print_results(m["conditions"])
+            console.print(f"report: [bold]{dest / 'report.html'}[/]")
 
     run_guarded(body)
 
@@ -252,9 +266,12 @@ def merge_slerp(
     t: Annotated[float, typer.Option(help="Interpolation factor for every tensor.")] = 0.5,
     t_schedule: Annotated[str | None, typer.Option(help="Anchors interpolated across layers, e.g. 0,0.5,1 "
                                                         "(mergekit gradient); overrides --t.")] = None,
+    task: EvalTaskOpt = None,
+    eval_limit: EvalLimitOpt = None,
     run_dir: OutOpt = None,
 ) -> None:
-    """SLERP two models of the same shape with mergekit semantics (per tensor; linear when nearly parallel)."""
+    """SLERP two models of the same shape with mergekit semantics (per tensor; linear when nearly parallel).
+    With --task, the merged model is evaluated on the task's test split (result.json, report.html)."""
 
     def body():
         from stillroom.prune.merge import parse_schedule, slerp_model_folders
@@ -264,8 +281,15 @@ def merge_slerp(
         schedule = parse_schedule(t_schedule) if t_schedule else t
         dest = run_dir or _default_out("merged", {"a": str(a), "b": str(b), "t": schedule})
         saved = slerp_model_folders(a, b, dest, schedule)
-        _save_config(saved, "merge slerp", {"model_a": model_a, "model_b": model_b, "t": schedule})
+        config = {"model_a": model_a, "model_b": model_b, "t": schedule, "task": task, "eval_limit": eval_limit}
+        _save_config(saved, "merge slerp", config)
         console.print(f"merged (t={schedule}): [bold]{saved}[/]")
+        if task:
+            from stillroom.prune.route import evaluate_model_folder
+
+            m = evaluate_model_folder(saved, task, route="merge-slerp", config=config, limit=eval_limit)
+            print_results(m["conditions"])
+            console.print(f"report: [bold]{saved / 'report.html'}[/]")
 
     run_guarded(body)
 
