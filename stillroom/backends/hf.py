@@ -17,23 +17,34 @@ Each continuation token's log-probability is a full-vocabulary log-softmax at th
 
 Speed. HFLM runs one full forward per (context, continuation) and a log-softmax over every position of the
 sequence (the Gemma-3 vocabulary is 262k, so the head and softmax dominate). Here the computation is split along
-shared token prefixes and only the logits that are scored are ever computed:
+shared token prefixes, so that each distinct prefix is forward-passed once, and only the logits that are scored
+are ever computed:
 
-1. **Shared prefix across requests.** Requests are sorted by their tokens; the longest common token prefix of a
-   call (e.g. instruction + few-shot examples) is run once, batch 1, and its KV cache (`DynamicCache`) is kept
-   across calls too: the next call reuses the longest common part (cropping the cache where needed).
+1. **Shared prefix across requests and calls (the prefix store).** Requests are sorted by their tokens; the
+   longest common token prefix of a call (system prompt / rulebook + instruction + few-shot examples) is run
+   once, batch 1. Its KV cache (`DynamicCache`, past-state recording on so sliding-window layers keep every
+   position) goes into a small LRU keyed by the prefix's token ids (`PREFIX_CACHE_ENTRIES`): a later call
+   starts from the stored prefix sharing most tokens with it (cropped where longer) and extends it. A PLD run
+   thus computes its rulebook once for every validation round, ablation and final comparison.
 2. **Per-request context.** Requests are taken in chunks of `batch_size`; each chunk extends the prefix to the
-   chunk's own common prefix, then runs every request's remaining context in one right-padded batch over a
-   copy of the prefix cache repeated per request (`logits_to_keep=1`: no vocabulary projection to speak of).
+   chunk's own common prefix, then runs every request's remaining context in one batch. Rows of different
+   lengths are laid out left-padded, as `generate` lays out a batch: row i is `pads[i]` padding columns, the
+   prefix, its own context; the cache holds the first columns (the prefix shifted right per row, padding
+   slots masked), and each row re-runs the few prefix tokens the shift pushed out. Every row's tokens are
+   contiguous, so positions and sliding windows are exactly those of the row alone (`logits_to_keep=1`).
 3. **Continuations.** Every continuation of the chunk becomes one row `[last context token] + continuation[:-1]`
    over its request's cached context (cache rows selected with `batch_select_indices`), in one batched forward
-   with an explicit attention mask (padding inside the cache is masked) and explicit position ids. Logits are
-   computed for these few positions only; this is where every scored log-probability comes from.
+   with an explicit attention mask and position ids. Logits are computed for these few positions only; this
+   is where every scored log-probability comes from.
 
 Because the last context token is run with the continuation rows, a token merge at the boundary needs no special
 case. Rows are mathematically identical to the full-sequence computation; float32 results agree with HFLM to ~1e-5.
-For sliding-window models (Gemma-3: 512) a chunk whose padded length could reach the window is processed one
-request at a time (no padding inside the cache), so the window never sees padding.
+
+Generation uses the same store: the prompts of a batch are tokenised in full, their longest common token-id prefix
+(leaving each prompt at least one token of its own) comes from the store, laid out per row as above, and
+`generate` runs only the columns after it, on the same left-padded batch as without the store, so greedy text is
+identical. `prefix_cache=False` (or `STILLROOM_PREFIX_CACHE=0`) turns the store and all sharing across requests
+off; `tokens_forwarded` counts the token positions run through the model (padding included).
 """
 
 from __future__ import annotations
@@ -144,7 +155,8 @@ class HFBackend(BackendBase):
     `model` is a local folder, a model name already in the local Hugging Face cache (loaded offline), or, with
     `gguf_file=`, the folder holding that GGUF file (dequantised by transformers). `identity` is
     `hf:<resolved path or name>` (`hf:<folder>/<file>:gguf` for GGUF). Use `from_objects` to wrap a model and
-    tokenizer built in-process.
+    tokenizer built in-process. `prefix_cache` (default: on unless `STILLROOM_PREFIX_CACHE=0`) computes each
+    prefix shared by requests once and keeps it across calls; off, every request runs its whole prompt.
     """
 
     supports_score = True
