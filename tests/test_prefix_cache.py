@@ -182,6 +182,23 @@ def test_rulebook_prefix_is_computed_once_across_calls_and_ablations(tok):
     assert len(backend._prefixes) <= hf_module.PREFIX_CACHE_ENTRIES
 
 
+def test_prefix_store_is_bounded_and_keeps_the_newest(tok, monkeypatch):
+    model = tiny_llama(tok)
+    backend = HFBackend.from_objects(model, tok, batch_size=4)
+    monkeypatch.setattr(hf_module, "PREFIX_CACHE_ENTRIES", 2)
+    systems = [f"System {i}: the quick brown fox.\n" + RULEBOOK for i in range(3)]
+    for system in systems:
+        reqs = requests_for(system)
+        assert_same(backend.score(reqs), naive_score(model, tok, reqs))
+    assert len(backend._prefixes) == 2
+    monkeypatch.setattr(hf_module, "PREFIX_CACHE_TOKENS", 1)
+    reqs = requests_for("Another system prompt.\n" + RULEBOOK)
+    assert_same(backend.score(reqs), naive_score(model, tok, reqs))
+    assert len(backend._prefixes) == 1  # over the token budget: only the newest prefix stays
+    backend.clear_prefix_cache()
+    assert not backend._prefixes
+
+
 def test_shared_prefix_split_at_a_token_boundary(tok):
     """Contexts whose common text ends inside a token ('foo' + 'bar' merges into 'foobar'), a context that is a
     prefix of another, and identical contexts: each is split at its own tokenisation, and keeps a token of its

@@ -77,6 +77,9 @@ _LOGITS_BUDGET = 64 * 1024 * 1024
 """Max floats of logits materialised at once while scoring continuations (256 MB in float32)."""
 PREFIX_CACHE_ENTRIES = 8
 """Shared-prefix KV caches kept across calls (least recently used dropped first)."""
+PREFIX_CACHE_TOKENS = 16384
+"""Token positions the kept prefixes may hold together (Gemma-3 270M: ~37 KB each in float32); the newest is
+always kept."""
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -375,12 +378,14 @@ class HFBackend(BackendBase):
             cache.activate_past_recording()
         return cache
 
-    def _prefix_cache(self, tokens: list[int]):
-        """KV cache (batch 1) of `tokens`, a private copy; None for no tokens.
+    def _prefix_cache(self, tokens: list[int], private: bool = True):
+        """KV cache (batch 1) of `tokens`, a private copy (else the stored one: read it, never run it); None for
+        no tokens.
 
         Built from the stored prefix that shares the most tokens with `tokens` (cropped where it is longer), then
-        extended. Up to PREFIX_CACHE_ENTRIES prefixes are kept across calls, least recently used dropped first:
-        a rulebook, a few-shot block or an instruction is forward-passed once per backend, not once per call.
+        extended. Up to PREFIX_CACHE_ENTRIES prefixes (PREFIX_CACHE_TOKENS positions) are kept across calls,
+        least recently used dropped first: a rulebook, a few-shot block or an instruction is forward-passed once
+        per backend, not once per call.
         Stored caches record past states (sliding-window layers keep every position), so they can be cropped
         and re-laid out per row.
         """
@@ -402,7 +407,7 @@ class HFBackend(BackendBase):
         if best is not None:
             self._prefixes.move_to_end(best)
             if done == len(best) == len(key):
-                return _copy_cache(self._prefixes[best])
+                return _copy_cache(self._prefixes[best]) if private else self._prefixes[best]
             cache = _copy_cache(self._prefixes[best])
             if done < len(best) and not _truncate_cache(cache, done):
                 cache, done = None, 0
@@ -415,9 +420,10 @@ class HFBackend(BackendBase):
         for k in [k for k in self._prefixes if len(k) <= len(key) and key[: len(k)] == k]:
             del self._prefixes[k]
         self._prefixes[key] = cache
-        while len(self._prefixes) > PREFIX_CACHE_ENTRIES:
-            self._prefixes.popitem(last=False)
-        return _copy_cache(cache)
+        held = sum(len(k) for k in self._prefixes)
+        while len(self._prefixes) > 1 and (len(self._prefixes) > PREFIX_CACHE_ENTRIES or held > PREFIX_CACHE_TOKENS):
+            held -= len(self._prefixes.popitem(last=False)[0])
+        return _copy_cache(cache) if private else cache
 
     def clear_prefix_cache(self) -> None:
         """Drop every stored shared-prefix KV cache (frees their memory; results do not change)."""
@@ -628,7 +634,11 @@ class HFBackend(BackendBase):
         return self.generate_many([prompt], params)[0]
 
     def generate_many(self, prompts: list[Prompt], params: GenerationParams) -> list[Generation]:
-        """Batched generation (left padding), `batch_size` prompts per `model.generate` call."""
+        """Batched generation (left padding), `batch_size` prompts per `model.generate` call.
+
+        The prompts' longest shared token prefix comes from the prefix store (see the module docstring), so a
+        system prompt, rulebook or few-shot block is forward-passed once, not once per prompt or call.
+        """
         import torch
 
         results: list[Generation] = []
@@ -667,7 +677,7 @@ class HFBackend(BackendBase):
             P = min(P, _lcp(encoded[0], e))
         if P < 1:
             return None
-        base = self._prefix_cache(encoded[0][:P])
+        base = self._prefix_cache(encoded[0][:P], private=False)  # only read: each row gets its own copy
         return _left_padded_cache(base, P, [L - len(e) for e in encoded])
 
     def _eos_ids(self, gen_config) -> set[int]:
