@@ -199,6 +199,18 @@ def test_prefix_store_is_bounded_and_keeps_the_newest(tok, monkeypatch):
     assert not backend._prefixes
 
 
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_continuation_rows_split_by_kv_budget_stay_exact(tok, arch, monkeypatch):
+    """With a tiny KV budget every continuation row runs in its own sub-batch over its own view of the cache."""
+    monkeypatch.setattr(hf_module, "_ROWS_KV_BUDGET", 1)
+    model = MODELS[arch](tok)
+    backend = HFBackend.from_objects(model, tok, batch_size=4)
+    reqs = requests_for(RULEBOOK)
+    want = naive_score(model, tok, reqs)
+    assert_same(backend.score(reqs), want)
+    assert_same(backend.score(reqs[::-1]), want[::-1])
+
+
 def test_shared_prefix_split_at_a_token_boundary(tok):
     """Contexts whose common text ends inside a token ('foo' + 'bar' merges into 'foobar'), a context that is a
     prefix of another, and identical contexts: each is split at its own tokenisation, and keeps a token of its

@@ -75,6 +75,8 @@ DEFAULT_MAX_LENGTH = 2048
 _TOKENIZER_INFINITY = 1000000000000000019884624838656
 _LOGITS_BUDGET = 64 * 1024 * 1024
 """Max floats of logits materialised at once while scoring continuations (256 MB in float32)."""
+_ROWS_KV_BUDGET = 256 * 1024 * 1024
+"""Max bytes of context KV held by continuation rows at once (each row holds its request's context KV)."""
 PREFIX_CACHE_ENTRIES = 8
 """Shared-prefix KV caches kept across calls (least recently used dropped first)."""
 PREFIX_CACHE_TOKENS = 16384
@@ -492,26 +494,28 @@ class HFBackend(BackendBase):
                 else:
                     mine.append((bi, r, [(x, q, len(r))]))
             groups.extend(mine)
-        subs = self._row_batches(groups)
+        subs = self._row_batches(groups, _kv_bytes_per_row(cache))
         for j, sub in enumerate(subs):
             sub_cache = cache
             if cache is not None:
-                # A forward appends to its cache: every sub-batch but the last works on a copy.
-                if j < len(subs) - 1:
-                    sub_cache = _copy_cache(cache)
+                # A forward appends to its cache: every sub-batch but the last works on its own cache object
+                # (the selected rows are new tensors; the context KV is not copied otherwise).
                 idx = [g[0] for g in sub]
-                if idx != list(range(B)):
-                    sub_cache.batch_select_indices(torch.tensor(idx, device=self.device))
+                if j < len(subs) - 1 or idx != list(range(B)):
+                    sub_cache = _select_rows(cache, None if idx == list(range(B)) else
+                                             torch.tensor(idx, device=self.device))
             self._score_rows(sub, sub_cache, G, A, lens, padded, out)
 
-    def _row_batches(self, groups: list) -> list[list]:
-        """Split forward rows so that at most ~_LOGITS_BUDGET logits exist at once."""
+    def _row_batches(self, groups: list, row_bytes: int = 0) -> list[list]:
+        """Split forward rows so that at most ~_LOGITS_BUDGET logits and ~_ROWS_KV_BUDGET bytes of per-row
+        context KV (`row_bytes` each) exist at once."""
         vocab = self._vocab_size()
         per_pos = max(1, _LOGITS_BUDGET // max(1, vocab))
+        max_rows = max(1, _ROWS_KV_BUDGET // row_bytes) if row_bytes else len(groups)
         subs, cur, npos = [], [], 0
         for g in groups:
             n = len(g[1])
-            if cur and npos + n > per_pos:
+            if cur and (npos + n > per_pos or len(cur) >= max_rows):
                 subs.append(cur)
                 cur, npos = [], 0
             cur.append(g)
@@ -790,8 +794,40 @@ def _truncate_cache(cache, n: int) -> bool:
     return True
 
 
+def _kv_bytes_per_row(cache) -> int:
+    """Bytes of KV one batch row of `cache` holds (0 for no cache)."""
+    total = 0
+    for layer in getattr(cache, "layers", None) or []:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if t is not None and t.dim() == 4 and t.shape[0]:
+                total += t[0].numel() * t.element_size()
+    return total
+
+
+def _select_rows(cache, indices):
+    """A new cache object over the batch rows `indices` (None: all) of `cache`, which is left as it is.
+
+    Dynamic layers replace their tensors on update (concatenation) and on row selection, so the layer objects
+    are copied shallowly and the KV tensors are shared until selected or extended.
+    """
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    if indices is not None:
+        new.batch_select_indices(indices)
+    return new
+
+
 def _copy_cache(cache):
-    """Private copy of a KV cache (tensors are cloned), so forwards on it never touch the original."""
+    """Private copy of a KV cache, so forwards on it never touch the original.
+
+    Dynamic layers only ever replace their tensors (concatenation, slicing, row selection), never write into
+    them, so their copy shares the tensors (no KV is copied); any other cache is cloned in full.
+    """
     if cache is None:
         return None
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers and all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers):
+        return _select_rows(cache, None)
     return copy.deepcopy(cache)
