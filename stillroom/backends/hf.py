@@ -752,6 +752,7 @@ def _left_padded_cache(base, n: int, pads: list[int]):
     does not hold all `n` positions of every layer (then generation runs without it).
     """
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
 
     data = []
     for layer in getattr(base, "layers", None) or []:
@@ -766,7 +767,18 @@ def _left_padded_cache(base, n: int, pads: list[int]):
             k[i, :, p:] = keys[0, :, : n - p]
             v[i, :, p:] = values[0, :, : n - p]
         data.append((k, v))
-    return DynamicCache(ddp_cache_data=data) if data else None
+    if not data:
+        return None
+    # Layers take the tensors as they are (DynamicCache(ddp_cache_data=...) would concatenate: a second copy).
+    layers = []
+    for k, v in data:
+        layer = DynamicLayer()
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+        layers.append(layer)
+    cache = DynamicCache()
+    cache.layers = layers
+    return cache
 
 
 def _truncate_cache(cache, n: int) -> bool:
