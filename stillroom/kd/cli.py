@@ -167,6 +167,8 @@ def data_cmd(
         cfg = load_config(config, KDDataConfig, over, "--task and --student", bool(task and student))
         out = run_dir or run_dir_for("kd-data", cfg)
         m = distill_data(cfg, out)
+        if not m:  # a non-main rank under `accelerate launch`
+            return
         d = m["data"]
         acc = "-" if d["teacher_accuracy"] is None else f"{d['teacher_accuracy']:.3f}"
         console.print(f"teacher: {d['examples']} examples, accuracy {acc}, kept {d['kept']}")

@@ -243,6 +243,10 @@ def distill_data(cfg: KDDataConfig, run_dir: str | Path, *, teacher_backend=None
                                    batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed)
             res = train_sft(student, tok, records, settings, output_dir=run.file("trainer"))
             trained = res.model
+            from stillroom.kd.trainer import process_state
+
+            if not process_state().is_main_process:
+                return {}  # other ranks of a multi-process launch: every rank holds the same weights; one saves
             save_model_folder(trained, tok, student_dir)
             train_info = {"data": data_stats, "config_digest": digest,
                           "sft": {"examples": len(records), "steps": res.steps, "seconds": round(res.seconds, 2),
