@@ -289,7 +289,12 @@ def test_chat_prompts_use_template_or_chat_to_text(tok):
     assert from_template and text == "<bos><system>Be brief.\n<user>Is it plausible?\n<assistant>"
     ids = templated._prompt_ids(msgs)
     assert ids.count(tok.bos_token_id) == 1  # the template's BOS, no second one from the tokenizer
-    assert isinstance(templated.generate(msgs, GenerationParams(max_tokens=4)).text, str)
+    # What the templated backend generates is greedy decoding from exactly the template's ids.
+    out = templated.generate(msgs, GenerationParams(max_tokens=4))
+    ref = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.text == tok2.decode(ref[0, len(ids):], skip_special_tokens=True)
+    assert out.usage.input_tokens == len(ids)
 
 
 # ---------------------------------------------------------------------------------------------- embedded
@@ -356,9 +361,12 @@ def test_embedded_gemma_generates_and_scores_like_lm_eval():
     backend = HFBackend(str(folder), device="cpu", dtype="float32", batch_size=4)
     assert not backend.has_chat_template  # the base model: chat prompts fall back to chat_to_text
     g = backend.generate("The capital of France is", GenerationParams(max_tokens=8))
-    assert "Paris" in g.text or len(g.text) > 0
+    ids = backend.tokenizer("The capital of France is", return_tensors="pt")
+    ref = backend.hf_model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert g.text == backend.tokenizer.decode(ref[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     chat = backend.generate([{"role": "user", "content": "Is the sky blue?"}], GenerationParams(max_tokens=4))
-    assert isinstance(chat.text, str)
+    raw = backend.generate(chat_to_text([{"role": "user", "content": "Is the sky blue?"}]), GenerationParams(max_tokens=4))
+    assert chat.text == raw.text and chat.usage.output_tokens >= 1
     shots = "Input: Joao Moutinho caught the screen pass.\nAnswer: implausible\n\nInput: Messi scored a goal.\nAnswer: plausible\n\n"
     reqs = [
         ScoreRequest(shots + "Input: Tom Brady threw a touchdown pass.\nAnswer:", (" plausible", " implausible")),
