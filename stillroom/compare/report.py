@@ -127,7 +127,9 @@ def _scatter(points, front: set[str], xlabel: str, title: str, ylabel: str, log:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_ylim(0, 1)
+    # Zoomed to the routes' range (weak students all sit near the floor of a 0-1 axis); the axis says so.
+    top = max((y for _, _, y in points), default=1.0)
+    ax.set_ylim(0, min(1.0, top * 1.25 + 0.05))
     ax.set_title(title)
     ax.grid(alpha=.3)
     return fig_to_img(fig)
