@@ -43,3 +43,17 @@ class StateFile:
 
         self.data[self._key(key)] = value
         atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
+
+
+def student_folder(drop: str) -> Path:
+    """The embedded Gemma-3 270M with the layers `drop` ('start:end') removed, the student of the KD benchmarks
+    and the compare study (built once in the Stillroom cache)."""
+    from stillroom.backends.embedded import ensure_embedded_gemma, is_converted
+    from stillroom.prune.surgery import parse_block, prune_model_folder
+    from stillroom.runs import cache_root
+
+    start, end = parse_block(drop)
+    out = cache_root() / "bench" / f"gemma-3-270m-drop{start}-{end}"
+    if not is_converted(out):
+        prune_model_folder(ensure_embedded_gemma(), start, end, out)
+    return out

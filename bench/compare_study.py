@@ -26,20 +26,7 @@ from pathlib import Path
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-from _common import ROOT, log  # noqa: E402  (also sets the offline environment and puts the repo on sys.path)
-
-
-def student_folder(drop: str) -> Path:
-    """The layer-dropped Gemma-3 270M used as the student (built once in the Stillroom cache)."""
-    from stillroom.backends.embedded import ensure_embedded_gemma, is_converted
-    from stillroom.prune.surgery import parse_block, prune_model_folder
-    from stillroom.runs import cache_root
-
-    start, end = parse_block(drop)
-    out = cache_root() / "bench" / f"gemma-3-270m-drop{start}-{end}"
-    if not is_converted(out):
-        prune_model_folder(ensure_embedded_gemma(), start, end, out)
-    return out
+from _common import ROOT, log, student_folder  # noqa: E402  (also sets the offline environment and puts the repo on sys.path)
 
 
 def main() -> None:

@@ -31,7 +31,8 @@ def tiny_tokenizer(corpus: Sequence[str], vocab_size: int = 300):
 
 
 def tiny_gemma(tok, *, layers: int = 2, hidden: int = 16, seed: int = 0, layer_types: Sequence[str] | None = None,
-               sliding_window: int = 512, init: float = 0.3, vocab: int | None = None, **extra):
+               sliding_window: int = 512, init: float = 0.3, vocab: int | None = None, max_positions: int = 256,
+               **extra):
     """A random Gemma-3 text model (head_dim 8, 2 heads, 1 KV head), all full attention unless `layer_types`."""
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
@@ -39,7 +40,7 @@ def tiny_gemma(tok, *, layers: int = 2, hidden: int = 16, seed: int = 0, layer_t
     torch.manual_seed(seed)
     cfg = Gemma3TextConfig(
         vocab_size=vocab or len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=max_positions,
         sliding_window=sliding_window, layer_types=list(layer_types or ["full_attention"] * layers),
         initializer_range=init, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, **extra,
@@ -47,7 +48,8 @@ def tiny_gemma(tok, *, layers: int = 2, hidden: int = 16, seed: int = 0, layer_t
     return Gemma3ForCausalLM(cfg)
 
 
-def tiny_llama(tok, *, layers: int = 2, hidden: int = 16, seed: int = 0, init: float = 0.3, eos: bool = True, **extra):
+def tiny_llama(tok, *, layers: int = 2, hidden: int = 16, seed: int = 0, init: float = 0.3, eos: bool = True,
+               max_positions: int = 256, **extra):
     """A random Llama model (2 heads, 1 KV head)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -55,7 +57,7 @@ def tiny_llama(tok, *, layers: int = 2, hidden: int = 16, seed: int = 0, init: f
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, initializer_range=init,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=max_positions, initializer_range=init,
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id if eos else None, **extra,
     )

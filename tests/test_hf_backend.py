@@ -12,6 +12,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from conftest import tiny_gemma as _gemma  # noqa: E402
+from conftest import tiny_llama as _llama  # noqa: E402
+from conftest import tiny_tokenizer  # noqa: E402
+
 from stillroom.backends.base import GenerationParams, ScoreRequest  # noqa: E402
 from stillroom.backends.hf import HFBackend  # noqa: E402
 from stillroom.tasks.prompts import chat_to_text  # noqa: E402
@@ -38,51 +42,15 @@ def one_thread(request):
 
 @pytest.fixture(scope="module")
 def tok():
-    """A small byte-level BPE tokenizer (trained in-process) that prepends <bos>, like Gemma's."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    t = Tokenizer(models.BPE(unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    t.train_from_iterator(CORPUS * 20, trainer)
-    bos = t.token_to_id("<bos>")
-    t.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=t, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
+    return tiny_tokenizer(CORPUS, vocab_size=320)
 
 
 def tiny_gemma(tok, sliding_window: int = 512, seed: int = 0):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(seed)
-    cfg = Gemma3TextConfig(
-        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, max_position_embeddings=256, sliding_window=sliding_window,
-        layer_types=["sliding_attention", "full_attention"], initializer_range=0.3,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )
-    return Gemma3ForCausalLM(cfg).eval()
+    return _gemma(tok, seed=seed, sliding_window=sliding_window, layer_types=["sliding_attention", "full_attention"]).eval()
 
 
 def tiny_llama(tok, seed: int = 1):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=256, initializer_range=0.3,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return _llama(tok, seed=seed).eval()
 
 
 SHOTS = "".join(

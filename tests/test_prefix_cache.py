@@ -16,7 +16,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from tiny import one_thread, tiny_tokenizer  # noqa: E402, F401  (one_thread: autouse fixture)
+from conftest import tiny_gemma as _gemma  # noqa: E402
+from conftest import tiny_llama as _llama  # noqa: E402
+from conftest import tiny_tokenizer  # noqa: E402
 
 from stillroom.backends import hf as hf_module  # noqa: E402
 from stillroom.backends.base import GenerationParams, ScoreRequest  # noqa: E402
@@ -42,6 +44,7 @@ QUESTIONS = [
     "a penalty kick.",
 ]
 WINDOW = 6
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -50,28 +53,12 @@ def tok():
 
 
 def tiny_gemma(tok, seed: int = 0):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(seed)
-    cfg = Gemma3TextConfig(
-        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, max_position_embeddings=512, sliding_window=WINDOW,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"], initializer_range=0.3,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )
-    return Gemma3ForCausalLM(cfg).eval()
+    return _gemma(tok, layers=3, seed=seed, sliding_window=WINDOW, max_positions=512,
+                  layer_types=["sliding_attention", "full_attention", "sliding_attention"]).eval()
 
 
 def tiny_llama(tok, seed: int = 1):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=512, initializer_range=0.3,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return _llama(tok, seed=seed, max_positions=512).eval()
 
 
 MODELS = {"gemma3-sliding": tiny_gemma, "llama": tiny_llama}
