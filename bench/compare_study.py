@@ -38,6 +38,9 @@ def main() -> None:
     ap.add_argument("--drop", default="14:18", help="layers removed from the teacher to make the student")
     ap.add_argument("--routes", default=None, help="comma-separated routes (default: all)")
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--reuse-only", action="store_true",
+                    help="write the results of the routes already finished in the work folder; list the others as "
+                         "not finished (nothing is computed)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compare_study.json")
     args = ap.parse_args()
 
@@ -61,7 +64,16 @@ def main() -> None:
     })
     log(f"compare study: {args.task}, teacher gemma3-270m, student {student.name}, {args.test} test examples -> {work}")
     t0 = time.perf_counter()
-    summary = run_compare(cfg, work)
+    plans = None
+    if args.reuse_only:
+        from stillroom.compare.routes import RoutePlan, plan_routes
+        from stillroom.route import read_result
+
+        plans = [p if read_result(work / "routes" / p.name) is not None else
+                 RoutePlan(p.name, None, None, "not finished yet: rerun bench/compare_study.py to continue", p.reference,
+                           skip_status="not run")
+                 for p in plan_routes(cfg)]
+    summary = run_compare(cfg, work, plans=plans)
     seconds = time.perf_counter() - t0
     print_compare(summary, work)
     rows = [{k: v for k, v in r.items() if k not in ("examples", "predictions")} for r in summary["rows"]]

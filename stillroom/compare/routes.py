@@ -30,6 +30,8 @@ class RoutePlan:
     run: Callable[[Any, Path], Any] | None
     skip_reason: str | None = None
     reference: bool = False
+    skip_status: str = "not applicable"
+    """The status a skipped route is reported with (e.g. 'not run' for a route left for a later invocation)."""
 
 
 def _eval_route(cfg: CompareConfig, model, *, name: str, shots: int = 0, method: str = "auto", **over):

@@ -40,7 +40,7 @@ def run_one(plan: RoutePlan, out: Path) -> dict:
     folder = route_dir(out, plan.name)
     entry: dict = {"route": plan.name, "reference": plan.reference, "folder": str(folder)}
     if plan.skip_reason:
-        return {**entry, "status": "not applicable", "reason": plan.skip_reason}
+        return {**entry, "status": plan.skip_status, "reason": plan.skip_reason}
     digest = digest_of(plan.config)
     previous = json.loads((folder / ROUTE_FILE).read_text()) if (folder / ROUTE_FILE).exists() else {}
     result = read_result(folder)
