@@ -22,42 +22,15 @@ import gc
 import json
 import os
 import platform
-import socket
 import sys
 import time
 
 from _common import ROOT, log  # noqa: E402  (also sets the offline environment)
 
+from stillroom.backends.llamacpp import start_llamacpp_server  # noqa: E402
+
 TOPICS = ["the sea", "a library", "winter mornings", "bread", "a train journey", "bees", "an old clock", "rain",
           "mountains", "a market", "the moon", "a garden", "snow", "a bridge", "coffee", "a lighthouse"]
-
-
-def start_server(gguf: str, slots: int, n_ctx: int, threads: int):
-    """(server, base_url): llama.cpp's server on a free 127.0.0.1 port, answering once this returns."""
-    import openai
-    import xllamacpp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    p = xllamacpp.CommonParams()
-    p.model.path = gguf
-    p.port = port
-    p.n_ctx = n_ctx
-    p.n_parallel = slots
-    p.cpuparams.n_threads = threads
-    p.cpuparams_batch.n_threads = threads
-    server = xllamacpp.Server(p)
-    base_url = f"http://127.0.0.1:{port}/v1"
-    client = openai.OpenAI(base_url=base_url, api_key="not-needed", max_retries=0, timeout=120)
-    for _ in range(240):
-        try:
-            client.models.list()
-            break
-        except openai.APIError:
-            time.sleep(0.5)
-    client.close()
-    return server, base_url
 
 
 def timed(backend, prompts, params) -> dict:
@@ -96,7 +69,7 @@ def main() -> None:
     rows = {}
 
     log(f"starting llama.cpp's server ({args.slots} slots, {args.threads} threads)")
-    server, base_url = start_server(gguf, args.slots, n_ctx=1024 * args.slots, threads=args.threads)
+    server, base_url = start_llamacpp_server(gguf, slots=args.slots, n_ctx=1024 * args.slots, threads=args.threads)
     try:
         warm = OpenAIBackend("gemma-3-270m", base_url=base_url, max_retries=0, timeout_s=600)
         warm.generate(prompts[0], GenerationParams(max_tokens=2))  # first-request set-up is not throughput

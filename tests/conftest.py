@@ -64,6 +64,43 @@ def tiny_llama(tok, *, layers: int = 2, hidden: int = 16, seed: int = 0, init: f
     return LlamaForCausalLM(cfg)
 
 
+def naive_score(model, tok, requests, max_length: int | None = None) -> list[list[float]]:
+    """One full forward per (context, continuation); lm-eval HFLM tokenization; summed continuation log-probs."""
+    import torch
+
+    max_length = max_length or model.config.max_position_embeddings
+    bos = tok.bos_token_id
+    out = []
+    for r in requests:
+        row = []
+        for cont in r.continuations:
+            ctx = r.context
+            if ctx == "":
+                cont_enc = tok.encode(cont, add_special_tokens=False)
+                ctx_enc, cont_enc = ([bos], cont_enc) if cont_enc[0] != bos else (cont_enc[:1], cont_enc[1:])
+            else:
+                n = len(ctx) - len(ctx.rstrip())
+                if n:
+                    cont, ctx = ctx[-n:] + cont, ctx[:-n]
+                whole = tok.encode(ctx + cont)
+                ctx_enc = tok.encode(ctx)
+                cont_enc = whole[len(ctx_enc):]
+            inp = (ctx_enc + cont_enc)[-(max_length + 1):][:-1]
+            with torch.no_grad():
+                logits = model(torch.tensor([inp])).logits[0]
+            lp = torch.log_softmax(logits[len(inp) - len(cont_enc):].float(), dim=-1)
+            row.append(float(lp.gather(1, torch.tensor(cont_enc)[:, None]).sum()))
+        out.append(row)
+    return out
+
+
+def assert_same(got, want, tol=1e-4):
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g == pytest.approx(w, abs=tol), (g, w)
+        assert max(range(len(g)), key=g.__getitem__) == max(range(len(w)), key=w.__getitem__)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run faster on one thread (no intra-op hand-offs); restored after the module. Modules of tiny

@@ -12,9 +12,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from conftest import assert_same, naive_score, tiny_tokenizer  # noqa: E402
 from conftest import tiny_gemma as _gemma  # noqa: E402
 from conftest import tiny_llama as _llama  # noqa: E402
-from conftest import tiny_tokenizer  # noqa: E402
 
 from stillroom.backends.base import GenerationParams, ScoreRequest  # noqa: E402
 from stillroom.backends.hf import HFBackend  # noqa: E402
@@ -74,41 +74,6 @@ def make_requests() -> list[ScoreRequest]:
         ScoreRequest("", ("the quick brown fox", "foobar")),
         ScoreRequest(SHOTS + "Options: red; green; blue. Answer:", (" green", " red", " blue")),
     ]
-
-
-def naive_score(model, tok, requests, max_length: int | None = None) -> list[list[float]]:
-    """One full forward per (context, continuation); lm-eval HFLM tokenization; summed continuation log-probs."""
-    max_length = max_length or model.config.max_position_embeddings
-    bos = tok.bos_token_id
-    out = []
-    for r in requests:
-        row = []
-        for cont in r.continuations:
-            ctx = r.context
-            if ctx == "":
-                cont_enc = tok.encode(cont, add_special_tokens=False)
-                ctx_enc, cont_enc = ([bos], cont_enc) if cont_enc[0] != bos else (cont_enc[:1], cont_enc[1:])
-            else:
-                n = len(ctx) - len(ctx.rstrip())
-                if n:
-                    cont, ctx = ctx[-n:] + cont, ctx[:-n]
-                whole = tok.encode(ctx + cont)
-                ctx_enc = tok.encode(ctx)
-                cont_enc = whole[len(ctx_enc):]
-            inp = (ctx_enc + cont_enc)[-(max_length + 1):][:-1]
-            with torch.no_grad():
-                logits = model(torch.tensor([inp])).logits[0]
-            lp = torch.log_softmax(logits[len(inp) - len(cont_enc):].float(), dim=-1)
-            row.append(float(lp.gather(1, torch.tensor(cont_enc)[:, None]).sum()))
-        out.append(row)
-    return out
-
-
-def assert_same(got, want, tol=1e-4):
-    assert len(got) == len(want)
-    for g, w in zip(got, want, strict=True):
-        assert g == pytest.approx(w, abs=tol), (g, w)
-        assert max(range(len(g)), key=g.__getitem__) == max(range(len(w)), key=w.__getitem__)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 16])

@@ -10,43 +10,15 @@ from __future__ import annotations
 
 import gc
 import json
-import socket
-import time
 
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
+from stillroom.backends.llamacpp import start_llamacpp_server  # noqa: E402
+
 SLOTS = 2
 N_CTX = 2048  # each slot gets N_CTX / SLOTS tokens of context
-
-
-def start_llamacpp_server(gguf: str, *, slots: int = SLOTS, n_ctx: int = N_CTX, threads: int = 2):
-    """(server, base_url): llama.cpp's server on a free 127.0.0.1 port, answering once this returns."""
-    import openai
-    import xllamacpp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    p = xllamacpp.CommonParams()
-    p.model.path = str(gguf)
-    p.port = port
-    p.n_ctx = n_ctx
-    p.n_parallel = slots
-    p.cpuparams.n_threads = threads
-    p.cpuparams_batch.n_threads = threads
-    server = xllamacpp.Server(p)
-    base_url = f"http://127.0.0.1:{port}/v1"
-    client = openai.OpenAI(base_url=base_url, api_key="not-needed", max_retries=0, timeout=120)
-    for _ in range(240):
-        try:
-            client.models.list()
-            break
-        except openai.APIError:
-            time.sleep(0.5)
-    client.close()
-    return server, base_url
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +37,7 @@ def server(gguf):
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         os.environ.pop(var, None)
     os.environ["NO_PROXY"] = "127.0.0.1,localhost"
-    srv, base_url = start_llamacpp_server(str(gguf))
+    srv, base_url = start_llamacpp_server(gguf, slots=SLOTS, n_ctx=N_CTX)
     yield base_url
     del srv  # the server stops when the object goes
     gc.collect()

@@ -16,9 +16,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+from conftest import assert_same, naive_score, tiny_tokenizer  # noqa: E402
 from conftest import tiny_gemma as _gemma  # noqa: E402
 from conftest import tiny_llama as _llama  # noqa: E402
-from conftest import tiny_tokenizer  # noqa: E402
 
 from stillroom.backends import hf as hf_module  # noqa: E402
 from stillroom.backends.base import GenerationParams, ScoreRequest  # noqa: E402
@@ -69,34 +69,6 @@ def requests_for(system: str, shots: str = SHOTS) -> list[ScoreRequest]:
     reqs = [ScoreRequest(f"{system}{shots}Input: {q}\nAnswer:", (" plausible", " implausible")) for q in QUESTIONS]
     reqs.append(ScoreRequest(f"{system}{shots}Input: red or green?\nAnswer: ", ("yes", "no", "maybe not")))
     return reqs
-
-
-def naive_score(model, tok, requests) -> list[list[float]]:
-    """One full forward per (context, continuation) with lm-eval's tokenization; summed continuation log-probs."""
-    out = []
-    for r in requests:
-        row = []
-        for cont in r.continuations:
-            ctx = r.context
-            n = len(ctx) - len(ctx.rstrip())
-            if n:
-                cont, ctx = ctx[-n:] + cont, ctx[:-n]
-            ctx_enc = tok.encode(ctx)
-            cont_enc = tok.encode(ctx + cont)[len(ctx_enc):]
-            inp = (ctx_enc + cont_enc)[:-1]
-            with torch.no_grad():
-                logits = model(torch.tensor([inp])).logits[0]
-            lp = torch.log_softmax(logits[len(inp) - len(cont_enc):].float(), dim=-1)
-            row.append(float(lp.gather(1, torch.tensor(cont_enc)[:, None]).sum()))
-        out.append(row)
-    return out
-
-
-def assert_same(got, want, tol=1e-4):
-    assert len(got) == len(want)
-    for g, w in zip(got, want, strict=True):
-        assert g == pytest.approx(w, abs=tol), (g, w)
-        assert max(range(len(g)), key=g.__getitem__) == max(range(len(w)), key=w.__getitem__)
 
 
 # ---------------------------------------------------------------------------------------------- scoring

@@ -137,3 +137,11 @@ def test_merge_and_heal_evaluate_their_result_with_a_task(dirs, tmp_path):
                                  "--run-dir", str(tmp_path / "e")])
     assert r.exit_code == 0, r.output
     assert a == [json.loads(x)["pred"] for x in (tmp_path / "e" / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_merge_with_a_bad_task_fails_before_merging(dirs, tmp_path):
+    student = str(dirs / "student")
+    r = CliRunner().invoke(app, ["merge", "slerp", student, student, "--task", str(tmp_path / "missing.jsonl"),
+                                 "--run-dir", str(tmp_path / "m")])
+    assert r.exit_code == 2 and "missing.jsonl" in r.output
+    assert not (tmp_path / "m").exists()

@@ -296,3 +296,15 @@ def test_embedded_gemma_served_scores_and_cache_equal_local(tmp_path):
         # The tail bucket: locally a float32 log-sum-exp over the other 262k tokens, here log(1 - sum of the top 8):
         # the two roundings differ by about 1e-4 (seen: 1.1e-4).
         assert torch.allclose(a.rest, b.rest, atol=5e-4)
+
+
+def test_scoring_requests_are_retried_like_completions():
+    """Scoring and tokenizer requests go through the backend's own retry loop (its client retries nothing)."""
+    from helpers_fake_server import FakeOpenAIServer
+
+    from stillroom.backends.openai_compat import OpenAIBackend
+
+    with FakeOpenAIServer(script=[503, 200]) as srv:
+        b = OpenAIBackend("fake", base_url=srv.base_url, max_retries=2, timeout_s=5)
+        reply = b.scorer.completions({"prompt": "hello", "max_tokens": 1})
+        assert reply["choices"] and srv.posts == 2

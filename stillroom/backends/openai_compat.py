@@ -286,52 +286,59 @@ class OpenAIBackend(BackendBase):
     def generate(self, prompt: Prompt, params: GenerationParams) -> Generation:
         """One completion, retried within `max_retries` and `retry_budget_s`; raises `BackendError` otherwise."""
         kwargs = self._sampling_kwargs(params)
+
+        def send(timeout: float):
+            if isinstance(prompt, str):
+                return self._client.completions.create(model=self.model, prompt=prompt, timeout=timeout, **kwargs)
+            return self._client.chat.completions.create(model=self.model, messages=normalise_prompt(prompt),
+                                                        timeout=timeout, **kwargs)
+
+        def resend_with_max_completion_tokens(exc: openai.APIError) -> bool:
+            if not self._switch_max_tokens_param(exc, kwargs):
+                return False
+            kwargs.clear()
+            kwargs.update(self._sampling_kwargs(params))
+            return True
+
+        start = time.perf_counter()
+        resp = self.request(send, on_error=resend_with_max_completion_tokens)
+        return self._finish(prompt, params, resp, time.perf_counter() - start)
+
+    def request(self, send, *, max_retries: int | None = None, on_error=None):
+        """`send(timeout)` (one HTTP request through this backend's client) with the backend's retries: each
+        backoff shown, the whole call bounded by `retry_budget_s`, errors turned into one key-free `BackendError`
+        (with `.status_code`). Every request to the server goes through here: completions, and the scoring and
+        tokenizer requests of `stillroom.backends.openai_logprobs`. `on_error(exc)` returning True resends at
+        once (the `max_completion_tokens` switch)."""
+        retries = self.max_retries if max_retries is None else max_retries
         start = time.perf_counter()
         attempt = 0
         while True:
             left = self.retry_budget_s - (time.perf_counter() - start)
-            err, resp, wait_s = self._attempt(prompt, kwargs, max(0.1, min(self.timeout_s, left)), attempt)
-            if err is None:
-                break
-            if getattr(err, "switched_param", False):  # resend at once with max_completion_tokens
-                kwargs = self._sampling_kwargs(params)
-                continue
-            if wait_s is None or attempt >= self.max_retries:
+            timeout = max(0.1, min(self.timeout_s, left))
+            try:
+                return send(timeout)
+            except openai.APIError as exc:
+                if on_error is not None and on_error(exc):
+                    continue
+                err = self._translate(exc, timeout, attempt)
+                err.status_code = getattr(exc, "status_code", None)  # type: ignore[attr-defined]
+                wait_s = self._retry_wait(exc, attempt)
+            # Raised here, outside the except block, so the openai exception (which holds the request and its
+            # Authorization header) is neither chained nor shown in tracebacks.
+            if wait_s is None or attempt >= retries:
                 raise err from None
             left = self.retry_budget_s - (time.perf_counter() - start)
             if left <= wait_s + 0.1:
                 raise BackendError(f"{err} (gave up: the retry budget of {self.retry_budget_s:g}s is spent)") from None
             attempt += 1
-            notify(f"{self.model}: {self._why(err)}, retry {attempt} of {self.max_retries} in {wait_s:.3g} s")
+            notify(f"{self.model}: {self._why(err)}, retry {attempt} of {retries} in {wait_s:.3g} s")
             time.sleep(wait_s)
-        return self._finish(prompt, params, resp, time.perf_counter() - start)
 
     @staticmethod
     def _why(err: BackendError) -> str:
         reason = getattr(err, "reason", "")
         return reason or "request failed"
-
-    def _attempt(self, prompt: Prompt, kwargs: dict, timeout: float, attempt: int):
-        """One request: (None, response, None), or (error, None, seconds to wait before a retry or None)."""
-        err: BackendError | None = None
-        wait_s: float | None = None
-        try:
-            if isinstance(prompt, str):
-                resp = self._client.completions.create(model=self.model, prompt=prompt, timeout=timeout, **kwargs)
-            else:
-                messages = normalise_prompt(prompt)
-                resp = self._client.chat.completions.create(
-                    model=self.model, messages=messages, timeout=timeout, **kwargs
-                )
-            return None, resp, None
-        except openai.APIError as exc:
-            if self._switch_max_tokens_param(exc, kwargs):
-                err = BackendError("the model takes max_completion_tokens")
-                err.switched_param = True
-                return err, None, None
-            err = self._translate(exc, timeout, attempt)
-            wait_s = self._retry_wait(exc, attempt)
-        return err, None, wait_s
 
     def _retry_wait(self, exc: openai.APIError, attempt: int) -> float | None:
         """Seconds to wait before retrying `exc`, or None when retrying cannot help."""

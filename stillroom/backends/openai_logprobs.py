@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-import openai
-
 from stillroom.backends.base import ScoreRequest
 from stillroom.errors import BackendError, ConfigError
 
@@ -99,15 +97,11 @@ class ServerScorer:
 
     def _post(self, url: str, body: dict, *, retries: int | None = None) -> dict:
         """POST JSON, return the parsed reply; failures become `BackendError` (key redacted, nothing chained)."""
-        client = self.backend._client if retries is None else self.backend._client.with_options(max_retries=retries)
-        err: BackendError | None = None
-        try:
-            out = client.post(url, body=body, cast_to=object)
-        except openai.APIError as exc:
-            err = self.backend._translate(exc)
-            err.status_code = getattr(exc, "status_code", None)  # type: ignore[attr-defined]
-        if err is not None:
-            raise err from None
+        # The backend's own retry loop (its client makes no retries of its own): scoring requests get the same
+        # backoff notices and retry budget as completions. The capability probe passes retries=0.
+        out = self.backend.request(lambda timeout: self.backend._client.post(url, body=body, cast_to=object,
+                                                                           options={"timeout": timeout}),
+                                   max_retries=retries)
         if not isinstance(out, dict):
             raise BackendError(f"{self.backend.identity}: {url} returned {type(out).__name__}, not a JSON object")
         return out

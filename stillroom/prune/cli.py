@@ -36,6 +36,25 @@ def _save_config(dest: Path, command: str, config: dict) -> None:
     RunFolder(dest).save_config({"command": command, **{k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()}})
 
 
+def _selection(task: str | None, limit: int | None):
+    """`--task` of a command that makes a model: its test sample, loaded before the model is built."""
+    if not task:
+        return None
+    from stillroom.config import TaskConfig
+    from stillroom.route import select
+
+    return select(TaskConfig(spec=task), limit=limit)
+
+
+def _evaluate(folder: Path, sel, route: str, config: dict, cost=None) -> None:
+    """Evaluate a model a command made on `sel` and record it in its folder."""
+    from stillroom.prune.route import evaluate_model_folder
+
+    m = evaluate_model_folder(folder, sel, route=route, config=config, cost=cost)
+    print_results(m["conditions"])
+    console.print(f"report: [bold]{folder / 'report.html'}[/]")
+
+
 def _print_analysis(data: dict) -> None:
     t = Table(title=f"angular distance d(l, n), best block per size ({data['samples']} texts)")
     for col in ("n", "best block (drop)", "d", "2nd best", "d"):
@@ -235,6 +254,7 @@ def heal_cmd(
         from stillroom.prune.surgery import model_folder
         from stillroom.train.sft import SFTSettings, heal
 
+        sel = _selection(task, eval_limit)
         folder = model_folder(model)
         settings = SFTSettings(lora=lora, max_steps=steps, epochs=epochs, learning_rate=lr, batch_size=batch_size,
                                grad_accum=grad_accum, lora_r=lora_r, max_length=max_length, seed=seed)
@@ -247,15 +267,11 @@ def heal_cmd(
         console.print(f"{rec['steps']} steps in {rec['seconds']:.0f} s, loss {rec['first_loss']:.4f} -> "
                       f"{rec['last_loss']:.4f}: [bold]{dest}[/]")
         if task:
-            from stillroom.prune.route import evaluate_model_folder
             from stillroom.route import BuildCost
 
-            cost = BuildCost(seconds=rec["seconds"], training_steps=rec["steps"])
-            m = evaluate_model_folder(dest, task, route="heal", config={"model": model, "data": str(data),
-                                      "steps": steps, "task": task, "eval_limit": eval_limit}, limit=eval_limit,
-                                      cost=cost)
-            print_results(m["conditions"])
-            console.print(f"report: [bold]{dest / 'report.html'}[/]")
+            _evaluate(dest, sel, "heal", {"model": model, "data": str(data), "steps": steps, "task": task,
+                                          "eval_limit": eval_limit},
+                      BuildCost(seconds=rec["seconds"], training_steps=rec["steps"]))
 
     run_guarded(body)
 
@@ -277,6 +293,7 @@ def merge_slerp(
         from stillroom.prune.merge import parse_schedule, slerp_model_folders
         from stillroom.prune.surgery import model_folder
 
+        sel = _selection(task, eval_limit)
         a, b = model_folder(model_a), model_folder(model_b)
         schedule = parse_schedule(t_schedule) if t_schedule else t
         dest = run_dir or _default_out("merged", {"a": str(a), "b": str(b), "t": schedule})
@@ -285,11 +302,7 @@ def merge_slerp(
         _save_config(saved, "merge slerp", config)
         console.print(f"merged (t={schedule}): [bold]{saved}[/]")
         if task:
-            from stillroom.prune.route import evaluate_model_folder
-
-            m = evaluate_model_folder(saved, task, route="merge-slerp", config=config, limit=eval_limit)
-            print_results(m["conditions"])
-            console.print(f"report: [bold]{saved / 'report.html'}[/]")
+            _evaluate(saved, sel, "merge-slerp", config)
 
     run_guarded(body)
 

@@ -164,17 +164,15 @@ def run_prune_heal(cfg: PruneHealConfig, run_dir: str | Path) -> dict:
                   notes=notes, artifacts=artifacts, resumed=resumed)
 
 
-def evaluate_model_folder(folder: str | Path, task_spec: str, *, route: str, config: dict, limit: int | None = None,
-                          seed: int = 0, cost=None) -> dict:
+def evaluate_model_folder(folder: str | Path, sel, *, route: str, config: dict, cost=None) -> dict:
     """Steps 3-5 of the skeleton for a model a compression command produced (a merge, a healed model): deploy the
-    folder, evaluate it on the task's test split, and record result.json, predictions, metrics and the report
-    in the folder."""
+    folder, evaluate it on `sel`'s test examples (`stillroom.route.select`, taken before the model is built so a
+    bad task fails first), and record result.json, predictions, metrics and the report in the folder."""
     from stillroom.backends.hf import HFBackend
-    from stillroom.route import BuildCost, Deployment, evaluate_deployment, record, select
+    from stillroom.route import BuildCost, Deployment, evaluate_deployment, record
     from stillroom.runs import RunFolder
 
     folder = Path(folder)
-    sel = select(TaskConfig(spec=task_spec, seed=seed), limit=limit)
     dep = Deployment(name=route, backend=HFBackend(str(folder)), model=str(folder),
                      model_dir=folder)
     results = {route: evaluate_deployment(sel, dep)}
