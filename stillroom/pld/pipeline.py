@@ -21,8 +21,8 @@ from stillroom.config import PLDConfig
 from stillroom.evaluate.runner import EvalResult, evaluate
 from stillroom.locking import run_folder_lock
 from stillroom.pld.cluster import Embedder, cluster_instructions, coverage_report, load_embedder
-from stillroom.pld.extract import extract_instructions
-from stillroom.pld.prompts import TEACHER_STOPS
+from stillroom.pld.extract import drop_counts, extract_instructions, retried
+from stillroom.pld.prompts import teacher_stops
 from stillroom.pld.resolve import Resolution, resolve_conflicts
 from stillroom.pld.rulebook import Rulebook
 from stillroom.pld.synthesize import synthesize_rules
@@ -91,12 +91,23 @@ def fit_pld_examples(cfg: PLDConfig, sel, teacher, student) -> dict:
     return {"policy": cfg.task.overlong, **counts}
 
 
+def extraction_note(dropped: dict[str, int], total: int) -> str:
+    """The run's note on extractions that were dropped, by reason."""
+    words = {"unreadable": "unreadable", "truncated": "cut at the token limit (teacher_max_tokens) before their "
+             "instruction line", "copies_example": "copies of the prompt's worked example",
+             "foreign_label": "leading to an answer the task does not have",
+             "wrong_label": "leading to another answer than their example's"}
+    parts = [f"{n} {words[r]}" for r, n in dropped.items() if n]
+    return (f"Extraction: {sum(dropped.values())} of {total} teacher replies were dropped after one retry: "
+            + "; ".join(parts) + " (see extractions.jsonl).")
+
+
 def _run_pld(cfg: PLDConfig, run_dir: Path, teacher, student, embedder, sel, overlong: dict) -> dict:
     started = time.perf_counter()
     task, train, val, test = sel.task, sel.train, sel.val, sel.test
     run, config_dict = open_run(cfg, run_dir)
     teacher_b, student_b = open_backends(cfg, run, teacher, student)
-    tparams = GenerationParams(max_tokens=cfg.teacher_max_tokens, temperature=0.0, stop=TEACHER_STOPS)
+    tparams = GenerationParams(max_tokens=cfg.teacher_max_tokens, temperature=0.0, stop=teacher_stops(teacher))
     notes: list[str] = []
     try:
         # Phase 1: extraction.
@@ -104,9 +115,9 @@ def _run_pld(cfg: PLDConfig, run_dir: Path, teacher, student, embedder, sel, ove
         run.write_jsonl("extractions.jsonl", [asdict(i) for i in instructions])
         ok = [i for i in instructions if i.ok]
         failed = len(instructions) - len(ok)
+        dropped = drop_counts(instructions)
         if failed:
-            notes.append(f"Extraction: {failed} of {len(instructions)} teacher replies were unreadable after one retry "
-                         "and were recorded as failed (see extractions.jsonl).")
+            notes.append(extraction_note(dropped, len(instructions)))
         # Phase 2: clustering and synthesis.
         embed = embedder or load_embedder(cfg.embedder, base_url=cfg.teacher.base_url, api_key_env=cfg.teacher.api_key_env)
         emb = embed([i.text for i in ok]) if ok else np.zeros((0, 1))
@@ -139,8 +150,9 @@ def _run_pld(cfg: PLDConfig, run_dir: Path, teacher, student, embedder, sel, ove
             notes.append("Coverage: no rule speaks for label(s) " + ", ".join(map(str, coverage["uncovered_labels"]))
                          + " (a known weakness of clustering: minority labels can vanish).")
         if rulebook.meta.get("synthesis_fallbacks"):
-            notes.append(f"Synthesis: {rulebook.meta['synthesis_fallbacks']} cluster(s) got an unreadable rule twice; "
-                         "their medoid instruction stands in (origin 'medoid').")
+            why = ", ".join(f"{n} {r}" for r, n in rulebook.meta.get("synthesis_rejected", {}).items())
+            notes.append(f"Synthesis: {rulebook.meta['synthesis_fallbacks']} cluster(s) got no usable rule in two "
+                         f"replies ({why or 'unreadable'}); their medoid instruction stands in (origin 'medoid').")
 
         # Phase 3: conflict resolution, every version kept.
         def keep(rb: Rulebook, val_res: EvalResult | None) -> None:
@@ -153,6 +165,12 @@ def _run_pld(cfg: PLDConfig, run_dir: Path, teacher, student, embedder, sel, ove
         )
         final = resolution.best
         final.meta.update({"val_macro_f1": resolution.best_val.metrics["macro_f1"] if resolution.best_val else None})
+        named = final.label_coverage([str(x) for x in task.labels]) if task.labels else None
+        if named and named["share"] < 0.5:
+            # First note: it heads the report. A rulebook that names few answers cannot lead the student to the rest.
+            notes.insert(0, f"Warning: the rules name only {len(named['named'])} of the task's {len(task.labels)} labels "
+                            f"({', '.join(named['named']) or 'none'}); the student gets no rule that leads to "
+                            f"{', '.join(named['unnamed'])}.")
         # Phase 4: the deployable artefacts.
         run.write_text("rulebook.json", final.to_json())
         run.write_text("rulebook.md", final.to_markdown())
@@ -194,10 +212,13 @@ def _run_pld(cfg: PLDConfig, run_dir: Path, teacher, student, embedder, sel, ove
         "student": student_b.identity,
         "examples": {"train_extracted": len(train), "val": len(val), "test": len(test)},
         "overlong": overlong,
-        "extraction": {"instructions": len(instructions), "readable": len(ok), "failed": failed},
+        "extraction": {"instructions": len(instructions), "readable": len(ok), "failed": failed, "dropped": dropped,
+                       "retried": retried(instructions)},
         "clustering": {k: v for k, v in coverage.items() if k != "per_cluster"},
         "conflict_rounds": [asdict(r) for r in resolution.rounds],
-        "rulebook": {"version": final.version, "rules": len(final.rules), "system_prompt_tokens": sp_tokens},
+        "rulebook": {"version": final.version, "rules": len(final.rules), "system_prompt_tokens": sp_tokens,
+                     "labels_named": named["named"] if named else None,
+                     "label_coverage": named["share"] if named else None},
         "build": {"seconds": build_s, **{f"teacher_{k}": v for k, v in build_cost.items()}},
         "ablation": ablation,
         "conditions": {n: {"method": r.method, **r.metrics, "system_prompt_tokens": sp_tokens if n == "PLD" else 0}

@@ -35,11 +35,22 @@ def pld_report(metrics: dict, rulebook: Rulebook, config: dict) -> str:
         ["input tokens", b.get("teacher_input_tokens")], ["output tokens", b.get("teacher_output_tokens")],
         ["cost (USD)", b.get("teacher_cost_usd")]])))
     ex, cl = metrics["extraction"], metrics["clustering"]
+    dropped = ex.get("dropped", {})
+    rb = metrics["rulebook"]
+    named = ([["labels the final rules name", f"{len(rb['labels_named'])} ({rb['label_coverage']:.0%}): "
+                                              + (", ".join(rb["labels_named"]) or "none")]]
+             if rb.get("labels_named") is not None else [])
     sections.append(("Extraction and clustering", table(["item", "value"], [
-        ["instructions extracted", ex["instructions"]], ["readable", ex["readable"]], ["failed", ex["failed"]],
+        ["extractions (one per training example)", ex["instructions"]], ["used as instructions", ex["readable"]],
+        ["retried once (first reply not usable)", ex.get("retried", 0)],
+        ["dropped: unreadable", dropped.get("unreadable", ex["failed"])],
+        ["dropped: cut at the token limit", dropped.get("truncated", 0)],
+        ["dropped: copies of the prompt's worked example", dropped.get("copies_example", 0)],
+        ["dropped: an answer the task does not have", dropped.get("foreign_label", 0)],
+        ["dropped: another answer than the example's", dropped.get("wrong_label", 0)],
         ["eps / min_samples", f"{cl['eps']} / {cl['min_samples']}"], ["clusters", cl["clusters"]],
         ["noise (dropped)", f"{cl['noise']} ({cl['noise_share']:.0%})"],
-        ["labels with no rule", ", ".join(map(str, cl["uncovered_labels"])) or "none"]])))
+        ["labels with no rule", ", ".join(map(str, cl["uncovered_labels"])) or "none"], *named])))
     if len(cl.get("sweep", [])) > 1:
         sections.append(("eps sweep (validation)", table(["eps", "clusters", "noise share", "val macro-F1"],
                                                          [[s["eps"], s["clusters"], s["noise_share"], s["val_macro_f1"]] for s in cl["sweep"]])))

@@ -16,7 +16,7 @@ import numpy as np
 from stillroom.backends.base import Backend, GenerationParams, fits_context
 from stillroom.pld.cluster import Clustering, medoid
 from stillroom.pld.extract import Instruction
-from stillroom.pld.prompts import parse_single, synthesis_messages
+from stillroom.pld.prompts import read_instruction, synthesis_messages
 from stillroom.pld.rulebook import Rule, Rulebook
 from stillroom.pld.teacher import Answer, ask_with_retry
 from stillroom.tasks.task import Task
@@ -46,14 +46,18 @@ def synthesize_rules(
                                                  [instructions[i].label for i in s], strict)
 
     asked = [k for k, s in enumerate(shown) if s]
+    labels = [str(x) for x in task.labels] if task.labels else []
+    # A rule that copies the worked example or leads to an answer the task does not have is retried, then the
+    # cluster's medoid stands in.
     replies = ask_with_retry(teacher, [build(shown[k]) for k in asked],
-                             parse=lambda t: parse_single(t, ("rule", "instruction")), params=params,
-                             description="synthesize")
+                             parse=lambda t, cut: read_instruction(t, cut, keys=("rule", "instruction"), labels=labels),
+                             params=params, description="synthesize")
     answers = [Answer(None) for _ in groups]
     for k, ans in zip(asked, replies, strict=True):
         answers[k] = ans
     rules = []
     fallbacks = 0
+    rejected = Counter(a.reason for a in answers if not a.ok and a.raw)
     for c, idx, ans in zip(clustering.clusters, groups, answers, strict=True):
         text = ans.value
         origin = "synthesis"
@@ -65,7 +69,8 @@ def synthesize_rules(
         rules.append(Rule(id=f"c{c}", text=text, version=1, cluster=c, example_ids=[instructions[i].example_id for i in idx],
                           labels=labels, origin=origin))
     return Rulebook(task=task.name, rules=rules, version=1,
-                    meta={"synthesis_fallbacks": fallbacks, "synthesis_members_trimmed": sum(
+                    meta={"synthesis_fallbacks": fallbacks, "synthesis_rejected": dict(rejected),
+                          "synthesis_members_trimmed": sum(
                         min(len(g), MAX_MEMBERS_SHOWN) - len(s) for g, s in zip(groups, shown, strict=True))})
 
 
