@@ -348,6 +348,8 @@ def copying_teacher(prompt, params):
 def test_teacher_copying_the_worked_example_is_dropped_and_counted(tmp_path):
     """Regression: copies of the worked example became a cluster and then the rulebook's only rule."""
     teacher = ReasoningTeacher(copying_teacher, "teacher")
+    # As a base model it gets the worked example in its prompts (a chat model no longer does: see below).
+    teacher.has_chat_template = False
     m = run(tmp_path, "copy", teacher, max_rounds=0)
     train = [int(re.search(r"e(\d+)", json.loads(x)["example_id"]).group(1))
              for x in (tmp_path / "copy" / "extractions.jsonl").read_text().splitlines()]
@@ -369,6 +371,14 @@ def test_teacher_copying_the_worked_example_is_dropped_and_counted(tmp_path):
     result = json.loads((tmp_path / "copy" / "result.json").read_text())
     assert any(f"{want['copies_example']} copies of the prompt's worked example" in n for n in result["notes"])
     assert json.loads((tmp_path / "copy" / "metrics.json").read_text())["extraction"]["dropped"] == want
+
+    # A chat teacher is not shown the worked example at all: it follows the system prompt, and a small one copies.
+    from stillroom.pld.prompts import EXTRACT_DEMO_INSTRUCTION, extraction_messages, wants_worked_example
+
+    chat = ReasoningTeacher(copying_teacher, "chat")
+    assert not wants_worked_example(chat) and wants_worked_example(teacher)
+    ex = make_task().examples[0]
+    assert EXTRACT_DEMO_INSTRUCTION not in json.dumps(extraction_messages(make_task(), ex, demo=wants_worked_example(chat)))
 
 
 def test_copy_ratio_threshold_separates_copies_from_instructions():

@@ -35,9 +35,11 @@ class Instruction:
         return self.text is not None
 
 
-def extract_instructions(task: Task, examples: Sequence[Example], teacher: Backend, params: GenerationParams) -> list[Instruction]:
-    """Phase 1 over `examples`. Failures are recorded, never raised."""
-    builders = [lambda strict, ex=ex: extraction_messages(task, ex, strict) for ex in examples]
+def extract_instructions(task: Task, examples: Sequence[Example], teacher: Backend, params: GenerationParams,
+                         demo: bool = True) -> list[Instruction]:
+    """Phase 1 over `examples` (`demo`: open each prompt with the worked example). Failures are recorded, never
+    raised."""
+    builders = [lambda strict, ex=ex: extraction_messages(task, ex, strict, demo) for ex in examples]
     labels = [str(x) for x in task.labels] if task.labels else []
 
     def parser(ex: Example):

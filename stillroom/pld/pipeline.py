@@ -22,7 +22,7 @@ from stillroom.evaluate.runner import EvalResult, evaluate
 from stillroom.locking import run_folder_lock
 from stillroom.pld.cluster import Embedder, cluster_instructions, coverage_report, load_embedder
 from stillroom.pld.extract import drop_counts, extract_instructions, retried
-from stillroom.pld.prompts import teacher_stops
+from stillroom.pld.prompts import teacher_stops, wants_worked_example
 from stillroom.pld.resolve import Resolution, resolve_conflicts
 from stillroom.pld.rulebook import Rulebook
 from stillroom.pld.synthesize import synthesize_rules
@@ -67,7 +67,7 @@ def fit_pld_examples(cfg: PLDConfig, sel, teacher, student) -> dict:
     """Apply the task's overlong policy to the selection in place (extraction prompts checked against the
     teacher; zero-shot, k-shot and chain-of-thought prompts against the student) and return the counts.
     Makes no call."""
-    from stillroom.pld.prompts import extraction_messages
+    from stillroom.pld.prompts import extraction_messages, wants_worked_example
     from stillroom.tasks.fit import fit_examples
     from stillroom.tasks.prompts import render_chat
 
@@ -81,7 +81,8 @@ def fit_pld_examples(cfg: PLDConfig, sel, teacher, student) -> dict:
         return out
 
     for name, backend, prompts_of in (
-        ("train", teacher, lambda ex: [(extraction_messages(task, ex, strict=True), cfg.teacher_max_tokens)]),
+        ("train", teacher, lambda ex: [(extraction_messages(task, ex, strict=True, demo=wants_worked_example(teacher)),
+                                        cfg.teacher_max_tokens)]),
         ("val", student, student_prompts),
         ("test", student, student_prompts),
     ):
@@ -111,7 +112,9 @@ def _run_pld(cfg: PLDConfig, run_dir: Path, teacher, student, embedder, sel, ove
     notes: list[str] = []
     try:
         # Phase 1: extraction.
-        instructions = extract_instructions(task, train, teacher_b, tparams)
+        # The worked example opens the prompts of a base-model teacher only (a small chat model copies it).
+        demo = wants_worked_example(teacher)
+        instructions = extract_instructions(task, train, teacher_b, tparams, demo)
         run.write_jsonl("extractions.jsonl", [asdict(i) for i in instructions])
         ok = [i for i in instructions if i.ok]
         failed = len(instructions) - len(ok)
@@ -131,7 +134,7 @@ def _run_pld(cfg: PLDConfig, run_dir: Path, teacher, student, embedder, sel, ove
         candidates = []
         for eps in sweep:
             clustering = cluster_instructions(emb, eps, cfg.min_samples)
-            rb = synthesize_rules(task, ok, emb, clustering, teacher_b, tparams)
+            rb = synthesize_rules(task, ok, emb, clustering, teacher_b, tparams, demo)
             score = None
             if len(sweep) > 1:
                 score = student_eval(rb, val, f"val eps={eps}").metrics["macro_f1"]

@@ -78,8 +78,10 @@ TEACHER_MAX_TOKENS = 256
 instruction model given 64 tokens was cut mid-reasoning on 11 of 24 extractions)."""
 
 
-def extraction_messages(task: Task, ex: Example, strict: bool = False) -> list[Message]:
-    user = EXTRACT_DEMO + f"Task: {task.instruction.strip() or task.name}\n"
+def extraction_messages(task: Task, ex: Example, strict: bool = False, demo: bool = True) -> list[Message]:
+    """The extraction prompt for one example; `demo` opens it with the worked example (for base models only:
+    see `wants_worked_example`)."""
+    user = (EXTRACT_DEMO if demo else "") + f"Task: {task.instruction.strip() or task.name}\n"
     if task.labels:
         user += f"Possible answers: {', '.join(task.labels)}\n"
     elif ex.choices:
@@ -91,9 +93,11 @@ def extraction_messages(task: Task, ex: Example, strict: bool = False) -> list[M
     return [{"role": "system", "content": EXTRACT_SYSTEM}, {"role": "user", "content": user}]
 
 
-def synthesis_messages(task: Task, instructions: Sequence[str], labels: Sequence[str], strict: bool = False) -> list[Message]:
+def synthesis_messages(task: Task, instructions: Sequence[str], labels: Sequence[str], strict: bool = False,
+                       demo: bool = True) -> list[Message]:
+    """The synthesis prompt for one cluster; `demo` as in `extraction_messages`."""
     lines = [f"- ({lab}) {ins}" for ins, lab in zip(instructions, labels, strict=True)]
-    user = SYNTH_DEMO + f"Task: {task.instruction.strip() or task.name}\nInstructions (answer they led to in brackets):\n" + "\n".join(lines)
+    user = (SYNTH_DEMO if demo else "") + f"Task: {task.instruction.strip() or task.name}\nInstructions (answer they led to in brackets):\n" + "\n".join(lines)
     if strict:
         user += "\n\n" + STRICT_REMINDER
     user += "\n" + SYNTH_CUE
@@ -157,11 +161,25 @@ TEACHER_STOPS = ("\nTask:", "\nInput:", "\n- Input:", "\nCorrect answer:", "\nPo
                  "\nCases answered", "\nCurrent rules:", *EXAMPLE_STOPS)
 
 
+def completes_raw_text(backend) -> bool:
+    """True for a model that continues raw text (a local model without a chat template, such as the embedded
+    Gemma-3 270M base model); False for a chat model. Backends that do not say are chat models (an
+    OpenAI-compatible server applies the model's template)."""
+    return getattr(backend, "has_chat_template", True) is False
+
+
+def wants_worked_example(backend) -> bool:
+    """Whether the extraction and synthesis prompts open with the worked example. A base model needs it to see
+    what a general instruction looks like; a chat model follows the system prompt, and a small one copies the
+    example instead (Qwen2.5-Coder-0.5B-Instruct copied it in 8 of 8 extractions even when told not to)."""
+    return completes_raw_text(backend)
+
+
 def teacher_stops(backend) -> tuple[str, ...]:
     """Stop strings for `backend`'s teacher replies: every prompt field for a model that completes raw text (no
     chat template), the worked-example ones only for a chat model. Backends that do not say are chat models
     (an OpenAI-compatible server applies the template)."""
-    return TEACHER_STOPS if getattr(backend, "has_chat_template", True) is False else EXAMPLE_STOPS
+    return TEACHER_STOPS if completes_raw_text(backend) else EXAMPLE_STOPS
 
 
 def _words(s: str) -> list[str]:

@@ -32,18 +32,20 @@ def synthesize_rules(
     clustering: Clustering,
     teacher: Backend,
     params: GenerationParams,
+    demo: bool = True,
 ) -> Rulebook:
-    """One rule per cluster, in cluster order; `instructions` and `embeddings` align with the clustering."""
+    """One rule per cluster, in cluster order; `instructions` and `embeddings` align with the clustering.
+    `demo`: open each prompt with the worked example."""
     groups = [clustering.members(c) for c in clustering.clusters]
     shown = []
     for idx in groups:
         centre = embeddings[idx].mean(axis=0)
         order = sorted(idx, key=lambda i: -float(embeddings[i] @ centre))
-        shown.append(fit_members(task, instructions, order[:MAX_MEMBERS_SHOWN], teacher, params))
+        shown.append(fit_members(task, instructions, order[:MAX_MEMBERS_SHOWN], teacher, params, demo))
 
     def build(s):
         return lambda strict: synthesis_messages(task, [instructions[i].text for i in s],
-                                                 [instructions[i].label for i in s], strict)
+                                                 [instructions[i].label for i in s], strict, demo)
 
     asked = [k for k, s in enumerate(shown) if s]
     labels = [str(x) for x in task.labels] if task.labels else []
@@ -75,12 +77,12 @@ def synthesize_rules(
 
 
 def fit_members(task: Task, instructions: Sequence[Instruction], members: list[int], teacher: Backend,
-                params: GenerationParams) -> list[int]:
+                params: GenerationParams, demo: bool = True) -> list[int]:
     """The longest prefix of `members` (nearest the centroid first) whose synthesis prompt, strict variant
     included, fits the teacher's context window with room for its reply; [] when not even one fits."""
     def fits(n: int) -> bool:
         s = members[:n]
-        msgs = synthesis_messages(task, [instructions[i].text for i in s], [instructions[i].label for i in s], True)
+        msgs = synthesis_messages(task, [instructions[i].text for i in s], [instructions[i].label for i in s], True, demo)
         return fits_context(teacher, msgs, params.max_tokens)[0]
 
     n = len(members)
