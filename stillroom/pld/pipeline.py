@@ -162,7 +162,9 @@ def _run_pld(cfg: PLDConfig, run_dir: Path, teacher, student, embedder, sel, ove
             run.write_text(f"rulebook_v{rb.version}.json", rb.to_json())
 
         resolution: Resolution = resolve_conflicts(
-            task, rulebook, teacher_b, lambda rb: student_eval(rb, val, f"val v{rb.version}"), tparams,
+            task, rulebook, teacher_b, lambda rb: student_eval(rb, val, f"val v{rb.version}"),
+            # The resolver rewrites the whole list after its analysis: twice the budget of one rule.
+            GenerationParams(max_tokens=2 * cfg.teacher_max_tokens, temperature=0.0, stop=tparams.stop),
             max_rounds=cfg.max_rounds, patience=cfg.patience, max_failures=cfg.failures_per_round,
             max_successes=cfg.successes_per_round, seed=cfg.task.seed, on_version=keep,
         )
