@@ -353,7 +353,7 @@ def test_teacher_copying_the_worked_example_is_dropped_and_counted(tmp_path):
     m = run(tmp_path, "copy", teacher, max_rounds=0)
     train = [int(re.search(r"e(\d+)", json.loads(x)["example_id"]).group(1))
              for x in (tmp_path / "copy" / "extractions.jsonl").read_text().splitlines()]
-    want = {"unreadable": 0, "wrong_label": 0, "copies_example": sum(n % 3 == 0 for n in train),
+    want = {"unreadable": 0, "wrong_label": 0, "quotes_input": 0, "copies_example": sum(n % 3 == 0 for n in train),
             "truncated": sum(n % 3 == 1 for n in train), "foreign_label": sum(n % 3 == 2 and n % 7 == 0 for n in train)}
     # Nothing of the worked example (a product review, 'negative') reaches the rules; the real rules do.
     rules = [r["text"] for v in ("rulebook_v1.json", "rulebook.json")
@@ -422,6 +422,14 @@ def test_reasoning_reply_is_read_from_its_marked_last_line_and_a_cut_reply_is_tr
     # A resolver that numbers its analysis before the rule list: the list after 'Rules:' is the rulebook.
     reply = f"1. Rule 2 is too broad for these cases.\n2. Nothing covers weather.\nRules:\n1. {good}\n2. Otherwise answer negative."
     assert parse_rule_list(reply, labels=["play_music", "get_weather"]) == [good]
+    # What Qwen2.5-Coder-0.5B-Instruct wrote for 'Weather for Beauregard, IL': the input quoted, not described.
+    got = read_instruction('Instruction: When the utterance "Weather for Beauregard, IL" is asked about the intent, '
+                           "answer get_weather.", False, keys=("instruction",), labels=["get_weather"],
+                           label="get_weather", quote="Weather for Beauregard, IL")
+    assert isinstance(got, Rejected) and got.reason == "quotes_input"
+    assert read_instruction("Instruction: When the user asks about the weather in a place, answer get_weather.", False,
+                            keys=("instruction",), labels=["get_weather"], label="get_weather",
+                            quote="Weather for Beauregard, IL") == "When the user asks about the weather in a place, answer get_weather."
 
 
 def test_rulebook_naming_few_labels_is_flagged_at_the_top_of_the_report(tmp_path):

@@ -46,7 +46,7 @@ def extract_instructions(task: Task, examples: Sequence[Example], teacher: Backe
         # A reply that repeats the input or the label is no instruction (unreadable); see `read_instruction`.
         return lambda text, truncated: read_instruction(text, truncated, keys=("instruction", "rule"),
                                                         forbid=(ex.input, str(ex.label)), labels=labels,
-                                                        label=str(ex.label))
+                                                        label=str(ex.label), quote=ex.input)
 
     answers = ask_with_retry(teacher, builders, parse=[parser(ex) for ex in examples], params=params,
                              description="extract")

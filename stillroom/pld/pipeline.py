@@ -97,7 +97,8 @@ def extraction_note(dropped: dict[str, int], total: int) -> str:
     words = {"unreadable": "unreadable", "truncated": "cut at the token limit (teacher_max_tokens) before their "
              "instruction line", "copies_example": "copies of the prompt's worked example",
              "foreign_label": "leading to an answer the task does not have",
-             "wrong_label": "leading to another answer than their example's"}
+             "wrong_label": "leading to another answer than their example's",
+             "quotes_input": "quoting their example's input instead of describing it"}
     parts = [f"{n} {words[r]}" for r, n in dropped.items() if n]
     return (f"Extraction: {sum(dropped.values())} of {total} teacher replies were dropped after one retry: "
             + "; ".join(parts) + " (see extractions.jsonl).")

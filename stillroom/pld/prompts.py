@@ -22,17 +22,18 @@ from stillroom.tasks.task import Example, Task
 # JSON replies are still read.
 EXTRACT_SYSTEM = (
     "You are an expert annotator distilling your judgement into rules. You see a task, one input and its "
-    "correct answer. Think briefly (two sentences at most) about why that answer is correct. Then write ONE "
-    "general, reusable instruction, written for THIS task, that would lead a careful reader to the correct answer "
-    "on similar inputs. It must not mention names, entities or details specific to this input, and it must name "
-    "the correct answer exactly as it is written in the list of possible answers. Do not copy the example for "
-    "the other task. End your reply with one line: 'Instruction: <the general instruction>'."
+    "correct answer. Think briefly (two sentences at most) about what KIND of input leads to that answer. Then "
+    "write ONE general, reusable instruction that would lead a careful reader to the correct answer on similar "
+    "inputs: it describes that kind of input in general terms (no names, entities or details of this input), it "
+    "does not restate the task, and it names the correct answer exactly as it is written in the list of possible "
+    "answers. End your reply with one line of the form 'Instruction: When <the kind of input>, answer <the "
+    "correct answer>.'"
 )
 SYNTH_SYSTEM = (
     "You consolidate overlapping instructions into one rule. You see several instructions written for similar "
     "cases and the answers they led to. Write ONE general rule, one or two sentences, that captures what they "
-    "share and names the answer it leads to, exactly as written in the brackets. Do not copy the example for the "
-    "other task. End your reply with one line: 'Rule: <the rule>'."
+    "share and names the answer it leads to, exactly as written in the brackets. End your reply with one line of "
+    "the form 'Rule: When <the kind of input>, answer <the answer>.'"
 )
 RESOLVE_SYSTEM = (
     "You are a conflict resolver for a rulebook that a smaller model follows. You see the current numbered "
@@ -42,8 +43,9 @@ RESOLVE_SYSTEM = (
     "individual cases; each rule names the answer it leads to, exactly as the task writes it. Briefly state the "
     "root cause, then end your reply with the line 'Rules:' followed by the full numbered list of rules."
 )
-STRICT_REMINDER = ("Your previous reply could not be used (unreadable, cut off, copied from the example, or naming an "
-                   "answer the task does not have). Reply with the final line only, nothing else.")
+STRICT_REMINDER = ("Your previous reply could not be used: it was unreadable or cut off, copied the example, quoted the "
+                   "input instead of describing it in general terms, or named an answer the task does not have. "
+                   "Reply with the final line only, in the form asked for, nothing else.")
 # Each user message ends with a cue line. Chat models reason, then write the marked line the system prompt asks
 # for; base models (no chat template, e.g. the embedded Gemma-3 270M) complete the cue, and the plain-text
 # fallback of the parser reads their first line.
@@ -355,21 +357,32 @@ class Rejected:
     """A teacher reply that was read but cannot be used, and why: 'unreadable', 'truncated' (cut at the token
     limit before its marked line was complete), 'copies_example' (repeats the prompt's worked example),
     'foreign_label' (leads to an answer the task does not have), 'wrong_label' (leads to another of the task's
-    answers than its own example's)."""
+    answers than its own example's), 'quotes_input' (quotes its example's input instead of describing it)."""
 
     reason: str
     text: str | None = None
 
 
-DROP_REASONS = ("unreadable", "truncated", "copies_example", "foreign_label", "wrong_label")
+DROP_REASONS = ("unreadable", "truncated", "copies_example", "foreign_label", "wrong_label", "quotes_input")
+
+
+def quotes_input(text: str, source: str, span: int = 5) -> bool:
+    """True when `text` quotes `source`: `span` consecutive words of it, or all of it when it is shorter (and at
+    least 3 words). An instruction that carries its example's words is tied to that example, not general."""
+    sw, cw = _words(source), _words(text)
+    n = min(span, len(sw))
+    if n < 3:
+        return False
+    return any(_contains(cw, sw[i : i + n]) for i in range(len(sw) - n + 1))
 
 
 def read_instruction(text: str, truncated: bool, *, keys: Sequence[str], forbid: Sequence[str] = (),
-                     labels: Sequence[str] = (), label: str | None = None) -> str | Rejected:
+                     labels: Sequence[str] = (), label: str | None = None, quote: str | None = None) -> str | Rejected:
     """One instruction or rule from a teacher reply, or why it cannot be used (`Rejected`).
 
     `labels` is the task's label set (empty for multiple-choice tasks: no label check); `label` the answer the
-    instruction was written for (extraction), whose instruction must not lead to another of the labels.
+    instruction was written for (extraction), whose instruction must not lead to another of the labels; `quote`
+    the example's input, which the instruction must not quote (`quotes_input`).
     """
     got = parse_single(text, keys, forbid, truncated=truncated)
     if got is None:
@@ -380,6 +393,8 @@ def read_instruction(text: str, truncated: bool, *, keys: Sequence[str], forbid:
         return Rejected("foreign_label", got)
     if label is not None and labels and contradicts_label(got, label, labels):
         return Rejected("wrong_label", got)
+    if quote is not None and quotes_input(got, quote):
+        return Rejected("quotes_input", got)
     return got
 
 

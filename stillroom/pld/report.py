@@ -48,6 +48,7 @@ def pld_report(metrics: dict, rulebook: Rulebook, config: dict) -> str:
         ["dropped: copies of the prompt's worked example", dropped.get("copies_example", 0)],
         ["dropped: an answer the task does not have", dropped.get("foreign_label", 0)],
         ["dropped: another answer than the example's", dropped.get("wrong_label", 0)],
+        ["dropped: quoting the example's input", dropped.get("quotes_input", 0)],
         ["eps / min_samples", f"{cl['eps']} / {cl['min_samples']}"], ["clusters", cl["clusters"]],
         ["noise (dropped)", f"{cl['noise']} ({cl['noise_share']:.0%})"],
         ["labels with no rule", ", ".join(map(str, cl["uncovered_labels"])) or "none"], *named])))
