@@ -427,6 +427,13 @@ def test_reasoning_reply_is_read_from_its_marked_last_line_and_a_cut_reply_is_tr
                            "answer get_weather.", False, keys=("instruction",), labels=["get_weather"],
                            label="get_weather", quote="Weather for Beauregard, IL")
     assert isinstance(got, Rejected) and got.reason == "quotes_input"
+    # Quoted whole (the parser's echo rule would call it unreadable) and quoted short: counted as quoting too.
+    for reply, inp in (('Instruction: When the utterance "I need a weather forecast for Sao Tome on December 8th" is '
+                        'read, answer "get_weather".', "Utterance: I need a weather forecast for Sao Tome on December 8th."),
+                       ('Instruction: When "Play some James Cleveland", answer "play_music".',
+                        "Utterance: Play some James Cleveland.")):
+        got = read_instruction(reply, False, keys=("instruction",), labels=["get_weather", "play_music"], quote=inp)
+        assert isinstance(got, Rejected) and got.reason == "quotes_input", reply
     assert read_instruction("Instruction: When the user asks about the weather in a place, answer get_weather.", False,
                             keys=("instruction",), labels=["get_weather"], label="get_weather",
                             quote="Weather for Beauregard, IL") == "When the user asks about the weather in a place, answer get_weather."

@@ -366,9 +366,12 @@ class Rejected:
 DROP_REASONS = ("unreadable", "truncated", "copies_example", "foreign_label", "wrong_label", "quotes_input")
 
 
-def quotes_input(text: str, source: str, span: int = 5) -> bool:
+def quotes_input(text: str, source: str, span: int = 4) -> bool:
     """True when `text` quotes `source`: `span` consecutive words of it, or all of it when it is shorter (and at
-    least 3 words). An instruction that carries its example's words is tied to that example, not general."""
+    least 3 words). An instruction that carries its example's words is tied to that example, not general.
+    Four words: 'Utterance: Play some James Cleveland.' quoted as 'When "Play some James Cleveland", answer
+    play_music.' is caught, while an intent instruction shares at most two or three running words with its
+    input ('a track to')."""
     sw, cw = _words(source), _words(text)
     n = min(span, len(sw))
     if n < 3:
@@ -386,6 +389,11 @@ def read_instruction(text: str, truncated: bool, *, keys: Sequence[str], forbid:
     """
     got = parse_single(text, keys, forbid, truncated=truncated)
     if got is None:
+        # Read again without the forbidden strings: a reply that is an instruction built around the quoted input
+        # is counted as such, not as unreadable.
+        bare = parse_single(text, keys, (), truncated=truncated) if quote is not None else None
+        if bare is not None and (quotes_input(bare, quote) or echoes(bare, quote)):
+            return Rejected("quotes_input", bare)
         return Rejected("truncated" if truncated else "unreadable")
     if copies_worked_example(got):
         return Rejected("copies_example", got)
