@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from stillroom.config import lora_config  # noqa: F401  (re-exported: the one builder lives in config)
 from stillroom.errors import ConfigError
 
 EMBEDDED_SPECS = ("gemma3-270m", "embedded")
@@ -75,18 +76,6 @@ def load_tokenizer(path: str | Path):
 def load_model_and_tokenizer(path: str | Path, *, dtype: str = "auto", device: str = "auto"):
     """`load_causal_lm` and `load_tokenizer` of one folder."""
     return load_causal_lm(path, dtype=dtype, device=device), load_tokenizer(path)
-
-
-def lora_config(r: int, alpha: int, dropout: float, target_modules: str | Sequence[str]):
-    """The one PEFT `LoraConfig` builder. `target_modules` is 'all-linear', a comma-separated string or a list."""
-    from peft import LoraConfig
-
-    if isinstance(target_modules, str) and target_modules != "all-linear":
-        target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
-    elif not isinstance(target_modules, str):
-        target_modules = list(target_modules)
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                      task_type="CAUSAL_LM", bias="none")
 
 
 def bf16_supported(dtype: str = "auto") -> bool:

@@ -17,8 +17,7 @@ except ImportError:  # pragma: no cover - depends on how pytest sets sys.path
 
 from stillroom.config import EvalConfig
 from stillroom.kd.data import KDDataConfig
-from stillroom.kd.trainer import training_digest
-from stillroom.runs import identity_of, run_dir_for
+from stillroom.runs import digest_of, identity_of, run_dir_for
 
 PACKAGE = Path(__file__).resolve().parents[1] / "stillroom"
 
@@ -33,6 +32,11 @@ def test_caps_timeouts_concurrency_and_key_name_do_not_change_the_run_folder():
     c = EvalConfig.model_validate({"task": {"spec": "d.jsonl"}, "shots": 3})
     d = EvalConfig.model_validate({"task": {"spec": "d.jsonl", "seed": 1}})
     assert len({run_dir_for("eval", x) for x in (a, c, d)}) == 3
+
+
+def training_digest(cfg) -> str:
+    """What a route's resume check compares: the digest without the evaluation-only fields."""
+    return digest_of(cfg, leave_out=("evaluation",))
 
 
 def test_training_digest_changes_with_training_fields_only():

@@ -48,12 +48,12 @@ def eval_cmd(
         from stillroom.config import EvalConfig
         from stillroom.evaluate.job import run_eval
         from stillroom.options import load_config
-        from stillroom.runs import run_dir_for
+        from stillroom.runs import identity_of, run_dir_for
 
         overrides = {
             "task": {"spec": task, "seed": seed, "labels": labels},
             "model": {"spec": model, "base_url": base_url, "api_key_env": api_key_env},
-            "split": split, "limit": limit, "shots": shots, "method": method,
+            "eval_split": split, "eval_limit": limit, "shots": shots, "method": method,
             "system_prompt_file": str(system_prompt) if system_prompt else None,
             "spend": {"max_cost_usd": max_cost, "max_tokens": max_spend_tokens},
         }
@@ -70,7 +70,7 @@ def eval_cmd(
             if cfg.system_prompt_file:
                 raise typer.BadParameter("give --rulebook or --system-prompt, not both")
             rb = load_rulebook(rulebook)
-            out = run_dir or run_dir_for("eval", {**cfg.model_dump(mode="json"), "rulebook": rb.to_json()})
+            out = run_dir or run_dir_for("eval", {**identity_of(cfg), "rulebook": rb.to_json()})
             base = default_condition(cfg)
             # The rulebook goes in as the condition's system prompt: nothing is written before the run's inputs
             # are checked (a failed first run leaves no folder); its system_prompt.txt is written after.
