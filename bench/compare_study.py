@@ -55,11 +55,11 @@ def main() -> None:
     student = student_folder(args.drop)
     cfg = CompareConfig.model_validate({
         "task": {"spec": args.task, "seed": 0}, "teacher": {"spec": "gemma3-270m"}, "student": {"spec": f"hf:{student}"},
-        "routes": args.routes.split(",") if args.routes else None, "test_limit": args.test, "train_limit": args.train,
+        "routes": args.routes.split(",") if args.routes else None, "eval_limit": args.test, "train_limit": args.train,
         "val_limit": 24, "shots": args.shots,
         "budgets": {"seqkd": {"max_steps": 16}, "cot-data": {"max_steps": 16}, "kd-logits": {"max_steps": 16},
-                    "gad": {"adversarial_steps": 8, "warmup_steps": 8}, "prune-heal-sft": {"steps": 16},
-                    "prune-heal-self-data": {"steps": 16}, "sft-gold": {"steps": 16},
+                    "gad": {"adversarial_steps": 8, "warmup_steps": 8}, "prune-heal-sft": {"max_steps": 16},
+                    "prune-heal-self-data": {"max_steps": 16}, "sft-gold": {"max_steps": 16},
                     "pld": {"teacher_max_tokens": 64}},
     })
     log(f"compare study: {args.task}, teacher gemma3-270m, student {student.name}, {args.test} test examples -> {work}")

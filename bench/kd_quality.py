@@ -71,13 +71,8 @@ def main(argv=None) -> dict:
     from stillroom.backends.embedded import ensure_embedded_gemma, is_converted
     from stillroom.config import BackendConfig, TaskConfig
     from stillroom.kd.data import KDDataConfig, distill_data
-    from stillroom.kd.trainer import (
-        KDLogitsConfig,
-        distill_logits,
-        evaluate_model,
-        load_causal_lm,
-        load_tokenizer,
-    )
+    from stillroom.evaluate.runner import evaluate_model
+    from stillroom.kd.trainer import KDLogitsConfig, distill_logits, load_causal_lm, load_tokenizer
     from stillroom.prune.angular import analyze_layers
     from stillroom.prune.surgery import prune_model_folder
     from stillroom.runs import cache_root

@@ -313,16 +313,24 @@ def validate_config(model: type[BaseModel], data: dict, source: str = "config") 
 
 
 def deep_merge(base: dict, over: dict) -> dict:
-    """Recursively merge `over` into a copy of `base` (None values in `over` are ignored)."""
+    """Recursively merge `over` into a copy of `base` (None values in `over` are ignored, and so is a mapping of
+    nothing but None: an option left out never replaces the YAML's `student: hf:PATH`). A plain spec string in
+    `base` merged with a mapping becomes `{spec: ...}` first (a backend given as a string in YAML)."""
     out = dict(base)
     for k, v in over.items():
-        if v is None:
+        if v is None or (isinstance(v, dict) and not _has_value(v)):
             continue
         if isinstance(v, dict):
-            out[k] = deep_merge(out[k] if isinstance(out.get(k), dict) else {}, v)
+            b = out.get(k)
+            b = {"spec": b} if isinstance(b, str) else b
+            out[k] = deep_merge(b if isinstance(b, dict) else {}, v)
         else:
             out[k] = v
     return out
+
+
+def _has_value(d: dict) -> bool:
+    return any(_has_value(v) if isinstance(v, dict) else v is not None for v in d.values())
 
 
 class PLDConfig(SelectionBlock):

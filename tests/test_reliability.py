@@ -59,7 +59,7 @@ def latin_task(tmp_path: Path, n: int = 24) -> Path:
 def eval_cfg(task: Path, srv: FakeOpenAIServer, **model) -> EvalConfig:
     # method 'generate': these tests count every request the server saw, and 'auto' would first probe the
     # server's scoring (a request of its own, tested in test_served_logprobs.py).
-    return EvalConfig(task=TaskConfig(spec=str(task), val_fraction=0.0, test_fraction=0.0), split="train",
+    return EvalConfig(task=TaskConfig(spec=str(task), val_fraction=0.0, test_fraction=0.0), eval_split="train",
                       method="generate", model=BackendConfig(spec="openai:fake", base_url=srv.base_url, **model))
 
 

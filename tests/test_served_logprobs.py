@@ -145,7 +145,7 @@ def test_auto_fallback_note_reaches_the_report(monkeypatch, tmp_path):
                             for i in range(6)))
     with FakeOpenAIServer() as srv:
         cfg = EvalConfig(task=TaskConfig(spec=str(task)), model=BackendConfig(spec="openai:m", base_url=srv.base_url,
-                                                                              max_retries=0), limit=3)
+                                                                              max_retries=0), eval_limit=3)
         res = run_eval(cfg, tmp_path / "run")
     (r,) = res.values()
     assert r.method == "generate" and "ignores `echo`" in r.extra["notes"][0]
