@@ -35,9 +35,23 @@ def resolve_model_path(spec: str) -> Path:
     return path
 
 
+def why_not_trainable(spec: str) -> str | None:
+    """Why the weights a spec names cannot be loaded and trained here as a transformers model (None when they
+    can): API and scripted models have no weights here; a GGUF file is served by llama.cpp but is not a
+    transformers folder (`resolve_model_path` refuses it too), so a route that trains or reads logits refuses it
+    when it is planned rather than failing inside."""
+    kind = spec.partition(":")[0]
+    if kind in ("openai", "scripted"):
+        return "is an API model: it cannot be trained"
+    if kind == "gguf":
+        return ("is a GGUF file: llama.cpp serves it, but it cannot be trained or give logits here; give its "
+                "transformers folder (hf:PATH) instead")
+    return None
+
+
 def is_white_box(spec: str) -> bool:
-    """Whether a spec names weights this process can load and train (not an API or a scripted backend)."""
-    return spec.partition(":")[0] not in ("openai", "scripted")
+    """Whether a spec names weights this process can load and train as a transformers model."""
+    return why_not_trainable(spec) is None
 
 
 def model_fingerprint(path: Path) -> str:

@@ -422,3 +422,17 @@ def evaluate_all(sel: Selection, built: Built, run: RunFolder) -> dict[str, Eval
         if built.usage:
             run.write_json("usage.json", built.usage())
     return results
+
+
+def evaluate_model_folder(folder: str | Path, sel: Selection, *, route: str, config: Mapping,
+                          cost: BuildCost | None = None) -> dict:
+    """Steps 3-5 for a model a compression command made outside a route (a merge, a healed model): deploy the
+    folder, evaluate it on `sel`'s test examples (`select`, taken before the model was built so a bad task fails
+    first), and record result.json, predictions, metrics and the report in the folder."""
+    from stillroom.backends.hf import HFBackend
+
+    folder = Path(folder)
+    dep = Deployment(name=route, backend=HFBackend(str(folder)), model=str(folder), model_dir=folder)
+    results = {route: evaluate_deployment(sel, dep)}
+    return record(RunFolder(folder), sel, route=route, deployed=dep, results=results, cost=cost or BuildCost(),
+                  config_dict=config, title=f"Stillroom {route}: {sel.task.name}")

@@ -94,7 +94,7 @@ def test_selfdistill_from_the_cli(dirs, tmp_path):
 
 def test_prune_heal_from_the_cli(dirs, tmp_path):
     r = CliRunner().invoke(app, ["prune-heal", "--task", str(dirs / "task.jsonl"), "--student", str(dirs / "student"),
-                                 "--drop", "1", "--steps", "2", "--train-limit", "8", "--eval-limit", "6",
+                                 "--drop", "1", "--max-steps", "2", "--train-limit", "8", "--eval-limit", "6",
                                  "--run-dir", str(tmp_path)])
     assert r.exit_code == 0, r.output
     res = _layout(tmp_path)

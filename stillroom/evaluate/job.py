@@ -68,6 +68,20 @@ def run_eval(cfg: EvalConfig, run_dir: Path, conditions: list[Condition] | None 
                      title=lambda ctx: f"Stillroom eval: {ctx.task.name} on {getattr(ctx.prepared[0], 'model', cfg.model.spec)}").results
 
 
+CONDITION_NAMES = {"zero-shot": "zero-shot", "cot": "chain-of-thought"}
+
+
+def run_condition(route: str):
+    """The run function of a prompting route of `stillroom compare` (zero-shot, k-shot, cot, teacher): one
+    condition of `stillroom eval`, named as the report shows it."""
+
+    def run(cfg: EvalConfig, out: Path):
+        name = CONDITION_NAMES.get(route) or (f"teacher ({cfg.shots}-shot)" if route == "teacher" else f"{cfg.shots}-shot")
+        return run_eval(cfg, out, conditions=[Condition(name=name, shots=cfg.shots, method=cfg.method)], route=name)
+
+    return run
+
+
 def eval_notes(sel: Selection, results: dict[str, EvalResult], overlong: dict) -> list[str]:
     """The evaluator's notes, the overlong counts, and how multiple-choice figures read."""
     notes = list(dict.fromkeys(n for r in results.values() for n in r.extra.get("notes", [])))

@@ -48,7 +48,7 @@ def _selection(task: str | None, limit: int | None):
 
 def _evaluate(folder: Path, sel, route: str, config: dict, cost=None) -> None:
     """Evaluate a model a command made on `sel` and record it in its folder."""
-    from stillroom.prune.route import evaluate_model_folder
+    from stillroom.route import evaluate_model_folder
 
     m = evaluate_model_folder(folder, sel, route=route, config=config, cost=cost)
     print_results(m["conditions"])
@@ -354,7 +354,7 @@ def prune_heal_cmd(
     drop: Annotated[int | None, typer.Option(help="Layers to remove (the contiguous block with the smallest angular distance).")] = None,
     block: Annotated[str | None, typer.Option(help="Remove this block instead, START:END (0-based, end exclusive).")] = None,
     healing: Annotated[str | None, typer.Option(help="sft (gold answers), self-data (selected rewrites) or none.")] = None,
-    steps: Annotated[int | None, typer.Option(help="Healing optimizer steps.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Healing optimizer steps.")] = None,
     train_limit: Annotated[int | None, typer.Option(help="Heal on a deterministic sample of N training examples.")] = None,
     eval_limit: Annotated[int | None, typer.Option(help="Evaluate on a deterministic sample of N test examples.")] = None,
     run_dir: RunDirOpt = None,
@@ -369,8 +369,8 @@ def prune_heal_cmd(
         from stillroom.prune.route import PruneHealConfig, run_prune_heal
         from stillroom.runs import run_dir_for
 
-        over = {"task": {"spec": task}, "student": student, "drop": drop, "block": block, "healing": healing,
-                "steps": steps, "train_limit": train_limit, "eval_limit": eval_limit}
+        over = {"task": {"spec": task}, "student": {"spec": student}, "drop": drop, "block": block,
+                "healing": healing, "max_steps": max_steps, "train_limit": train_limit, "eval_limit": eval_limit}
         cfg = load_config(config, PruneHealConfig, over, "--task", bool(task))
         out = run_dir or run_dir_for("prune-heal", cfg)
         m = run_prune_heal(cfg, out)
