@@ -308,7 +308,11 @@ def validate_config(model: type[BaseModel], data: dict, source: str = "config") 
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        lines = [f"{source}: field '{'.'.join(str(x) for x in e['loc'])}': {e['msg']}" for e in exc.errors()]
+        lines = []
+        for e in exc.errors():
+            where = ".".join(str(x) for x in e["loc"])
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: field '{where}': {msg}" if where else f"{source}: {msg}")
         raise ConfigError("\n".join(lines)) from None
 
 

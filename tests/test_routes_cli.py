@@ -109,7 +109,7 @@ def test_prune_heal_from_the_cli(dirs, tmp_path):
 
 def test_eval_takes_its_config_as_the_first_argument(dirs, tmp_path):
     cfg = tmp_path / "eval.yaml"
-    cfg.write_text(f"task: {{spec: {dirs / 'task.jsonl'}}}\nmodel: {{spec: scripted:gold-teacher}}\nmethod: generate\nlimit: 5\n")
+    cfg.write_text(f"task: {{spec: {dirs / 'task.jsonl'}}}\nmodel: {{spec: scripted:gold-teacher}}\nmethod: generate\neval_limit: 5\n")
     r = CliRunner().invoke(app, ["eval", str(cfg), "--run-dir", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
     res = _layout(tmp_path / "run")
