@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
-from collections.abc import Sequence
+import json
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +139,15 @@ def size_on_disk(folder: str | Path | None) -> int | None:
         return None
     files = [f for pat in ("*.safetensors", "*.bin", "*.gguf") for f in p.glob(pat)]
     return int(sum(f.stat().st_size for f in files)) if files else None
+
+
+def save_model(model: Any, tokenizer: Any, out_dir: str | Path, record: dict | None = None) -> Path:
+    """Save model + tokenizer atomically (temporary folder, then rename), plus `stillroom.json` with `record`."""
+    from stillroom.backends.embedded import save_model_folder
+
+    out = save_model_folder(model, tokenizer, Path(out_dir))
+    if record is not None:
+        from stillroom.runs import atomic_write_text
+
+        atomic_write_text(out / "stillroom.json", json.dumps(record, indent=2) + "\n")
+    return out

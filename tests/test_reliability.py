@@ -24,7 +24,7 @@ from stillroom.backends.scripted import ScriptedBackend
 from stillroom.cli import app
 from stillroom.config import BackendConfig, EvalConfig, SpendConfig, TaskConfig, validate_config
 from stillroom.errors import BackendError, ConfigError, SpendCapReached, TaskDataError
-from stillroom.evaluate.job import run_eval
+from stillroom.prompting.job import run_eval
 from stillroom.locking import RunFolderBusy, run_folder_lock
 
 try:  # tests/ may or may not be a package

@@ -138,7 +138,7 @@ def test_server_ignoring_echo_refuses_loglik_and_auto_falls_back(tok, model, tmp
 def test_auto_fallback_note_reaches_the_report(monkeypatch, tmp_path):
     # The fake server answers /completions without log-probabilities: auto evaluates by generation, and says why.
     from stillroom.config import BackendConfig, EvalConfig, TaskConfig
-    from stillroom.evaluate.job import run_eval
+    from stillroom.prompting.job import run_eval
 
     task = tmp_path / "t.jsonl"
     task.write_text("".join(json.dumps({"id": f"x{i}", "input": f"q {i}", "label": LABELS[i % 3]}) + "\n"

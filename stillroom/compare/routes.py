@@ -58,7 +58,7 @@ class RouteSpec:
 
 
 EVAL = "stillroom.config:EvalConfig"
-CONDITION = "stillroom.evaluate.job:run_condition"
+CONDITION = "stillroom.prompting.job:run_condition"
 SMALL_TRAINING = {"eval_before": False, "max_steps": 8, "batch_size": 4}
 
 ROUTES: dict[str, RouteSpec] = {

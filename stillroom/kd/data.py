@@ -26,7 +26,14 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from stillroom.config import BackendConfig, BaselineBlock, SelectionBlock, SpendConfig, TrainingBlock, spend_field
+from stillroom.config import (
+    BackendConfig,
+    BaselineBlock,
+    SelectionBlock,
+    SpendConfig,
+    TrainingBlock,
+    spend_field,
+)
 from stillroom.errors import ConfigError
 
 Mode = Literal["answers", "cot", "demos"]

@@ -20,12 +20,13 @@ from stillroom.evaluate.runner import EvalResult, evaluate
 from stillroom.pld.cluster import Embedder, cluster_instructions, coverage_report, load_embedder
 from stillroom.pld.extract import extract_instructions
 from stillroom.pld.prompts import TEACHER_STOPS
+from stillroom.pld.report import pld_report
 from stillroom.pld.resolve import Resolution, resolve_conflicts
 from stillroom.pld.rulebook import Rulebook
 from stillroom.pld.synthesize import synthesize_rules
-from stillroom.pld.report import pld_report
 from stillroom.route import Built, Deployment, RouteContext, run_route
 from stillroom.tasks.task import Task
+
 
 def run_pld(cfg: PLDConfig, run_dir: Path, *, teacher=None, student=None, embedder: Embedder | None = None,
             task: Task | None = None, wait: bool = False) -> dict:

@@ -1,6 +1,6 @@
 """`stillroom eval` and the prompting baselines (zero-shot, k-shot, chain-of-thought, a fixed system prompt) as
 routes of the skeleton (`stillroom.route`): nothing to build; deploy the model with a prompt; evaluate; record.
-The CLI, `stillroom compare` and the PLD route's comparison all call this."""
+The CLI and `stillroom compare` call this; PLD deploys its own baselines through the same skeleton."""
 
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ def eval_cmd(
 
     def body():
         from stillroom.config import EvalConfig
-        from stillroom.evaluate.job import run_eval
+        from stillroom.prompting.job import run_eval
         from stillroom.options import load_config
         from stillroom.runs import identity_of, run_dir_for
 
@@ -64,7 +64,7 @@ def eval_cmd(
             raise ConfigError(f"{cfg.system_prompt_file}: system prompt file does not exist")
         conditions = None
         if rulebook:
-            from stillroom.evaluate.job import Condition, default_condition
+            from stillroom.prompting.job import Condition, default_condition
             from stillroom.pld.rulebook import load_rulebook
 
             if cfg.system_prompt_file:
