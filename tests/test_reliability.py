@@ -210,7 +210,7 @@ def test_sigint_lets_in_flight_calls_finish_and_the_rerun_pays_nothing_twice(tmp
     task = latin_task(tmp_path, 24)
     run_dir = tmp_path / "run"
     cfg = tmp_path / "eval.yaml"
-    cfg.write_text(f"task: {{spec: {task}, val_fraction: 0.0, test_fraction: 0.0}}\nsplit: train\n"
+    cfg.write_text(f"task: {{spec: {task}, val_fraction: 0.0, test_fraction: 0.0}}\neval_split: train\n"
                    f"model: {{max_concurrency: {concurrency}}}\n", encoding="utf-8")
     with FakeOpenAIServer(gate=True) as srv:
         proc, log = start_eval(tmp_path, task, srv, run_dir, str(cfg))
