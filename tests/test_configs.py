@@ -97,3 +97,27 @@ def test_every_yaml_in_the_repo_loads():
         cfg = load_yaml_config(path, model)
         if model is CompareConfig:
             assert all(p.config is not None for p in plan_routes(cfg) if not p.skip_reason)
+
+
+def _bench(name: str):
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))  # the bench scripts import their `_common` helper from there
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_bench_scripts_configs_validate(tmp_path):
+    # compare_study plans every route with its budgets; kd_quality builds its KD and SeqKD configs (pld_vs_dspy's
+    # PLD config is exercised end to end by test_dspy_lm).
+    from stillroom.compare.routes import plan_routes
+
+    study = _bench("compare_study")
+    cfg = study.study_config(study.parse_args([]), tmp_path / "student")
+    assert all(p.config is not None for p in plan_routes(cfg) if not p.skip_reason)
+    kd = _bench("kd_quality")
+    cfgs = kd.kd_configs(kd.parse_args([]), tmp_path / "teacher", tmp_path / "student")
+    assert cfgs["fkl"].eval_limit == cfgs["seqkd"].eval_limit == 60 and cfgs["seqkd"].teacher_shots == 3
