@@ -126,7 +126,7 @@ def test_merge_and_heal_evaluate_their_result_with_a_task(dirs, tmp_path):
     data = tmp_path / "heal.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Input: red {i}\nAnswer:", "completion": " colour"}) + "\n"
                             for i in range(4)))
-    r = CliRunner().invoke(app, ["heal", "--model", student, "--data", str(data), "--steps", "2", "--batch-size", "2",
+    r = CliRunner().invoke(app, ["heal", "--model", student, "--data", str(data), "--max-steps", "2", "--batch-size", "2",
                                  "--task", str(dirs / "task.jsonl"), "--eval-limit", "6", "--run-dir", str(tmp_path / "h")])
     assert r.exit_code == 0, r.output
     healed = _layout(tmp_path / "h")
