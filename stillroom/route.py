@@ -311,6 +311,11 @@ class RouteContext:
         self.teacher = open_cached_backend(backend_cfg, self.run.cache_path, spend, backend=backend)
         return self.teacher
 
+    def evaluate(self, dep: Deployment, examples: Sequence[Example]) -> EvalResult:
+        """The one evaluator on examples of the build's own choosing (model selection on the validation split);
+        the deployments `build` returns are evaluated by `run_route`, not here."""
+        return evaluate_deployment(self.sel, dep, examples)
+
     def digest(self, leave_out: Sequence[str] = ("evaluation",)) -> str:
         """The identity digest of what this route builds (`stillroom.runs.digest_of`, evaluation fields left out)."""
         from stillroom.runs import digest_of

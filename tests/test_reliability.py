@@ -24,8 +24,8 @@ from stillroom.backends.scripted import ScriptedBackend
 from stillroom.cli import app
 from stillroom.config import BackendConfig, EvalConfig, SpendConfig, TaskConfig, validate_config
 from stillroom.errors import BackendError, ConfigError, SpendCapReached, TaskDataError
-from stillroom.prompting.job import run_eval
 from stillroom.locking import RunFolderBusy, run_folder_lock
+from stillroom.prompting.job import run_eval
 
 try:  # tests/ may or may not be a package
     from tests.helpers_fake_server import FakeOpenAIServer

@@ -16,7 +16,7 @@ import numpy as np
 from stillroom.backends import load_backend, open_cached_backend
 from stillroom.backends.base import GenerationParams
 from stillroom.config import PLDConfig
-from stillroom.evaluate.runner import EvalResult, evaluate
+from stillroom.evaluate.runner import EvalResult
 from stillroom.pld.cluster import Embedder, cluster_instructions, coverage_report, load_embedder
 from stillroom.pld.extract import extract_instructions
 from stillroom.pld.prompts import TEACHER_STOPS
@@ -137,9 +137,10 @@ def _build_rulebook(ctx: RouteContext, teacher_b, student_b, embedder) -> dict:
                      "and were recorded as failed (see extractions.jsonl).")
 
     def student_eval(rb: Rulebook | None, examples, name: str) -> EvalResult:
-        # Model selection on the validation split (not a deployment): the same evaluator, with the rulebook.
-        return evaluate(task, examples, student_b, system_prompt=rb.system_prompt() if rb else None,
-                        method=cfg.student_method, description=name)
+        # Model selection on the validation split: the same evaluator, the rulebook as the system prompt.
+        return ctx.evaluate(Deployment(name=name, backend=student_b, model=cfg.student.spec,
+                                       system_prompt=rb.system_prompt() if rb else None, method=cfg.student_method),
+                            examples)
 
     # Phase 2: clustering and synthesis.
     rulebook, coverage = _cluster_and_synthesize(ctx, ok, teacher_b, tparams, student_eval, embedder)

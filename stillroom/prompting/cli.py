@@ -46,8 +46,8 @@ def eval_cmd(
 
     def body():
         from stillroom.config import EvalConfig
-        from stillroom.prompting.job import run_eval
         from stillroom.options import load_config
+        from stillroom.prompting.job import run_eval
         from stillroom.runs import identity_of, run_dir_for
 
         overrides = {
@@ -64,8 +64,8 @@ def eval_cmd(
             raise ConfigError(f"{cfg.system_prompt_file}: system prompt file does not exist")
         conditions = None
         if rulebook:
-            from stillroom.prompting.job import Condition, default_condition
             from stillroom.pld.rulebook import load_rulebook
+            from stillroom.prompting.job import Condition, default_condition
 
             if cfg.system_prompt_file:
                 raise typer.BadParameter("give --rulebook or --system-prompt, not both")
