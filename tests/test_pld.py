@@ -213,7 +213,7 @@ def test_echoed_extraction_is_retried_and_teacher_calls_carry_stop_strings(tmp_p
 
     teacher = ScriptedBackend(echo_first, "teacher")
     teacher.has_chat_template = False  # a base model: it gets every prompt field as a stop string
-    m = run(tmp_path, "echo", teacher, max_rounds=0, extract_sample=12)
+    m = run(tmp_path, "echo", teacher, max_rounds=0, train_limit=12)
     rows = [json.loads(x) for x in (tmp_path / "echo" / "extractions.jsonl").read_text().splitlines()]
     assert m["extraction"]["failed"] == 0
     # Echoes and instructions leading to another label were retried; a 'tool' example keeps 'answer tool'.
@@ -333,7 +333,7 @@ def copying_teacher(prompt, params):
         if num % 3 == 1:
             return "Let me think about what this input describes and why the answer follows from it " * 30
         if num % 7 == 0:
-            return f"It is sweet.\nInstruction: Anything sweet like this is labelled dessert."
+            return "It is sweet.\nInstruction: Anything sweet like this is labelled dessert."
         return f"The words name a {gold}.\nInstruction: {RULE[gold]}"
     if system == SYNTH_SYSTEM:
         if "review" in user:  # a cluster of copies: the teacher copies the worked rule too

@@ -54,7 +54,7 @@ def test_recovery_is_undefined_when_the_teacher_is_not_above_the_student():
 
 
 def _preds(preds):
-    return [{"id": f"x{i}", "gold": g, "pred": p, "correct": g == p} for i, (g, p) in enumerate(zip(GOLD, preds))]
+    return [{"id": f"x{i}", "gold": g, "pred": p, "correct": g == p} for i, (g, p) in enumerate(zip(GOLD, preds, strict=True))]
 
 
 def _row(route, preds, quality, **over):
