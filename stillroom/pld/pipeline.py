@@ -159,12 +159,7 @@ def _build_rulebook(ctx: RouteContext, teacher_b, student_b, embedder, raw_teach
     )
     final = resolution.best
     final.meta.update({"val_macro_f1": resolution.best_val.metrics["macro_f1"] if resolution.best_val else None})
-    named = final.label_coverage([str(x) for x in task.labels]) if task.labels else None
-    if named and named["share"] < 0.5:
-        # First note: it heads the report. A rulebook that names few answers cannot lead the student to the rest.
-        notes.insert(0, f"Warning: the rules name only {len(named['named'])} of the task's {len(task.labels)} labels "
-                        f"({', '.join(named['named']) or 'none'}); the student gets no rule that leads to "
-                        f"{', '.join(named['unnamed'])}.")
+    named = _label_coverage(final, task, notes)
     # Phase 4: the deployable artefacts.
     run.write_text("rulebook.json", final.to_json())
     run.write_text("rulebook.md", final.to_markdown())
@@ -185,6 +180,17 @@ def _build_rulebook(ctx: RouteContext, teacher_b, student_b, embedder, raw_teach
                          "labels_named": named["named"] if named else None,
                          "label_coverage": named["share"] if named else None},
             "ablation": ablation}
+
+
+def _label_coverage(final: Rulebook, task: Task, notes: list[str]) -> dict | None:
+    """Which labels the final rules name; fewer than half puts a warning first in `notes` (it heads the report):
+    a rulebook that names few answers cannot lead the student to the rest."""
+    named = final.label_coverage([str(x) for x in task.labels]) if task.labels else None
+    if named and named["share"] < 0.5:
+        notes.insert(0, f"Warning: the rules name only {len(named['named'])} of the task's {len(task.labels)} labels "
+                        f"({', '.join(named['named']) or 'none'}); the student gets no rule that leads to "
+                        f"{', '.join(named['unnamed'])}.")
+    return named
 
 
 def extraction_note(dropped: dict[str, int], total: int) -> str:
