@@ -53,7 +53,7 @@ def load_task_config(task_cfg: TaskConfig) -> Task:
     """Load the task a config names (file, BIG-bench or local dataset), validating every example."""
     from stillroom.tasks import load_task
 
-    return load_task(task_cfg.spec, instruction=task_cfg.instruction, labels=task_cfg.labels)
+    return load_task(task_cfg.spec, **task_cfg.load_options())
 
 
 def select(task_cfg: TaskConfig, *, split: str = "test", limit: int | None = None, train_limit: int | None = None,
@@ -194,9 +194,10 @@ def result_record(route: str, sel: Selection, dep: Deployment, res: EvalResult, 
         "task": sel.task.name,
         "examples": [ex.id for ex in sel.test],
         "deployment": {"model": dep.model, "method": res.method, "shots": len(dep.shots),
+                       "instruction": sel.task.instruction,
                        "system_prompt_tokens": sp_tokens, **served_size(dep)},
         "quality": quality_record(sel, res, seed=sel.seed),
-        "latency": {"p50_s": m.get("latency_p50_s"), "p95_s": m.get("latency_p95_s")},
+        "latency": {"p50_s": m.get("latency_p50_s"), "p95_s": m.get("latency_p95_s"), "method": m.get("latency_method")},
         "tokens": {"input_per_answer": m.get("input_tokens_mean"), "output_per_answer": m.get("output_tokens_mean")},
         "build": asdict(cost),
         "artifacts": dict(artifacts or {}),
@@ -220,7 +221,10 @@ def record(run: RunFolder, sel: Selection, *, route: str, deployed: Deployment, 
     if resumed and previous.get("build"):
         cost = BuildCost(**{k: previous["build"].get(k, v) for k, v in asdict(cost).items()})
     run.write_jsonl("predictions.jsonl", [{"condition": n, **p} for n, r in results.items() for p in r.predictions])
+    warnings = {n: w for n, r in results.items() if (w := doubtful_result(sel.task, r, n))}
+    notes = list(dict.fromkeys([*warnings.values(), *notes]))
     result = result_record(route, sel, deployed, results[deployed.name], cost, artifacts=artifacts, notes=notes)
+    result["warnings"] = [warnings[deployed.name]] if deployed.name in warnings else []
     metrics = {
         "task": sel.task.name, "route": route, "examples": len(sel.test),
         **dict(metrics_extra or {}),
@@ -233,6 +237,20 @@ def record(run: RunFolder, sel: Selection, *, route: str, deployed: Deployment, 
                                       notes=list(notes))
     run.write_text("report.html", html)
     return metrics
+
+
+def doubtful_result(task: Task, res: EvalResult, name: str) -> str | None:
+    """A warning when an evaluated condition's answers are (nearly) one class (`one_class_warning`); options
+    that differ per example are compared by position (A, B, ...)."""
+    from stillroom.evaluate.metrics import one_class_warning
+    from stillroom.evaluate.runner import metric_labels
+
+    if task.kind == "free_text":
+        return None
+    by_id = {ex.id: ex for ex in task.examples}
+    gold = [metric_labels(task, by_id[p["id"]], p["gold"]) if p["id"] in by_id else p["gold"] for p in res.predictions]
+    pred = [metric_labels(task, by_id[p["id"]], p["pred"]) if p["id"] in by_id else p["pred"] for p in res.predictions]
+    return one_class_warning(gold, pred, name=name)
 
 
 def read_result(run_dir: str | Path) -> dict | None:

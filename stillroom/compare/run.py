@@ -23,6 +23,20 @@ from stillroom.ui import console
 ROUTE_FILE = "route.json"
 
 
+SELECTION_FIELDS = ("task", "teacher", "student", "test_limit", "train_limit", "val_limit")
+"""What a compare is: its task, teacher, student and the examples selected (test, training pool, validation).
+Routes, budgets, shots and the baseline are not: each route keeps its own identity (`route.json`) inside the
+compare folder, so changing one route's budget reruns that route only, in the same folder."""
+
+
+def compare_dir_for(cfg: CompareConfig, root: Path | None = None) -> Path:
+    """The default compare folder, `runs/compare-<task>-<hash of SELECTION_FIELDS>`."""
+    from stillroom.runs import default_runs_root, digest_of, identity_of, slug
+
+    ident = {k: v for k, v in identity_of(cfg).items() if k in SELECTION_FIELDS}
+    return (root or default_runs_root()) / f"compare-{slug(cfg.task.spec)}-{digest_of(ident)[:8]}"
+
+
 def route_dir(out: Path, name: str) -> Path:
     return Path(out) / "routes" / name
 

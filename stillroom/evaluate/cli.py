@@ -10,12 +10,19 @@ import typer
 from stillroom.options import (
     BaseUrlOpt,
     ConfigArg,
+    FreeTextOpt,
+    IdFieldOpt,
+    InputFieldOpt,
+    InstructionFileOpt,
+    InstructionOpt,
     KeyEnvOpt,
+    LabelFieldOpt,
     LabelsOpt,
     ModelOpt,
     RunDirOpt,
     TaskOpt,
     WaitOpt,
+    task_overrides,
 )
 from stillroom.ui import console, print_results, run_guarded
 
@@ -37,6 +44,12 @@ def eval_cmd(
     max_spend_tokens: Annotated[int | None, typer.Option(help="Spend cap in tokens (input + output).")] = None,
     run_dir: RunDirOpt = None,
     labels: LabelsOpt = None,
+    input_field: InputFieldOpt = None,
+    label_field: LabelFieldOpt = None,
+    id_field: IdFieldOpt = None,
+    free_text: FreeTextOpt = None,
+    instruction: InstructionOpt = None,
+    instruction_file: InstructionFileOpt = None,
     wait: WaitOpt = False,
 ) -> None:
     """Evaluate a model on a task split: accuracy, macro-F1, per-class F1, invalid answers, latency, tokens, cost.
@@ -51,7 +64,9 @@ def eval_cmd(
         from stillroom.runs import run_dir_for
 
         overrides = {
-            "task": {"spec": task, "seed": seed, "labels": labels},
+            "task": task_overrides(task, labels=labels, input_field=input_field, label_field=label_field,
+                                   id_field=id_field, free_text=free_text, instruction=instruction,
+                                   instruction_file=instruction_file, seed=seed),
             "model": {"spec": model, "base_url": base_url, "api_key_env": api_key_env},
             "split": split, "limit": limit, "shots": shots, "method": method,
             "system_prompt_file": str(system_prompt) if system_prompt else None,

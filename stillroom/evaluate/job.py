@@ -101,7 +101,7 @@ def _run_eval(cfg: EvalConfig, run_dir: Path, conditions: list[Condition], backe
     if sel.task.kind == "multiple_choice":
         notes.append("Options differ per example: per-class figures are over option positions (A, B, ...).")
     record(run, sel, route=route, deployed=deployments[conditions[0].name], results=results, cost=BuildCost(),
-           config_dict=config_dict, title=f"Stillroom eval: {sel.task.name} on {cached.model}",
+           config_dict=config_dict, title=f"Stillroom eval: {sel.task.name} on {cfg.model.spec}",
            metrics_extra={"split": cfg.split, "model": cached.identity,
                           "overlong": {"policy": cfg.task.overlong, **overlong}}, notes=notes, usage=cached.meter.summary())
     return results

@@ -26,7 +26,7 @@ from stillroom.pld.prompts import TEACHER_STOPS
 from stillroom.pld.resolve import Resolution, resolve_conflicts
 from stillroom.pld.rulebook import Rulebook
 from stillroom.pld.synthesize import synthesize_rules
-from stillroom.route import BuildCost, Deployment, evaluate_deployment, open_run, record, select
+from stillroom.route import BuildCost, Deployment, doubtful_result, evaluate_deployment, open_run, record, select
 from stillroom.runs import RunFolder
 from stillroom.tasks.task import Task
 
@@ -112,9 +112,9 @@ def _run_pld(cfg: PLDConfig, run_dir: Path, teacher, student, embedder, sel, ove
         emb = embed([i.text for i in ok]) if ok else np.zeros((0, 1))
         label_set = list(task.labels) if task.labels else sorted({str(e.label) for e in train})
 
-        def student_eval(rb: Rulebook | None, examples, name: str) -> EvalResult:
+        def student_eval(rb: Rulebook | None, examples, name: str, timed: bool = False) -> EvalResult:
             return evaluate(task, examples, student_b, system_prompt=rb.system_prompt() if rb else None,
-                            method=cfg.student_method, description=name)
+                            method=cfg.student_method, description=name, timed=timed)
 
         sweep = cfg.eps_sweep or [cfg.eps]
         candidates = []
@@ -171,7 +171,7 @@ def _run_pld(cfg: PLDConfig, run_dir: Path, teacher, student, embedder, sel, ove
         # The comparison on the test split: same student, same examples.
         conditions: dict[str, EvalResult] = {}
         if cfg.compare_baselines:
-            conditions["zero-shot"] = student_eval(None, test, "test zero-shot")
+            conditions["zero-shot"] = student_eval(None, test, "test zero-shot", timed=True)
             if cfg.shots:
                 conditions[f"{cfg.shots}-shot"] = evaluate(task, test, student_b, shots=sel.shots(cfg.shots),
                                                            method=cfg.student_method, description=f"test {cfg.shots}-shot")
@@ -182,6 +182,8 @@ def _run_pld(cfg: PLDConfig, run_dir: Path, teacher, student, embedder, sel, ove
                               method=cfg.student_method)
         conditions["PLD"] = evaluate_deployment(sel, deployed)
         for name, r in conditions.items():
+            if warning := doubtful_result(task, r, name):
+                notes.append(warning)
             if r.metrics.get("invalid_rate") == 1.0:
                 notes.append(f"{name}: the student never produced a valid label ({r.metrics['n']} answers, all invalid).")
     finally:
