@@ -175,6 +175,9 @@ def quality_record(sel: Selection, res: EvalResult, *, seed: int = 0) -> dict:
         by_id = {ex.id: ex for ex in sel.task.examples}
         gold = [metric_labels(sel.task, by_id[p["id"]], p["gold"]) for p in res.predictions]
         pred = [metric_labels(sel.task, by_id[p["id"]], p["pred"]) for p in res.predictions]
+    if m.get("gold_labels") is False:  # free text with no gold answers: nothing to measure quality against
+        return {"n": m["n"], "accuracy": None, "accuracy_ci95": None, "macro_f1": None, "macro_f1_ci95": None,
+                "invalid_rate": m["invalid_rate"], "per_class_f1": {}, "gold_labels": False}
     ci = bootstrap_ci(gold, pred, _labels(sel.task, res) if m.get("macro_f1") is not None else None, seed=seed)
     return {
         "n": m["n"], "accuracy": m["accuracy"], "accuracy_ci95": ci["accuracy"], "macro_f1": m.get("macro_f1"),

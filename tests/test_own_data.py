@@ -119,3 +119,29 @@ def test_one_class_warning_threshold():
     assert one_class_warning(gold, ["a"] * 15 + ["b", "c", "b"]) is None  # 83%: below the 90% threshold
     assert one_class_warning(["a"] * 18, ["a"] * 18) is None  # the gold labels are one class too
     assert one_class_warning(gold, [None] * 18) is None  # all invalid: reported elsewhere
+
+
+def test_missing_model_folder_says_no_such_folder(tmp_path, monkeypatch):
+    from stillroom.backends import load_backend
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"no such folder ./no-such-model.*resolved: " + str(tmp_path)):
+        load_backend("hf:./no-such-model")
+
+
+def test_route_typo_on_the_command_line_suggests_the_route(tmp_path):
+    path = _support_csv(tmp_path / "support.csv")
+    out = CliRunner().invoke(app, ["compare", "--task", str(path), "--input-field", "text", "--label-field",
+                                   "category", "--routes", "zero-shot,kshot", "--run-dir", str(tmp_path / "cmp")])
+    assert out.exit_code == 2
+    assert "--routes" in out.output and "did you mean 'k-shot'" in out.output and "yaml" not in out.output.lower()
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_merge_slerp_factor_does_not_clash_with_task_short_option():
+    import re
+
+    out = CliRunner().invoke(app, ["merge", "slerp", "--help"], terminal_width=200)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", out.output)
+    assert "--factor" in text and "--task" in text and "-t" in text
+    assert not re.search(r"--t\s", text)  # no '--t' option beside '-t' (= --task)

@@ -33,10 +33,11 @@ def print_compare(summary: dict, out: Path) -> None:
             others.append(f"{r['route']}: {r['status']}: {r.get('error') or r.get('reason') or ''}")
             continue
         v = r.get("vs_baseline") or {}
-        ci = r["macro_f1_ci95"] or r["accuracy_ci95"]
+        ci = r["macro_f1_ci95"] or r["accuracy_ci95"] or [None, None]
         d = "-" if r.get("is_baseline") or v.get("diff") is None else f"{v['diff']:+.3f}{' *' if v['significant'] else ''}"
         t.add_row(r["route"] + (" (ref)" if r["reference"] else ""), "-" if r["macro_f1"] is None else f"{r['macro_f1']:.3f}",
-                  f"{ci[0]:.2f}-{ci[1]:.2f}", f"{r['accuracy']:.3f}", d, f"{r['latency_p50_s']:.2f}",
+                  "-" if ci[0] is None else f"{ci[0]:.2f}-{ci[1]:.2f}",
+                  "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}", d, f"{r['latency_p50_s']:.2f}",
                   f"{r['build_seconds']:.0f}")
     console.print(t)
     console.print("* paired bootstrap p < 0.05 against the baseline on the same examples; other gaps may be noise.")

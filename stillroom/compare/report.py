@@ -42,6 +42,8 @@ def paired_test(base_preds: list[dict], preds: list[dict], labels: list[str] | N
     if not pairs:
         return None
     gold = [b["gold"] for b, _ in pairs]
+    if all(g is None for g in gold):
+        return None  # no gold answers: nothing to test
     pb = paired_bootstrap(gold, [p["pred"] for _, p in pairs], [b["pred"] for b, _ in pairs], labels,
                           metric="macro_f1" if labels else "accuracy")
     mc = mcnemar([p["correct"] for _, p in pairs], [b["correct"] for b, _ in pairs])
@@ -119,8 +121,9 @@ def summarise(cfg: CompareConfig, entries: list[dict]) -> dict:
         rows.append(row)
     done = [r for r in rows if r["status"] == "ok"]
     same = len({tuple(r["examples"]) for r in done}) <= 1
-    latency_points = [(r["route"], r["latency_p50_s"] or 0.0, r["quality"]) for r in done]
-    cost_points = [(r["route"], r["build_seconds"], r["quality"]) for r in done]
+    measured = [r for r in done if r["quality"] is not None]
+    latency_points = [(r["route"], r["latency_p50_s"] or 0.0, r["quality"]) for r in measured]
+    cost_points = [(r["route"], r["build_seconds"], r["quality"]) for r in measured]
     return {
         "task": cfg.task.spec, "teacher": cfg.teacher.spec, "student": cfg.student.spec, "baseline": cfg.baseline,
         "same_test_examples": same, "rows": rows,
@@ -212,11 +215,12 @@ def compare_report(summary: dict, out: Path) -> str:
     cost_legend = ("<p>Latency and tokens are per answer when the route is served. Build cost counts the teacher "
                    "calls and tokens of the route's own run folder; wall seconds are those of the first build, on "
                    "this machine.</p>")
-    lat = [(r["route"], r["latency_p50_s"] or 0.0, r["quality"]) for r in done]
-    cost = [(r["route"], max(r["build_seconds"], 0.1), r["quality"]) for r in done]
+    measured = [r for r in done if r["quality"] is not None]
+    lat = [(r["route"], r["latency_p50_s"] or 0.0, r["quality"]) for r in measured]
+    cost = [(r["route"], max(r["build_seconds"], 0.1), r["quality"]) for r in measured]
     ylabel = "macro-F1" if metric == "macro_f1" else "accuracy"
     plots = ""
-    if done:
+    if measured:
         plots = (_scatter(lat, set(summary["pareto"]["latency"]), "latency per answer, p50 (s)", "Quality vs latency", ylabel)
                  + _scatter(cost, set(summary["pareto"]["build_cost"]), "build cost: wall seconds (log)",
                             "Quality vs build cost", ylabel, log=True))

@@ -199,11 +199,14 @@ def summarise(task: Task, examples: Sequence[Example], preds: Sequence[dict]) ->
     by_id = {ex.id: ex for ex in examples}
     if task.kind == "free_text":
         n = len(preds)
+        gold = any(p["gold"] is not None for p in preds)
         quality = {
             "n": n,
-            "accuracy": sum(p["correct"] for p in preds) / n if n else 0.0,
+            # Without gold answers there is nothing to be right about: no accuracy is claimed (None, shown '-').
+            "accuracy": (sum(p["correct"] for p in preds) / n if n else 0.0) if gold else None,
             "macro_f1": None,
             "invalid_rate": sum(p["pred"] is None for p in preds) / n if n else 0.0,
+            "gold_labels": gold,
         }
     else:
         gold = [metric_labels(task, by_id[p["id"]], p["gold"]) for p in preds]

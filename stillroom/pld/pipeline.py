@@ -135,9 +135,6 @@ def _run_pld(cfg: PLDConfig, run_dir: Path, teacher, student, embedder, sel, ove
             notes.append(f"Clustering: every instruction was noise at eps={eps}, min_samples={cfg.min_samples}; no "
                          "rule was synthesised. The conflict loop starts from an empty rulebook. Try a larger eps, "
                          "a smaller min_samples or eps_sweep.")
-        if coverage["uncovered_labels"]:
-            notes.append("Coverage: no rule speaks for label(s) " + ", ".join(map(str, coverage["uncovered_labels"]))
-                         + " (a known weakness of clustering: minority labels can vanish).")
         if rulebook.meta.get("synthesis_fallbacks"):
             notes.append(f"Synthesis: {rulebook.meta['synthesis_fallbacks']} cluster(s) got an unreadable rule twice; "
                          "their medoid instruction stands in (origin 'medoid').")
@@ -153,6 +150,14 @@ def _run_pld(cfg: PLDConfig, run_dir: Path, teacher, student, embedder, sel, ove
         )
         final = resolution.best
         final.meta.update({"val_macro_f1": resolution.best_val.metrics["macro_f1"] if resolution.best_val else None})
+        # Coverage is what the deployed rules say, not which clusters their examples came from.
+        named = final.named_labels(label_set)
+        unnamed = [lab for lab in label_set if lab not in named]
+        if unnamed and final.rules:
+            notes.append(f"Coverage: the {len(final.rules)} rule(s) name only {', '.join(map(str, named)) or 'no label'}; "
+                         f"no rule names {', '.join(map(str, unnamed))}"
+                         + (" (no cluster held their examples either: minority labels can vanish in clustering)."
+                            if set(unnamed) <= set(coverage["uncovered_labels"]) and coverage["uncovered_labels"] else "."))
         # Phase 4: the deployable artefacts.
         run.write_text("rulebook.json", final.to_json())
         run.write_text("rulebook.md", final.to_markdown())
@@ -199,7 +204,8 @@ def _run_pld(cfg: PLDConfig, run_dir: Path, teacher, student, embedder, sel, ove
         "extraction": {"instructions": len(instructions), "readable": len(ok), "failed": failed},
         "clustering": {k: v for k, v in coverage.items() if k != "per_cluster"},
         "conflict_rounds": [asdict(r) for r in resolution.rounds],
-        "rulebook": {"version": final.version, "rules": len(final.rules), "system_prompt_tokens": sp_tokens},
+        "rulebook": {"version": final.version, "rules": len(final.rules), "system_prompt_tokens": sp_tokens,
+                     "labels_named": named, "labels_not_named": unnamed},
         "build": {"seconds": build_s, **{f"teacher_{k}": v for k, v in build_cost.items()}},
         "ablation": ablation,
         "conditions": {n: {"method": r.method, **r.metrics, "system_prompt_tokens": sp_tokens if n == "PLD" else 0}

@@ -39,7 +39,9 @@ def pld_report(metrics: dict, rulebook: Rulebook, config: dict) -> str:
         ["instructions extracted", ex["instructions"]], ["readable", ex["readable"]], ["failed", ex["failed"]],
         ["eps / min_samples", f"{cl['eps']} / {cl['min_samples']}"], ["clusters", cl["clusters"]],
         ["noise (dropped)", f"{cl['noise']} ({cl['noise_share']:.0%})"],
-        ["labels with no rule", ", ".join(map(str, cl["uncovered_labels"])) or "none"]])))
+        ["labels with no cluster", ", ".join(map(str, cl["uncovered_labels"])) or "none"],
+        *([["labels no rule names", ", ".join(map(str, metrics["rulebook"]["labels_not_named"])) or "none"]]
+          if "labels_not_named" in metrics["rulebook"] else [])])))
     if len(cl.get("sweep", [])) > 1:
         sections.append(("eps sweep (validation)", table(["eps", "clusters", "noise share", "val macro-F1"],
                                                          [[s["eps"], s["clusters"], s["noise_share"], s["val_macro_f1"]] for s in cl["sweep"]])))

@@ -277,11 +277,15 @@ def heal_cmd(
 
 
 def merge_slerp(
-    model_a: Annotated[str, typer.Argument(help="Base model A (t=0 gives A).")],
-    model_b: Annotated[str, typer.Argument(help="Model B (t=1 gives B).")],
-    t: Annotated[float, typer.Option(help="Interpolation factor for every tensor.")] = 0.5,
-    t_schedule: Annotated[str | None, typer.Option(help="Anchors interpolated across layers, e.g. 0,0.5,1 "
-                                                        "(mergekit gradient); overrides --t.")] = None,
+    model_a: Annotated[str, typer.Argument(help="Base model A (--factor 0 gives A).")],
+    model_b: Annotated[str, typer.Argument(help="Model B (--factor 1 gives B).")],
+    # The interpolation factor is --factor (mergekit calls it t): '-t' is --task on every command, so a '--t'
+    # option next to it was one typo away from the other.
+    t: Annotated[float, typer.Option("--factor", help="Interpolation factor for every tensor (mergekit's t: 0 gives A, "
+                                                      "1 gives B).")] = 0.5,
+    t_schedule: Annotated[str | None, typer.Option("--factor-schedule", "--t-schedule",
+                                                   help="Anchors interpolated across layers, e.g. 0,0.5,1 "
+                                                        "(mergekit gradient); overrides --factor.")] = None,
     task: EvalTaskOpt = None,
     eval_limit: EvalLimitOpt = None,
     run_dir: OutOpt = None,
