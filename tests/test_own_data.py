@@ -145,3 +145,38 @@ def test_merge_slerp_factor_does_not_clash_with_task_short_option():
     text = re.sub(r"\x1b\[[0-9;]*m", "", out.output)
     assert "--factor" in text and "--task" in text and "-t" in text
     assert not re.search(r"--t\s", text)  # no '--t' option beside '-t' (= --task)
+
+
+def test_latency_is_measured_alone_warm_and_replayed_from_the_cache(tmp_path):
+    """Every condition's latency comes from the same separate measurement on a local model (batch 1, after a
+    warm-up, prefix store off and restored); a rerun on the same cache reports the same figures with no call."""
+    pytest.importorskip("torch")
+    from conftest import tiny_gemma, tiny_tokenizer
+
+    from stillroom.backends.cache import CachedBackend, ResponseCache
+    from stillroom.backends.hf import HFBackend
+    from stillroom.evaluate.latency import LOCAL_METHOD, SCORE_SAMPLE
+    from stillroom.evaluate.runner import evaluate
+    from stillroom.tasks import Example, Task
+
+    corpus = [f"Input: thing {i}\nAnswer: {lab}" for i in range(10) for lab in ("yes", "no")]
+    tok = tiny_tokenizer(corpus, vocab_size=120)
+    inner = HFBackend.from_objects(tiny_gemma(tok), tok, name="tiny", batch_size=4)
+    exs = [Example(id=f"e{i}", input=f"thing {i}", label=("yes", "no")[i % 2]) for i in range(12)]
+    task = Task(name="t", instruction="Yes or no?", kind="classification", examples=exs, labels=("yes", "no"))
+
+    def run(name):
+        return evaluate(task, exs, CachedBackend(inner, ResponseCache(tmp_path / "cache.sqlite")), description=name)
+
+    calls = []
+    real_score = inner.score
+    inner.score = lambda reqs: (calls.append(len(reqs)), real_score(reqs))[1]
+    first = run("first")
+    assert first.metrics["latency_method"] == LOCAL_METHOD.format(n=SCORE_SAMPLE)
+    # 12 examples evaluated in chunks, then 1 warm-up and 8 answers timed one at a time
+    assert calls[-SCORE_SAMPLE - 1:] == [1] * (SCORE_SAMPLE + 1) and first.metrics["latency_p50_s"] > 0
+    assert inner.prefix_cache is True  # switched back on after the measurement
+    inner.score = lambda reqs: pytest.fail("a replayed evaluation called the model")
+    again = run("again")
+    assert (again.metrics["latency_p50_s"], again.metrics["latency_p95_s"]) == (
+        first.metrics["latency_p50_s"], first.metrics["latency_p95_s"])

@@ -26,7 +26,15 @@ from stillroom.pld.prompts import TEACHER_STOPS
 from stillroom.pld.resolve import Resolution, resolve_conflicts
 from stillroom.pld.rulebook import Rulebook
 from stillroom.pld.synthesize import synthesize_rules
-from stillroom.route import BuildCost, Deployment, doubtful_result, evaluate_deployment, open_run, record, select
+from stillroom.route import (
+    BuildCost,
+    Deployment,
+    doubtful_result,
+    evaluate_deployment,
+    open_run,
+    record,
+    select,
+)
 from stillroom.runs import RunFolder
 from stillroom.tasks.task import Task
 

@@ -13,7 +13,17 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from stillroom.options import ConfigArg, RunDirOpt, TaskOpt
+from stillroom.options import (
+    ConfigArg,
+    IdFieldOpt,
+    InputFieldOpt,
+    InstructionFileOpt,
+    InstructionOpt,
+    LabelFieldOpt,
+    RunDirOpt,
+    TaskOpt,
+    task_overrides,
+)
 from stillroom.ui import console, print_notes, print_results, run_guarded
 
 ModelArg = Annotated[str, typer.Option("--model", "-m", help="Model: 'gemma3-270m', 'hf:PATH' or a model folder.")]
@@ -362,6 +372,11 @@ def prune_heal_cmd(
     train_limit: Annotated[int | None, typer.Option(help="Heal on a deterministic sample of N training examples.")] = None,
     eval_limit: Annotated[int | None, typer.Option(help="Evaluate on a deterministic sample of N test examples.")] = None,
     run_dir: RunDirOpt = None,
+    input_field: InputFieldOpt = None,
+    label_field: LabelFieldOpt = None,
+    id_field: IdFieldOpt = None,
+    instruction: InstructionOpt = None,
+    instruction_file: InstructionFileOpt = None,
 ) -> None:
     """Prune + heal as one route: remove the most redundant block of layers (angular distance on the task's
     training prompts), heal the pruned model with SFT on gold answers or with self-data distillation, and evaluate
@@ -373,7 +388,8 @@ def prune_heal_cmd(
         from stillroom.prune.route import PruneHealConfig, run_prune_heal
         from stillroom.runs import run_dir_for
 
-        over = {"task": {"spec": task}, "student": student, "drop": drop, "block": block, "healing": healing,
+        over = {"task": task_overrides(task, input_field=input_field, label_field=label_field, id_field=id_field,
+                                  instruction=instruction, instruction_file=instruction_file), "student": student, "drop": drop, "block": block, "healing": healing,
                 "steps": steps, "train_limit": train_limit, "eval_limit": eval_limit}
         cfg = load_config(config, PruneHealConfig, over, "--task", bool(task))
         out = run_dir or run_dir_for("prune-heal", cfg)

@@ -95,7 +95,7 @@ def point_labels(points: Sequence[tuple[str, float, float]], log_x: bool = False
 def quality_latency_plot(points: Sequence[tuple[str, float, float]], title: str = "Quality vs latency") -> str:
     """Scatter of (name, latency p50 s, macro-F1): the trade-off a user picks a route from."""
     fig, ax = plt.subplots(figsize=(4.8, 3.4))
-    for name, lat, f1 in points:
+    for _name, lat, f1 in points:
         ax.scatter([lat], [f1], s=40)
     for x, y, text in point_labels(points):
         ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
