@@ -24,7 +24,7 @@ from stillroom.options import (
     WaitOpt,
     task_overrides,
 )
-from stillroom.ui import console, print_results, run_guarded
+from stillroom.ui import print_results, run_guarded
 
 
 def eval_cmd(
@@ -100,7 +100,11 @@ def eval_cmd(
             atomic_write_text(out / "system_prompt.txt", conditions[0].system_prompt + "\n")
             atomic_write_text(out / "rulebook.json", rb.to_json())
         print_results({n: r.metrics for n, r in results.items()})
-        console.print(f"report: [bold]{out / 'report.html'}[/]")
+        from stillroom.runs import RunFolder
+        from stillroom.ui import print_notes
+
+        # the run's notes, the warnings of a doubtful result among them (one-class answers, no gold labels)
+        print_notes((RunFolder(out).read_json("metrics.json") or {}).get("notes"), out / "report.html")
 
     run_guarded(body)
 

@@ -98,6 +98,9 @@ def _run_eval(cfg: EvalConfig, run_dir: Path, conditions: list[Condition], backe
     if overlong["overlong"]:
         notes.append(f"{overlong['overlong']} example(s) did not fit the model's context window: "
                      f"{overlong['truncated']} truncated, {overlong['skipped']} skipped.")
+    if any(r.metrics.get("gold_labels") is False for r in results.values()):
+        notes.append("No gold labels: the task is free text without reference answers, so no accuracy is measured "
+                     "(give the task a label column with --label-field to measure quality).")
     if sel.task.kind == "multiple_choice":
         notes.append("Options differ per example: per-class figures are over option positions (A, B, ...).")
     record(run, sel, route=route, deployed=deployments[conditions[0].name], results=results, cost=BuildCost(),
