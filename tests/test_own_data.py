@@ -180,3 +180,11 @@ def test_latency_is_measured_alone_warm_and_replayed_from_the_cache(tmp_path):
     again = run("again")
     assert (again.metrics["latency_p50_s"], again.metrics["latency_p95_s"]) == (
         first.metrics["latency_p50_s"], first.metrics["latency_p95_s"])
+
+
+def test_compare_without_the_column_options_stops_at_load_naming_category(tmp_path):
+    path = _support_csv(tmp_path / "support.csv")
+    out = CliRunner().invoke(app, ["compare", "--task", str(path), "--routes", "zero-shot",
+                                   "--run-dir", str(tmp_path / "cmp")])
+    assert out.exit_code == 2 and "category" in out.output and "--label-field" in out.output
+    assert not (tmp_path / "cmp").exists()  # stopped before any folder or model

@@ -16,7 +16,7 @@ from pathlib import Path
 from stillroom.compare.config import CompareConfig
 from stillroom.compare.routes import RoutePlan, plan_routes
 from stillroom.errors import SpendCapReached, StillroomError
-from stillroom.route import read_result
+from stillroom.route import load_task_config, read_result
 from stillroom.runs import RunFolder, digest_of
 from stillroom.ui import console
 
@@ -86,6 +86,9 @@ def run_compare(cfg: CompareConfig, out: str | Path, *, plans: list[RoutePlan] |
     from stillroom.locking import hold_run_folder
 
     out = Path(out)
+    # The task is loaded once up front: bad data (a missing label column, a malformed line) stops the compare
+    # here with one error, before any folder exists, instead of failing every route in turn.
+    load_task_config(cfg.task)
     plans = plans if plans is not None else plan_routes(cfg)  # every route's config checked before the folder exists
     hold_run_folder(out)  # one compare per folder (each route's folder is held by its route as well)
     run = RunFolder(out)
