@@ -188,3 +188,11 @@ def test_compare_without_the_column_options_stops_at_load_naming_category(tmp_pa
                                    "--run-dir", str(tmp_path / "cmp")])
     assert out.exit_code == 2 and "category" in out.output and "--label-field" in out.output
     assert not (tmp_path / "cmp").exists()  # stopped before any folder or model
+
+
+def test_no_route_is_recommended_without_gold_labels():
+    from stillroom.compare.report import recommendation
+
+    rows = [{"route": r, "reference": False, "status": "ok", "quality": None, "latency_p50_s": 0.1,
+             "build_seconds": 0, "gold_labels": False, "warnings": []} for r in ("zero-shot", "k-shot")]
+    assert recommendation(rows).startswith("No gold labels") and "--label-field" in recommendation(rows)
