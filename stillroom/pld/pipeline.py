@@ -205,8 +205,10 @@ def _run_pld(cfg: PLDConfig, run_dir: Path, teacher, student, embedder, sel, ove
     sp_tokens = student_b.count_tokens(final.system_prompt()) if final.rules else 0
     metrics = {
         "task": task.name,
-        "teacher": teacher_b.identity,
-        "student": student_b.identity,
+        "teacher": cfg.teacher.spec,  # the spec the user gave (the report's title), and what it resolved to
+        "student": cfg.student.spec,
+        "teacher_identity": teacher_b.identity,
+        "student_identity": student_b.identity,
         "examples": {"train_extracted": len(train), "val": len(val), "test": len(test)},
         "overlong": overlong,
         "extraction": {"instructions": len(instructions), "readable": len(ok), "failed": failed},
