@@ -196,3 +196,12 @@ def test_no_route_is_recommended_without_gold_labels():
     rows = [{"route": r, "reference": False, "status": "ok", "quality": None, "latency_p50_s": 0.1,
              "build_seconds": 0, "gold_labels": False, "warnings": []} for r in ("zero-shot", "k-shot")]
     assert recommendation(rows).startswith("No gold labels") and "--label-field" in recommendation(rows)
+
+
+def test_coinciding_plot_points_share_one_label():
+    from stillroom.report.html import point_labels
+
+    pts = [("zero-shot", 0.20, 0.40), ("pld", 0.21, 0.40), ("kd-logits", 0.20, 0.401), ("k-shot", 0.90, 0.70)]
+    labels = {text for _, _, text in point_labels(pts)}
+    assert labels == {"zero-shot, pld, kd-logits", "k-shot"}  # never 'pld' printed over 'kd-logits'
+    assert len(point_labels([("a", 1.0, 0.1), ("b", 100.0, 0.1)], log_x=True)) == 2
