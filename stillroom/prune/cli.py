@@ -46,14 +46,21 @@ def _save_config(dest: Path, command: str, config: dict) -> None:
     RunFolder(dest).save_config({"command": command, **{k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()}})
 
 
-def _selection(task: str | None, limit: int | None):
+def _columns(input_field, label_field, id_field, instruction, instruction_file) -> dict:
+    """The task's column and instruction options that were given (TaskConfig fields)."""
+    given = {"input_field": input_field, "label_field": label_field, "id_field": id_field, "instruction": instruction,
+             "instruction_file": str(instruction_file) if instruction_file else None}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _selection(task: str | None, limit: int | None, columns: dict | None = None):
     """`--task` of a command that makes a model: its test sample, loaded before the model is built."""
     if not task:
         return None
-    from stillroom.config import TaskConfig
+    from stillroom.config import TaskConfig, validate_config
     from stillroom.route import select
 
-    return select(TaskConfig(spec=task), limit=limit)
+    return select(validate_config(TaskConfig, {"spec": task, **(columns or {})}, source="command line"), limit=limit)
 
 
 def _evaluate(folder: Path, sel, route: str, config: dict, cost=None) -> None:
@@ -212,6 +219,11 @@ def selfdistill_cmd(
                                             "'rewrite' (as generated, ending with its answer line) or "
                                             "'auto' (rewrite for free-text tasks, else answer_first).")] = "auto",
     run_dir: Annotated[Path | None, typer.Option(help="Run folder (rerun resumes from its cache).")] = None,
+    input_field: InputFieldOpt = None,
+    label_field: LabelFieldOpt = None,
+    id_field: IdFieldOpt = None,
+    instruction: InstructionOpt = None,
+    instruction_file: InstructionFileOpt = None,
 ) -> None:
     """Self-data distillation: the unpruned teacher rewrites each training answer given the question and the
     reference answer; conditional selection keeps a rewrite only if its answer equals the label and it has no
@@ -222,7 +234,8 @@ def selfdistill_cmd(
         from stillroom.prune.selfdistill import DEMONSTRATIONS, run_selfdistill
         from stillroom.ui import progress_bar
 
-        dest = run_dir or _default_out("selfdistill", {"teacher": teacher, "task": {"spec": task}, "limit": limit,
+        columns = _columns(input_field, label_field, id_field, instruction, instruction_file)
+        dest = run_dir or _default_out("selfdistill", {"teacher": teacher, "task": {"spec": task, **columns}, "limit": limit,
                                                        "shots": shots, "seed": seed, "chat": chat,
                                                        "max_new_tokens": max_new_tokens, "seed_text": seed_text,
                                                        "demos": demos, "completion": completion})
@@ -231,7 +244,8 @@ def selfdistill_cmd(
             summary = run_selfdistill(teacher, task, dest, limit=limit, shots=shots, seed=seed,
                                       max_new_tokens=max_new_tokens, chat=chat, seed_text=seed_text,
                                       progress=lambda n: bar.advance(job, n),
-                                      demonstrations=DEMONSTRATIONS if demos else (), completion=completion)
+                                      demonstrations=DEMONSTRATIONS if demos else (), completion=completion,
+                                      task_options=columns)
         console.print(f"kept {summary['kept']}/{summary['examples']} rewrites "
                       f"(acceptance {summary['acceptance']:.1%}); reasons: {summary['reasons']}; "
                       f"{summary['backend_calls']} new teacher calls")
@@ -256,6 +270,11 @@ def heal_cmd(
     task: EvalTaskOpt = None,
     eval_limit: EvalLimitOpt = None,
     run_dir: OutOpt = None,
+    input_field: InputFieldOpt = None,
+    label_field: LabelFieldOpt = None,
+    id_field: IdFieldOpt = None,
+    instruction: InstructionOpt = None,
+    instruction_file: InstructionFileOpt = None,
 ) -> None:
     """Healing fine-tune of a (pruned) model on prompt/completion data, loss on completions only; saves a plain
     model folder (LoRA folded in). With --task, the healed model is evaluated on the task's test split."""
@@ -264,7 +283,7 @@ def heal_cmd(
         from stillroom.prune.surgery import model_folder
         from stillroom.train.sft import SFTSettings, heal
 
-        sel = _selection(task, eval_limit)
+        sel = _selection(task, eval_limit, _columns(input_field, label_field, id_field, instruction, instruction_file))
         folder = model_folder(model)
         settings = SFTSettings(lora=lora, max_steps=steps, epochs=epochs, learning_rate=lr, batch_size=batch_size,
                                grad_accum=grad_accum, lora_r=lora_r, max_length=max_length, seed=seed)
@@ -299,6 +318,11 @@ def merge_slerp(
     task: EvalTaskOpt = None,
     eval_limit: EvalLimitOpt = None,
     run_dir: OutOpt = None,
+    input_field: InputFieldOpt = None,
+    label_field: LabelFieldOpt = None,
+    id_field: IdFieldOpt = None,
+    instruction: InstructionOpt = None,
+    instruction_file: InstructionFileOpt = None,
 ) -> None:
     """SLERP two models of the same shape with mergekit semantics (per tensor; linear when nearly parallel).
     With --task, the merged model is evaluated on the task's test split (result.json, report.html)."""
@@ -307,7 +331,7 @@ def merge_slerp(
         from stillroom.prune.merge import parse_schedule, slerp_model_folders
         from stillroom.prune.surgery import model_folder
 
-        sel = _selection(task, eval_limit)
+        sel = _selection(task, eval_limit, _columns(input_field, label_field, id_field, instruction, instruction_file))
         a, b = model_folder(model_a), model_folder(model_b)
         schedule = parse_schedule(t_schedule) if t_schedule else t
         dest = run_dir or _default_out("merged", {"a": str(a), "b": str(b), "t": schedule})
