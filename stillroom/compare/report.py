@@ -144,6 +144,7 @@ def _scatter(points, front: set[str], xlabel: str, title: str, ylabel: str, log:
         ax.step([p[0] for p in fr], [p[1] for p in fr], where="post", c="#c0392b", lw=1, alpha=.6, zorder=2)
     if log and all(x > 0 for _, x, _ in points):
         ax.set_xscale("log")
+    ax.margins(x=0.18)  # room for the rightmost point's label inside the axes
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     # Zoomed to the routes' range (weak students all sit near the floor of a 0-1 axis); the axis says so.
@@ -250,7 +251,8 @@ def compare_report(summary: dict, out: Path) -> str:
     if others:
         sections.append(("Not run", table(["route", "status", "why"], others)))
     sections.append(("Trade-offs (red: the Pareto front)", f"<div class='plots'>{plots}</div>"))
-    route_notes = [f"<li><b>{html.escape(r['route'])}</b>: {html.escape(n)}</li>" for r in done for n in r.get("notes", [])]
+    route_notes = [f"<li><b>{html.escape(r['route'])}</b>: {html.escape(n)}</li>" for r in done for n in r.get("notes", [])
+                   if n not in r.get("warnings", [])]  # the warnings are already at the top
     if route_notes:
         sections.append(("Route notes", "<ul>" + "".join(route_notes) + "</ul>"))
     title = f"Stillroom compare: {summary['task']} — teacher {summary['teacher']}, student {summary['student']}"

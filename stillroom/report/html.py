@@ -99,6 +99,7 @@ def quality_latency_plot(points: Sequence[tuple[str, float, float]], title: str 
         ax.scatter([lat], [f1], s=40)
     for x, y, text in point_labels(points):
         ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.margins(x=0.18)  # room for the rightmost point's label inside the axes
     ax.set_xlabel("latency per answer, p50 (s)")
     ax.set_ylabel("macro-F1")
     ax.set_ylim(0, 1)
