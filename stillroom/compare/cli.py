@@ -73,7 +73,7 @@ def compare(
     teacher: Annotated[str | None, typer.Option(help="Teacher model spec (default: the embedded gemma3-270m).")] = None,
     student: Annotated[str | None, typer.Option(help="Student model spec (default: the embedded gemma3-270m).")] = None,
     routes: Annotated[str | None, typer.Option(help="Comma-separated routes to run (overrides the config).")] = None,
-    test_limit: Annotated[int | None, typer.Option(help="Test examples, the same for every route.")] = None,
+    eval_limit: Annotated[int | None, typer.Option(help="Evaluated examples, the same for every route.")] = None,
     labels: LabelsOpt = None,
     input_field: InputFieldOpt = None,
     label_field: LabelFieldOpt = None,
@@ -99,7 +99,7 @@ def compare(
         over = {"task": task_overrides(task, labels=labels, input_field=input_field, label_field=label_field,
                                        id_field=id_field, instruction=instruction, instruction_file=instruction_file),
                 "teacher": {"spec": teacher}, "student": {"spec": student},
-                "routes": names, "test_limit": test_limit}
+                "routes": names, "eval_limit": eval_limit}
         cfg = load_config(config, CompareConfig, over, "--task", bool(task))
         out = run_dir or compare_dir_for(cfg)
         summary = run_compare(cfg, out)

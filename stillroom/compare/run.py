@@ -23,7 +23,7 @@ from stillroom.ui import console
 ROUTE_FILE = "route.json"
 
 
-SELECTION_FIELDS = ("task", "teacher", "student", "test_limit", "train_limit", "val_limit")
+SELECTION_FIELDS = ("task", "teacher", "student", "eval_split", "eval_limit", "train_limit", "val_limit")
 """What a compare is: its task, teacher, student and the examples selected (test, training pool, validation).
 Routes, budgets, shots and the baseline are not: each route keeps its own identity (`route.json`) inside the
 compare folder, so changing one route's budget reruns that route only, in the same folder."""

@@ -99,7 +99,7 @@ def gad_cmd(
 
         over = {
             "task": task_overrides(task, input_field=input_field, label_field=label_field, id_field=id_field,
-                                  instruction=instruction, instruction_file=instruction_file), "student": student,
+                                  instruction=instruction, instruction_file=instruction_file), "student": {"spec": student},
             "teacher": {"spec": teacher, "base_url": teacher_base_url, "api_key_env": teacher_api_key_env},
             "num_generations": num_generations, "temperature": temperature, "prompts_per_step": prompts_per_step,
             "adversarial_steps": adversarial_steps, "disc_warmup_steps": disc_warmup_steps,
