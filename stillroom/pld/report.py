@@ -10,6 +10,7 @@ from stillroom.pld.rulebook import Rulebook
 from stillroom.report.html import (
     QUALITY_HEADERS,
     confusion_plot,
+    latency_legend,
     page,
     per_class_plot,
     quality_latency_plot,
@@ -21,7 +22,8 @@ from stillroom.report.html import (
 def pld_report(metrics: dict, rulebook: Rulebook, config: dict) -> str:
     conds = metrics["conditions"]
     rows = [quality_row(n, m) + [m.get("system_prompt_tokens", 0)] for n, m in conds.items()]
-    sections = [("Comparison on the test split (same student, same examples)", table(QUALITY_HEADERS + ["system-prompt tokens"], rows))]
+    sections = [("Comparison on the test split (same student, same examples)",
+                 table(QUALITY_HEADERS + ["system-prompt tokens"], rows) + latency_legend(conds))]
     points = [(n, m["latency_p50_s"], m["macro_f1"] or 0.0) for n, m in conds.items()]
     plots = quality_latency_plot(points)
     classed = {n: m for n, m in conds.items() if m.get("per_class")}
