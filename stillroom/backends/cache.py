@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sqlite3
 import threading
@@ -35,7 +36,7 @@ from stillroom.backends.base import (
     request_key,
 )
 from stillroom.backends.usage import UsageMeter
-from stillroom.errors import SpendCapReached
+from stillroom.errors import BackendError, SpendCapReached
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -280,6 +281,12 @@ class CachedBackend:
             t0 = time.perf_counter()
             scored = self.backend.score([requests[i] for i in todo])
             share = (time.perf_counter() - t0) / len(todo)
+            for i, sc in zip(todo, scored, strict=True):
+                # Whatever the backend, a NaN or infinite score is never cached: a rerun would replay it.
+                if len(sc) != len(requests[i].continuations) or not all(math.isfinite(float(x)) for x in sc):
+                    raise BackendError(
+                        f"{self.identity}: scoring {requests[i].context[:40]!r} gave {list(sc)!r}: expected "
+                        f"{len(requests[i].continuations)} finite log-likelihoods. Nothing of it was cached")
             tokens = 0
             for i, sc in zip(todo, scored, strict=True):
                 n = self.backend.count_tokens(requests[i].context)

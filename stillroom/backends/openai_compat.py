@@ -33,7 +33,7 @@ from stillroom.backends.base import (
     notify,
     prompt_text,
 )
-from stillroom.errors import BackendError
+from stillroom.errors import BackendError, BadReply
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 PLACEHOLDER_KEY = "not-needed"
@@ -104,6 +104,11 @@ _RETRY_STATUS = {408, 409, 429}
 """HTTP statuses worth retrying besides 5xx (what the official client retries too)."""
 MAX_BACKOFF_S = 30.0
 """Longest wait between two attempts, whatever the server's Retry-After says."""
+
+
+def _backoff(attempt: int) -> float:
+    """Seconds before retry `attempt + 1`: exponential from 0.5 s, capped, with ±25% jitter."""
+    return min(MAX_BACKOFF_S, 0.5 * 2 ** min(attempt, 6)) * (0.75 + 0.5 * random.random())
 
 
 def tiktoken_encoding(model: str):
@@ -324,6 +329,14 @@ class OpenAIBackend(BackendBase):
                 err = self._translate(exc, timeout, attempt)
                 err.status_code = getattr(exc, "status_code", None)  # type: ignore[attr-defined]
                 wait_s = self._retry_wait(exc, attempt)
+            except BadReply as exc:  # a reply `send` checked and refused (stillroom.backends.openai_logprobs)
+                err, wait_s = exc, (_backoff(attempt) if exc.transient else None)
+                err.status_code = None  # type: ignore[attr-defined]
+            except json.JSONDecodeError as exc:  # the client parsing a cut-off completion reply
+                err = BadReply(f"{self.identity}: the reply to a completion request is not well-formed JSON "
+                               f"({exc.msg} at character {exc.pos}): cut off, or not from the API. Nothing of it "
+                               "was cached", transient=True)
+                err.status_code, wait_s = None, _backoff(attempt)  # type: ignore[attr-defined]
             # Raised here, outside the except block, so the openai exception (which holds the request and its
             # Authorization header) is neither chained nor shown in tracebacks.
             if wait_s is None or attempt >= retries:
@@ -355,7 +368,7 @@ class OpenAIBackend(BackendBase):
                 pass
         elif not isinstance(exc, openai.APIConnectionError):  # APITimeoutError is one
             return None
-        return min(MAX_BACKOFF_S, 0.5 * 2 ** min(attempt, 6)) * (0.75 + 0.5 * random.random())
+        return _backoff(attempt)
 
     def _finish(self, prompt: Prompt, params: GenerationParams, resp, latency: float) -> Generation:
         if isinstance(prompt, str):
