@@ -45,3 +45,7 @@ class SpendCapReached(StillroomError):
 
 class ConfigError(StillroomError):
     """A config file or command-line option is invalid."""
+
+
+class RunFolderRefused(ConfigError):
+    """A run folder Stillroom will not write into: not its own (a symlink, another program's files) or unwritable."""

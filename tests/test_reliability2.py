@@ -200,3 +200,224 @@ def test_topk_garbage_is_refused_before_the_logit_cache(mode):
         b = OpenAIBackend("fake", base_url=srv.base_url, max_retries=0, timeout_s=5)
         top = teacher_forced_topk(ServerScorer(b), [[1, 5, 6, 7]], 4, lambda i: range(1, 4))
     assert [row[0][0] for row in top[0]] == [5, 6, 7] and len(top[0][0]) == 4
+
+
+# --- item 3: only our folders ----------------------------------------------------------------------------------
+def snapshot(folder: Path) -> dict:
+    """Every file under `folder` (not following links) with its bytes and modification time."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def eval_generate(tmp_path: Path, srv: FakeOpenAIServer, run_dir: Path, *extra: str):
+    task = tmp_path / "task.jsonl"
+    if not task.exists():
+        write_task(task)
+    return CliRunner().invoke(app, ["eval", "--task", str(task), "--model", "openai:fake", "--base-url", srv.base_url,
+                                    "--method", "generate", "--run-dir", str(run_dir), *extra])
+
+
+def foreign_folder(tmp_path: Path) -> Path:
+    other = tmp_path / "someone-elses"
+    other.mkdir()
+    (other / "config.yaml").write_text("their: settings\n")
+    (other / "report.html").write_text("<html>their report</html>")
+    (other / "notes.txt").write_text("do not touch")
+    return other
+
+
+@pytest.mark.parametrize("how", ["symlink", "foreign files", "symlink to an empty folder", "a file"])
+def test_a_folder_that_is_not_ours_is_refused_with_nothing_written(tmp_path, how):
+    other = foreign_folder(tmp_path)
+    if how == "symlink to an empty folder":
+        other = tmp_path / "empty"
+        other.mkdir()
+    run_dir = other
+    if how.startswith("symlink"):
+        run_dir = tmp_path / "link"
+        run_dir.symlink_to(other, target_is_directory=True)
+    if how == "a file":
+        run_dir = other / "notes.txt"
+    write_task(tmp_path / "task.jsonl")
+    before = snapshot(tmp_path)
+    with FakeOpenAIServer() as srv:
+        result = eval_generate(tmp_path, srv, run_dir)
+        assert srv.posts == 0
+    assert result.exit_code == 2 and result.output.count("error:") == 1 and "Traceback" not in result.output
+    out = " ".join(result.output.split())
+    assert f"run folder {run_dir}" in out
+    expected = {"symlink": "is a symbolic link", "symlink to an empty folder": "is a symbolic link",
+                "foreign files": "holds config.yaml, notes.txt, report.html and no .stillroom-run",
+                "a file": "is a file, not a folder"}[how]
+    assert expected in out, out
+    assert snapshot(tmp_path) == before  # nothing written, nothing touched
+
+
+def test_new_empty_and_earlier_version_folders_are_ours(tmp_path):
+    from stillroom.runs import MARKER
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.yaml").write_text("task: {spec: x}\n")
+    (legacy / ".lock").write_text("")
+    with FakeOpenAIServer() as srv:
+        for folder in (tmp_path / "new" / "deeper", empty, legacy):
+            result = eval_generate(tmp_path, srv, folder)
+            assert result.exit_code == 0, result.output
+            assert (folder / MARKER).is_file() and (folder / "metrics.json").is_file()
+        posts = srv.posts
+        assert eval_generate(tmp_path, srv, empty).exit_code == 0 and srv.posts == posts  # ours: resumed
+
+
+def test_unwritable_run_folder_is_one_clear_error(tmp_path):
+    target = Path("/sys/stillroom-run-test")
+    try:
+        target.mkdir()
+    except OSError:
+        pass
+    else:  # pragma: no cover - a writable /sys: nothing to test here
+        target.rmdir()
+        pytest.skip("/sys is writable on this machine")
+    with FakeOpenAIServer() as srv:
+        result = eval_generate(tmp_path, srv, target)
+        assert srv.posts == 0
+    assert result.exit_code == 2 and "Traceback" not in result.output and result.exception is not None
+    out = " ".join(result.output.split())
+    assert f"run folder {target} cannot be written" in out and "--run-dir" in out, out
+
+
+# --- item 5: the small ones ------------------------------------------------------------------------------------
+LOCKING_COMMANDS = (["eval"], ["pld"], ["kd", "logits"], ["kd", "hints"], ["kd", "data"], ["gad"], ["prune-heal"],
+                    ["compare"], ["demo"])
+
+
+@pytest.mark.parametrize("command", LOCKING_COMMANDS, ids=" ".join)
+def test_every_command_that_takes_the_lock_has_wait_and_run_dir(command):
+    # The lock's refusal suggests exactly these two options: every command that can meet it must have them.
+    from stillroom.locking import RunFolderBusy, run_folder_lock  # noqa: F401 - the message below is theirs
+
+    out = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).output
+    assert "--wait" in out and "--run-dir" in out, out
+
+
+def _compare_cfg(tmp_path: Path, srv_t: FakeOpenAIServer, srv_s: FakeOpenAIServer, routes, **extra) -> Path:
+    task = tmp_path / "task.jsonl"
+    if not task.exists():
+        write_task(task, n=40)
+    cfg = {"task": {"spec": str(task)}, "teacher": {"spec": "openai:teacher", "base_url": srv_t.base_url},
+           "student": {"spec": "openai:student", "base_url": srv_s.base_url}, "routes": list(routes),
+           "test_limit": 6, "train_limit": 8, "val_limit": 4, "shots": 2, **extra}
+    path = tmp_path / "compare.yaml"
+    path.write_text(json.dumps(cfg), encoding="utf-8")  # JSON is YAML
+    return path
+
+
+def test_compare_refused_while_held_suggests_only_its_options_and_wait_queues(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in __import__("os").environ.items() if not k.lower().endswith("_proxy")}
+    env.update(PYTHONPATH=str(root), NO_PROXY="127.0.0.1,localhost", COLUMNS="200")
+    out = tmp_path / "cmp"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from stillroom.locking import run_folder_lock\n"
+         "with run_folder_lock(sys.argv[1]):\n    print('held', flush=True); sys.stdin.readline()", str(out)],
+        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with FakeOpenAIServer() as t, FakeOpenAIServer() as s:
+            cfg = _compare_cfg(tmp_path, t, s, ["zero-shot"])
+            refused = CliRunner().invoke(app, ["compare", str(cfg), "--run-dir", str(out)])
+            assert refused.exit_code == 2 and s.posts == 0, refused.output
+            msg = " ".join(refused.output.split())
+            assert f"process {holder.pid}" in msg
+            help_text = CliRunner().invoke(app, ["compare", "--help"], env={"COLUMNS": "200"}).output
+            for option in ("--wait", "--run-dir"):
+                assert option in msg and option in help_text
+            log = tmp_path / "wait.log"
+            waiting = subprocess.Popen([sys.executable, "-m", "stillroom.cli", "compare", str(cfg), "--run-dir", str(out),
+                                        "--wait"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 120
+            while "waiting" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert "waiting" in log.read_text() and s.posts == 0
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            assert waiting.wait(120) == 0, log.read_text()
+            rows = json.loads((out / "compare.json").read_text())["rows"]
+            assert [r["status"] for r in rows] == ["ok"] and s.posts >= 6  # 6 test answers (and the scoring probe)
+    finally:
+        holder.kill()
+
+
+@pytest.mark.parametrize("kind", ["/dev/zero", "fifo"])
+def test_task_file_must_be_a_regular_file(tmp_path, kind):
+    import os
+
+    from stillroom.errors import TaskDataError
+    from stillroom.tasks import load_task
+
+    path = tmp_path / "task.jsonl"
+    if kind == "fifo":
+        os.mkfifo(path)  # reading it would block forever
+    else:
+        path.symlink_to("/dev/zero")  # reading it would never end
+    with pytest.raises(TaskDataError) as ei:
+        load_task(str(path))
+    assert str(path) in str(ei.value) and "is not a regular file" in str(ei.value)
+    with FakeOpenAIServer() as srv:
+        result = CliRunner().invoke(app, ["eval", "--task", str(path), "--model", "openai:fake", "--base-url",
+                                          srv.base_url, "--run-dir", str(tmp_path / "run")])
+        assert result.exit_code == 2 and "is not a regular file" in result.output and srv.posts == 0
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_label_over_the_limit_is_refused_with_file_line_and_field(tmp_path):
+    from stillroom.errors import TaskDataError
+    from stillroom.tasks import load_task
+    from stillroom.tasks.loaders import MAX_LABEL_CHARS
+
+    long = "L" * 10_000
+    path = tmp_path / "t.jsonl"
+    rows = [{"input": f"q{i}", "label": ["yes", "no"][i % 2]} for i in range(8)]
+    rows[5]["label"] = long
+    rows[7]["label"] = long
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(TaskDataError) as ei:
+        load_task(str(path))
+    msg = str(ei.value)
+    assert f"{path}, line 6, field 'label'" in msg and "10,000 characters" in msg and f"at most {MAX_LABEL_CHARS}" in msg
+    with pytest.raises(TaskDataError, match="field 'labels'.*10,000 characters"):
+        load_task(str(write_task(tmp_path / "ok.jsonl")), labels=["yes", "no", long])
+    edge = "E" * MAX_LABEL_CHARS  # exactly the limit is fine
+    ok = tmp_path / "edge.jsonl"
+    ok.write_text("".join(json.dumps({"input": f"q{i}", "label": [edge, "no"][i % 2]}) + "\n" for i in range(8)))
+    assert load_task(str(ok)).labels == (edge, "no")
+
+
+def test_default_context_window_applies_when_the_server_states_none(tmp_path):
+    from stillroom.backends.openai_compat import DEFAULT_CONTEXT_TOKENS
+
+    inputs = [f"short input {i}" for i in range(6)]
+    inputs[2] = "z" * 1_000_000  # 1 MB: sent whole before, when the server said nothing about its window
+    task = tmp_path / "big.jsonl"
+    task.write_text("".join(json.dumps({"id": f"e{i}", "input": x, "label": ["yes", "no"][i % 2]}) + "\n"
+                            for i, x in enumerate(inputs)))
+    with FakeOpenAIServer() as srv:  # no /props, no max_model_len
+        refused = CliRunner().invoke(app, ["eval", "--task", str(task), "--model", "openai:fake", "--base-url",
+                                           srv.base_url, "--method", "generate", "--run-dir", str(tmp_path / "r1")])
+        assert refused.exit_code == 2 and srv.posts == 0
+        msg = " ".join(refused.output.split())
+        assert "line 3" in msg and f"default of {DEFAULT_CONTEXT_TOKENS:,} tokens" in msg and "max_input_tokens" in msg
+        cfg = tmp_path / "skip.yaml"
+        cfg.write_text(f"task: {{spec: {task}, overlong: skip, val_fraction: 0.0, test_fraction: 0.0}}\nsplit: train\n"
+                       f"method: generate\nmodel: {{spec: 'openai:fake', base_url: '{srv.base_url}'}}\n")
+        skipped = CliRunner().invoke(app, ["eval", str(cfg), "--run-dir", str(tmp_path / "r2")])
+        assert skipped.exit_code == 0, skipped.output
+        assert srv.posts == 5 and max(len(json.dumps(r["body"])) for r in srv.requests) < 4 * DEFAULT_CONTEXT_TOKENS
+        metrics = json.loads((tmp_path / "r2" / "metrics.json").read_text())
+        assert metrics["overlong"]["skipped"] == 1

@@ -100,6 +100,13 @@ OPENAI_CONTEXT = (
 )
 """Context windows of OpenAI's models by name prefix (first match), for api.openai.com, which does not say."""
 
+DEFAULT_CONTEXT_TOKENS = 4096
+"""The context window assumed for a server that states none (no `max_input_tokens` in the config, no llama.cpp
+`/props`, no vLLM `max_model_len`, not one of OpenAI's listed models). Conservative on purpose: llama.cpp's
+default, and below every current hosted model's window, so an oversized example is caught before it is paid for
+(the task's `overlong` policy decides what happens to it, as with a stated window). A server with a larger
+window: set `max_input_tokens`."""
+
 _RETRY_STATUS = {408, 409, 429}
 """HTTP statuses worth retrying besides 5xx (what the official client retries too)."""
 MAX_BACKOFF_S = 30.0
@@ -194,6 +201,8 @@ class OpenAIBackend(BackendBase):
         self._encoding = tiktoken_encoding(model)
         self.exact_tokens = self._encoding is not None
         self._context_tokens = max_input_tokens
+        self.context_source = "stated"
+        """'stated' (config, server or OpenAI's list) or 'default' (`DEFAULT_CONTEXT_TOKENS`: the server said nothing)."""
         self._probed = max_input_tokens is not None
         self._probe_lock = threading.Lock()
         if max_tokens_param not in MAX_TOKENS_PARAMS:
@@ -223,10 +232,11 @@ class OpenAIBackend(BackendBase):
         return estimate_tokens(text)
 
     @property
-    def context_tokens(self) -> int | None:
+    def context_tokens(self) -> int:
         """The server's context window (prompt + generation): the config's `max_input_tokens`, else probed once
         from llama.cpp's `GET /props` (per-slot `n_ctx`) or vLLM's `GET /v1/models` (`max_model_len`), else
-        OpenAI's published window for its own models (`OPENAI_CONTEXT`)."""
+        OpenAI's published window for its own models (`OPENAI_CONTEXT`), else `DEFAULT_CONTEXT_TOKENS`
+        (`context_source` says which)."""
         with self._probe_lock:
             if not self._probed:
                 self._probed = True
@@ -234,6 +244,9 @@ class OpenAIBackend(BackendBase):
                     self._context_tokens = self._probe_context()
                 else:
                     self._context_tokens = next((n for p, n in OPENAI_CONTEXT if self.model.startswith(p)), None)
+                if self._context_tokens is None:
+                    self._context_tokens = DEFAULT_CONTEXT_TOKENS
+                    self.context_source = "default"
         return self._context_tokens
 
     def _probe_context(self) -> int | None:

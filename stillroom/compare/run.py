@@ -17,7 +17,7 @@ from stillroom.compare.config import CompareConfig
 from stillroom.compare.routes import RoutePlan, plan_routes
 from stillroom.errors import SpendCapReached, StillroomError
 from stillroom.route import read_result
-from stillroom.runs import RunFolder, digest_of
+from stillroom.runs import RunFolder, claim_run_folder, digest_of
 from stillroom.ui import console
 
 ROUTE_FILE = "route.json"
@@ -48,7 +48,7 @@ def run_one(plan: RoutePlan, out: Path) -> dict:
         console.print(f"[green]{plan.name}[/]: unchanged, reusing {folder}")
         return {**entry, "status": "ok", "reused": True, "result": result}
     console.rule(f"route: {plan.name}")
-    folder.mkdir(parents=True, exist_ok=True)
+    claim_run_folder(folder)
     RunFolder(folder).write_json(ROUTE_FILE, {"digest": digest, "status": "running"})
     try:
         plan.run(plan.config, folder)

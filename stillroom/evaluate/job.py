@@ -39,7 +39,7 @@ def default_condition(cfg: EvalConfig) -> Condition:
 
 
 def run_eval(cfg: EvalConfig, run_dir: Path, conditions: list[Condition] | None = None, backend=None,
-             task: Task | None = None, route: str = "eval", wait: bool = False) -> dict[str, EvalResult]:
+             task: Task | None = None, route: str = "eval", wait: bool | None = None) -> dict[str, EvalResult]:
     """Evaluate each condition on the same examples and write the run folder (the first condition is the one
     recorded in result.json). Rerunning resumes from the durable cache.
 

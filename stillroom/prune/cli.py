@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from stillroom.options import ConfigArg, RunDirOpt, TaskOpt
+from stillroom.options import ConfigArg, RunDirOpt, TaskOpt, WaitOpt
 from stillroom.ui import console, print_notes, print_results, run_guarded
 
 ModelArg = Annotated[str, typer.Option("--model", "-m", help="Model: 'gemma3-270m', 'hf:PATH' or a model folder.")]
@@ -358,6 +358,7 @@ def prune_heal_cmd(
     train_limit: Annotated[int | None, typer.Option(help="Heal on a deterministic sample of N training examples.")] = None,
     eval_limit: Annotated[int | None, typer.Option(help="Evaluate on a deterministic sample of N test examples.")] = None,
     run_dir: RunDirOpt = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Prune + heal as one route: remove the most redundant block of layers (angular distance on the task's
     training prompts), heal the pruned model with SFT on gold answers or with self-data distillation, and evaluate
@@ -365,6 +366,9 @@ def prune_heal_cmd(
     rerunning resumes."""
 
     def body():
+        from stillroom.locking import wait_for_holders
+
+        wait_for_holders(wait)  # this command's --wait holds for every run folder it opens
         from stillroom.options import load_config
         from stillroom.prune.route import PruneHealConfig, run_prune_heal
         from stillroom.runs import run_dir_for
