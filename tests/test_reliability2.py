@@ -421,3 +421,58 @@ def test_default_context_window_applies_when_the_server_states_none(tmp_path):
         assert srv.posts == 5 and max(len(json.dumps(r["body"])) for r in srv.requests) < 4 * DEFAULT_CONTEXT_TOKENS
         metrics = json.loads((tmp_path / "r2" / "metrics.json").read_text())
         assert metrics["overlong"]["skipped"] == 1
+
+
+# --- item 1: one ledger for the whole compare ------------------------------------------------------------------
+def bytes_over_three(content) -> int:
+    """The server's count: a token per 3 UTF-8 bytes (below Stillroom's byte bound, as real tokenizers are)."""
+    msgs = content if isinstance(content, list) else [content]
+    return sum(len(json.dumps(m).encode()) // 3 + 4 for m in msgs)
+
+
+def _billed_by_model(srv: FakeOpenAIServer) -> dict:
+    out: dict = {}
+    for a in srv.answered:
+        out[a["body"]["model"]] = out.get(a["body"]["model"], 0) + a["usage"]["total_tokens"]
+    return out
+
+
+ROUTES_3 = ["zero-shot", "teacher", "pld"]
+ROUTES_5 = ["zero-shot", "k-shot", "cot", "teacher", "pld"]
+
+
+@pytest.mark.parametrize(("routes", "cap"), [(ROUTES_3, "tokens"), (ROUTES_5, "tokens"), (ROUTES_3, "usd")],
+                         ids=["3 routes, tokens", "5 routes, tokens", "3 routes, USD"])
+def test_a_compare_cap_holds_for_the_whole_compare(tmp_path, routes, cap):
+    # Both models on one server that counts what it bills. USD: $1,000 per million tokens in and out, so a cap of
+    # $3.00 is 3,000 tokens. Without one ledger these runs billed 3,856 tokens (3 routes) against a cap of 3,000.
+    price = {"price_in_per_mtok": 1000.0, "price_out_per_mtok": 1000.0} if cap == "usd" else {}
+    spend = {"max_tokens": 3000} if cap == "tokens" else {"max_cost_usd": 3.0}
+    with FakeOpenAIServer(count_tokens=bytes_over_three, completion_tokens=20) as srv:
+        cfg = _compare_cfg(tmp_path, srv, srv, routes, spend=spend, test_limit=30, train_limit=32,
+                           budgets={r: {"method": "generate"} for r in routes if r in ("zero-shot", "k-shot", "teacher")})
+        data = json.loads(cfg.read_text())
+        data["teacher"].update(price)
+        data["student"].update(price)
+        cfg.write_text(json.dumps(data))
+        first = CliRunner().invoke(app, ["compare", str(cfg), "--run-dir", str(tmp_path / "cmp")])
+        billed = srv.billed_tokens
+        assert first.exit_code == 2 and "spend cap reached" in first.output, first.output
+        assert 0 < billed <= 3000, _billed_by_model(srv)
+        msg = " ".join(first.output.split())
+        ledger = json.loads((tmp_path / "cmp" / "compare.json").read_text())["spend"]
+        assert ledger["tokens"] == billed
+        if cap == "tokens":
+            assert f"{billed:,} tokens spent of the compare's cap of 3,000" in msg
+        else:
+            assert f"${billed / 1000:.4f} spent of the compare's cap of $3.0000" in msg
+        for route, share in ledger["by_route"].items():  # each route's share is in the message
+            if share["tokens"]:
+                assert f"{route} {share['tokens']:,} tokens" in msg
+        # A rerun with the same cap pays nothing more; a higher cap resumes under the same whole-compare rule.
+        again = CliRunner().invoke(app, ["compare", str(cfg), "--run-dir", str(tmp_path / "cmp")])
+        assert again.exit_code == 2 and srv.billed_tokens == billed, again.output
+        data["spend"] = {"max_tokens": 4500} if cap == "tokens" else {"max_cost_usd": 4.5}
+        cfg.write_text(json.dumps(data))
+        CliRunner().invoke(app, ["compare", str(cfg), "--run-dir", str(tmp_path / "cmp")])
+        assert billed < srv.billed_tokens <= 4500

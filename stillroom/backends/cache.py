@@ -354,8 +354,9 @@ class CachedBackend:
         return results  # type: ignore[return-value]
 
     def _estimate_input(self, prompt: Prompt) -> int:
-        # Only a cap needs the bound; skip the tokenizer otherwise.
-        if self.meter.cap is None:
+        # Only a cap (the run's, or the command's ledger's) needs the bound; skip the tokenizer otherwise.
+        ledger = getattr(self.meter, "ledger", None)
+        if self.meter.cap is None and (ledger is None or ledger.cap is None):
             return 0
         return input_token_bound(self.backend, prompt)
 
