@@ -113,8 +113,12 @@ class Deployment:
 
 @dataclass
 class BuildCost:
-    """What building a route cost: teacher calls, tokens and USD (from the teacher's usage meter, earlier
-    invocations of the run included), wall seconds and training steps."""
+    """What building a route cost: teacher calls, tokens and USD, wall seconds and training steps.
+
+    Calls, tokens and USD are the build's whole cost, read from the run folder's durable cache through the
+    teacher's usage meter: the same on every rerun however many times the build was interrupted (a kill -9 loses
+    no paid call, and the calls an earlier invocation paid for are counted, not replayed for free). The `resumed_*`
+    fields show separately the part an earlier, interrupted invocation paid for (0 for an uninterrupted build)."""
 
     teacher_calls: int = 0
     teacher_input_tokens: int = 0
@@ -122,15 +126,23 @@ class BuildCost:
     teacher_cost_usd: float = 0.0
     seconds: float = 0.0
     training_steps: int = 0
+    resumed_calls: int = 0
+    resumed_tokens: int = 0
+    resumed_cost_usd: float = 0.0
 
     @classmethod
     def from_meter(cls, summary: Mapping | None, *, seconds: float = 0.0, training_steps: int = 0) -> BuildCost:
+        """The build cost from a teacher meter's `summary()`: the run's totals (earlier invocations included)."""
         s = summary or {}
-        return cls(teacher_calls=int(s.get("run_calls", s.get("calls", 0)) or 0),
-                   teacher_input_tokens=int(s.get("input_tokens", 0) or 0),
-                   teacher_output_tokens=int(s.get("output_tokens", 0) or 0),
-                   teacher_cost_usd=float(s.get("run_cost_usd", s.get("cost_usd", 0.0)) or 0.0),
-                   seconds=float(seconds), training_steps=int(training_steps))
+
+        def run(key: str, cast):
+            return cast(s.get(f"run_{key}", s.get(key, 0)) or 0)
+
+        return cls(teacher_calls=run("calls", int), teacher_input_tokens=run("input_tokens", int),
+                   teacher_output_tokens=run("output_tokens", int), teacher_cost_usd=run("cost_usd", float),
+                   seconds=float(seconds), training_steps=int(training_steps),
+                   resumed_calls=int(s.get("earlier_calls", 0) or 0), resumed_tokens=int(s.get("earlier_tokens", 0) or 0),
+                   resumed_cost_usd=float(s.get("earlier_cost_usd", 0.0) or 0.0))
 
 
 # ------------------------------------------------------------------------------------------------ 4. evaluate

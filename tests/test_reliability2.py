@@ -476,3 +476,67 @@ def test_a_compare_cap_holds_for_the_whole_compare(tmp_path, routes, cap):
         cfg.write_text(json.dumps(data))
         CliRunner().invoke(app, ["compare", str(cfg), "--run-dir", str(tmp_path / "cmp")])
         assert billed < srv.billed_tokens <= 4500
+
+
+# --- item 4: build cost is a property of the build ---------------------------------------------------------------
+def _pld_cfg(tmp_path: Path, srv: FakeOpenAIServer) -> Path:
+    task = tmp_path / "task.jsonl"
+    if not task.exists():
+        write_task(task, n=40)
+    cfg = {"task": {"spec": str(task)}, "embedder": "hash", "extract_sample": 16, "val_limit": 4, "test_limit": 4,
+           "max_rounds": 1, "compare_baselines": False, "cot": False, "shots": 0, "student_method": "generate",
+           "teacher": {"spec": "openai:teacher", "base_url": srv.base_url, "max_concurrency": 1},
+           "student": {"spec": "openai:student", "base_url": srv.base_url}}
+    path = tmp_path / "pld.yaml"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _teacher_extractions(srv: FakeOpenAIServer) -> int:
+    return sum(1 for a in srv.answered if a["body"]["model"] == "teacher")
+
+
+@pytest.mark.parametrize("how", ["kill -9", "Ctrl-C"])
+def test_build_cost_is_the_same_however_often_the_build_was_interrupted(tmp_path, how):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in __import__("os").environ.items() if not k.lower().endswith("_proxy")}
+    env.update(PYTHONPATH=str(root), NO_PROXY="127.0.0.1,localhost", COLUMNS="200")
+    with FakeOpenAIServer(count_tokens=bytes_over_three, completion_tokens=20) as srv:
+        cfg = _pld_cfg(tmp_path, srv)
+        whole = CliRunner().invoke(app, ["pld", str(cfg), "--run-dir", str(tmp_path / "whole")])
+        assert whole.exit_code == 0, whole.output
+        want = json.loads((tmp_path / "whole" / "result.json").read_text())["build"]
+        assert want["teacher_calls"] > 6 and want["resumed_calls"] == 0
+
+        # The same build, interrupted during extraction (6 teacher answers cached), then rerun to the end.
+        srv.answered.clear()
+        srv.delay_s = 0.05
+        log = tmp_path / "cut.log"
+        proc = subprocess.Popen([sys.executable, "-m", "stillroom.cli", "pld", str(cfg), "--run-dir",
+                                 str(tmp_path / "cut")], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while _teacher_extractions(srv) < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL if how == "kill -9" else signal.SIGINT)
+        assert proc.wait(120) != 0, log.read_text()
+        srv.delay_s = 0.0
+        assert not (tmp_path / "cut" / "result.json").exists()
+        paid_before = _teacher_extractions(srv)
+        rerun = CliRunner().invoke(app, ["pld", str(cfg), "--run-dir", str(tmp_path / "cut")])
+        assert rerun.exit_code == 0, rerun.output
+        got = json.loads((tmp_path / "cut" / "result.json").read_text())["build"]
+        for key in ("teacher_calls", "teacher_input_tokens", "teacher_output_tokens", "teacher_cost_usd"):
+            assert got[key] == want[key], (key, got, want)
+        # The part the interrupted invocation paid for is shown separately and was not paid again. (A kill -9 can
+        # land while one answer is on its way: the server billed it, the process never stored it.)
+        lost = paid_before - got["resumed_calls"]
+        assert 5 <= got["resumed_calls"] < got["teacher_calls"] and got["resumed_tokens"] > 0 and 0 <= lost <= 1
+        assert _teacher_extractions(srv) == want["teacher_calls"] + lost
+        # A further rerun reports the same build cost.
+        CliRunner().invoke(app, ["pld", str(cfg), "--run-dir", str(tmp_path / "cut")])
+        assert json.loads((tmp_path / "cut" / "result.json").read_text())["build"] == got

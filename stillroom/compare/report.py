@@ -152,6 +152,11 @@ def _unescape_links(table_html: str) -> str:
     return re.sub(r"&lt;a href=&#x27;(.*?)&#x27;&gt;(.*?)&lt;/a&gt;", r"<a href='\1'>\2</a>", table_html)
 
 
+def _with_resumed(total: int, resumed: int) -> str:
+    """A build figure with the part resumed from an earlier invocation, e.g. '4,454 (3,289 resumed)'."""
+    return f"{total:,} ({resumed:,} resumed)" if resumed else f"{total:,}"
+
+
 def _mb(b) -> str:
     return "-" if not b else f"{b / 1e6:.0f} MB"
 
@@ -181,7 +186,8 @@ def compare_report(summary: dict, out: Path) -> str:
                         _ci(r["accuracy"], r["accuracy_ci95"]), diff, p, r["invalid_rate"]])
         b = r["build"]
         cost.append([name, f"{r['latency_p50_s']:.3f} / {r['latency_p95_s']:.3f}", r["output_tokens"], r["input_tokens"],
-                     r["system_prompt_tokens"], b["teacher_calls"], b["teacher_input_tokens"] + b["teacher_output_tokens"],
+                     r["system_prompt_tokens"], _with_resumed(b["teacher_calls"], b.get("resumed_calls", 0)),
+                     _with_resumed(b["teacher_input_tokens"] + b["teacher_output_tokens"], b.get("resumed_tokens", 0)),
                      f"{b['teacher_cost_usd']:.4f}", f"{b['seconds']:.0f}", b["training_steps"],
                      _mb(r["size_on_disk_bytes"]), link])
     q_table = table(["route", "served as", "n", "macro-F1 [95% CI]", "accuracy [95% CI]",
@@ -193,9 +199,10 @@ def compare_report(summary: dict, out: Path) -> str:
               f"examples. Δ and p: paired bootstrap of {metric} against {html.escape(summary['baseline'])} on the same "
               "examples, and McNemar on correctness; * marks p &lt; 0.05. Any other difference is within what chance "
               "gives on this many examples.</p>")
-    cost_legend = ("<p>Latency and tokens are per answer when the route is served. Build cost counts the teacher "
-                   "calls and tokens of the route's own run folder; wall seconds are those of the first build, on "
-                   "this machine.</p>")
+    cost_legend = ("<p>Latency and tokens are per answer when the route is served. Build cost counts every teacher "
+                   "call and token of the route's own run folder, the same however often the build was interrupted; "
+                   "the part paid by an earlier, interrupted invocation and resumed from the cache is shown in "
+                   "brackets. Wall seconds are those of the invocation that finished the build, on this machine.</p>")
     lat = [(r["route"], r["latency_p50_s"] or 0.0, r["quality"]) for r in done]
     cost = [(r["route"], max(r["build_seconds"], 0.1), r["quality"]) for r in done]
     ylabel = "macro-F1" if metric == "macro_f1" else "accuracy"
