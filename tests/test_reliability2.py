@@ -540,3 +540,28 @@ def test_build_cost_is_the_same_however_often_the_build_was_interrupted(tmp_path
         # A further rerun reports the same build cost.
         CliRunner().invoke(app, ["pld", str(cfg), "--run-dir", str(tmp_path / "cut")])
         assert json.loads((tmp_path / "cut" / "result.json").read_text())["build"] == got
+
+
+@pytest.mark.parametrize("garbage", [("application/json", b'{"id": "x", "choices": [{"index": 0, "mess'),
+                                     ("text/html", b"<html><body>502 Bad Gateway</body></html>")],
+                         ids=["cut-off JSON", "HTML"])
+def test_a_garbled_completion_reply_is_retried_then_one_clear_error(garbage, capsys):
+    from stillroom.backends.base import GenerationParams
+    from stillroom.backends.openai_compat import OpenAIBackend
+    from stillroom.errors import BadReply
+
+    times = [1]
+
+    def corrupt(path, body, payload):
+        if times[0] > 0:
+            times[0] -= 1
+            return garbage
+        return None
+
+    with FakeOpenAIServer(corrupt=corrupt) as srv:
+        b = OpenAIBackend("fake", base_url=srv.base_url, max_retries=1, timeout_s=5)
+        assert b.generate([{"role": "user", "content": "hi"}], GenerationParams()).text == "echo: hi"
+        assert srv.posts == 2 and "a malformed reply, retry 1 of 1" in capsys.readouterr().err
+        times[0] = 5
+        with pytest.raises(BadReply, match="the reply to a completion request is not"):
+            b.generate([{"role": "user", "content": "hi again"}], GenerationParams())

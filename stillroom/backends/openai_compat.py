@@ -307,9 +307,16 @@ class OpenAIBackend(BackendBase):
 
         def send(timeout: float):
             if isinstance(prompt, str):
-                return self._client.completions.create(model=self.model, prompt=prompt, timeout=timeout, **kwargs)
-            return self._client.chat.completions.create(model=self.model, messages=normalise_prompt(prompt),
-                                                        timeout=timeout, **kwargs)
+                resp = self._client.completions.create(model=self.model, prompt=prompt, timeout=timeout, **kwargs)
+            else:
+                resp = self._client.chat.completions.create(model=self.model, messages=normalise_prompt(prompt),
+                                                            timeout=timeout, **kwargs)
+            if isinstance(resp, str):  # the client hands back a non-JSON body (an HTML error page) as text
+                start = resp.lstrip()[:30]
+                raise BadReply(f"{self.identity}: the reply to a completion request is not JSON but "
+                               f"{'an HTML page' if start.startswith('<') else repr(start)}. Nothing of it was cached",
+                               transient=True)
+            return resp
 
         def resend_with_max_completion_tokens(exc: openai.APIError) -> bool:
             if not self._switch_max_tokens_param(exc, kwargs):
