@@ -565,3 +565,21 @@ def test_a_garbled_completion_reply_is_retried_then_one_clear_error(garbage, cap
         times[0] = 5
         with pytest.raises(BadReply, match="the reply to a completion request is not"):
             b.generate([{"role": "user", "content": "hi again"}], GenerationParams())
+
+
+def test_the_cache_never_keeps_a_nan_score_whatever_the_backend(tmp_path):
+    from stillroom.backends.base import ScoreRequest
+    from stillroom.backends.cache import CachedBackend, ResponseCache
+    from stillroom.backends.scripted import ScriptedBackend
+    from stillroom.errors import BackendError
+
+    class NaNScorer(ScriptedBackend):
+        supports_score = True
+
+        def score(self, requests):
+            return [[math.nan for _ in r.continuations] for r in requests]
+
+    cached = CachedBackend(NaNScorer(lambda p, params: "x"), ResponseCache(tmp_path / "cache.sqlite"))
+    with pytest.raises(BackendError, match="none NaN. Nothing of it was cached"):
+        cached.score([ScoreRequest("ctx", (" a", " b"))])
+    assert score_rows(tmp_path) == 0

@@ -282,11 +282,13 @@ class CachedBackend:
             scored = self.backend.score([requests[i] for i in todo])
             share = (time.perf_counter() - t0) / len(todo)
             for i, sc in zip(todo, scored, strict=True):
-                # Whatever the backend, a NaN or infinite score is never cached: a rerun would replay it.
-                if len(sc) != len(requests[i].continuations) or not all(math.isfinite(float(x)) for x in sc):
+                # Whatever the backend, a NaN or a positive infinity is never cached: a rerun would replay it.
+                # (-inf stays: a continuation a local model gives probability 0 is a real, if extreme, answer.)
+                if len(sc) != len(requests[i].continuations) or any(math.isnan(float(x)) or float(x) == math.inf
+                                                                   for x in sc):
                     raise BackendError(
                         f"{self.identity}: scoring {requests[i].context[:40]!r} gave {list(sc)!r}: expected "
-                        f"{len(requests[i].continuations)} finite log-likelihoods. Nothing of it was cached")
+                        f"{len(requests[i].continuations)} log-likelihoods, none NaN. Nothing of it was cached")
             tokens = 0
             for i, sc in zip(todo, scored, strict=True):
                 n = self.backend.count_tokens(requests[i].context)
