@@ -160,6 +160,30 @@ def claim_run_folder(path: str | Path) -> Path:
     return folder
 
 
+MODEL_DONE = ".stillroom-complete"
+"""Written into every model folder Stillroom saves (`stillroom.backends.embedded.save_model_folder`)."""
+
+
+def check_model_destination(path: str | Path) -> Path:
+    """Refuse, before any work, a model destination (`--out` of prune apply, heal, merge) that saving would
+    destroy: saving replaces the folder whole, so it must be new, empty, or a model folder Stillroom saved."""
+    from stillroom.errors import RunFolderRefused
+
+    dest = Path(path)
+    if dest.is_symlink():
+        raise RunFolderRefused(f"output folder {dest} is a symbolic link (to {os.readlink(dest)}): saving replaces the "
+                               "folder whole, so Stillroom will not follow it. Pass a new --out")
+    if dest.exists() and not dest.is_dir():
+        raise RunFolderRefused(f"output folder {dest} is a file, not a folder: choose another --out")
+    if dest.is_dir():
+        names = {p.name for p in dest.iterdir()}
+        if names and MODEL_DONE not in names and MARKER not in names:
+            raise RunFolderRefused(
+                f"output folder {dest} is not a model folder Stillroom saved: it holds {_holds(dest)}. Saving would "
+                "replace it whole, so nothing was written. Choose a new or empty --out")
+    return dest
+
+
 class RunFolder:
     """A run's directory and the files in it."""
 

@@ -583,3 +583,32 @@ def test_the_cache_never_keeps_a_nan_score_whatever_the_backend(tmp_path):
     with pytest.raises(BackendError, match="none NaN. Nothing of it was cached"):
         cached.score([ScoreRequest("ctx", (" a", " b"))])
     assert score_rows(tmp_path) == 0
+
+
+def test_model_outputs_and_other_run_folders_are_not_written_into_a_foreign_folder(tmp_path):
+    # `prune apply/heal/merge --out` replace the folder whole when they save: a folder of someone else's would be
+    # deleted. They and the commands that write a plain run folder refuse before any work.
+    from stillroom.errors import RunFolderRefused
+    from stillroom.runs import MODEL_DONE, check_model_destination, claim_run_folder
+
+    other = foreign_folder(tmp_path)
+    link = tmp_path / "link"
+    link.symlink_to(other, target_is_directory=True)
+    before = snapshot(tmp_path)
+    for check in (check_model_destination, claim_run_folder):
+        for folder in (other, link):
+            with pytest.raises(RunFolderRefused, match="symbolic link" if folder == link else "holds config.yaml"):
+                check(folder)
+    assert snapshot(tmp_path) == before
+    saved = tmp_path / "saved-model"
+    saved.mkdir()
+    (saved / MODEL_DONE).write_text("ok\n")
+    (saved / "model.safetensors").write_text("weights")
+    assert check_model_destination(saved) == saved and check_model_destination(tmp_path / "new") == tmp_path / "new"
+    for name in ("a", "b"):  # two model folders (never loaded: the destination is refused first)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(app, ["merge", "slerp", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(other)])
+    assert result.exit_code == 2 and "is not a model folder Stillroom saved" in " ".join(result.output.split())
+    assert snapshot(tmp_path) == before
