@@ -13,9 +13,11 @@ config and test limit are evaluated on exactly the same examples: `stillroom com
 
 from __future__ import annotations
 
+import atexit
+import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +87,77 @@ def open_run(cfg, run_dir: str | Path) -> tuple[RunFolder, dict]:
     run = RunFolder(run_dir)
     config_dict = cfg.model_dump(mode="json")
     run.save_config(config_dict)
+    start_clock(run)
     return run, config_dict
+
+
+# ------------------------------------------------------------------------------------------------ build clock
+CLOCK_FILE = "build_clock.json"
+CLOCK_BEAT_S = 2.0
+"""How often an open run folder's clock is written: the most wall time a kill -9 can leave uncounted."""
+_clocks: dict[Path, _Clock] = {}
+_clocks_lock = threading.Lock()
+
+
+class _Clock:
+    """Wall seconds of every invocation that worked in a run folder, kept in `build_clock.json` and rewritten
+    every `CLOCK_BEAT_S` seconds (so even a kill -9 leaves its invocation's time behind). `record` adds the time
+    of earlier invocations that never finished to the build's seconds: a build's cost does not shrink because it
+    was interrupted and resumed from the cache."""
+
+    def __init__(self, run: RunFolder):
+        self.run = run
+        self.earlier = list((run.read_json(CLOCK_FILE) or {}).get("invocations") or [])
+        self.started = time.monotonic()
+        self._stop = threading.Event()
+        self._write()
+        threading.Thread(target=self._beat, daemon=True, name="stillroom-build-clock").start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(CLOCK_BEAT_S):
+            self._write()
+
+    def _write(self, recorded: bool = False) -> None:
+        mine = {"seconds": round(time.monotonic() - self.started, 3), "recorded": recorded}
+        earlier = [{**e, "recorded": True} for e in self.earlier] if recorded else self.earlier
+        try:
+            self.run.write_json(CLOCK_FILE, {"invocations": [*earlier, mine]})
+        except OSError:  # the clock is a report figure: never let it stop a run
+            pass
+
+    def unrecorded_earlier_seconds(self) -> float:
+        """Wall seconds of earlier invocations whose build never reached `record` (interrupted ones)."""
+        return sum(float(e.get("seconds") or 0.0) for e in self.earlier if not e.get("recorded"))
+
+    def stop(self, recorded: bool = False) -> None:
+        self._stop.set()
+        self._write(recorded)
+
+
+@atexit.register
+def _write_clocks_at_exit() -> None:
+    # Ctrl-C and errors end the process through here: their invocation's time is written exactly.
+    with _clocks_lock:
+        clocks = list(_clocks.values())
+    for clock in clocks:
+        clock._write()
+
+
+def start_clock(run: RunFolder) -> None:
+    """Start the run folder's build clock for this invocation (once per folder and process)."""
+    key = run.path.resolve()
+    with _clocks_lock:
+        if key not in _clocks:
+            _clocks[key] = _Clock(run)
+
+
+def stop_clock(folder: str | Path, recorded: bool = False) -> _Clock | None:
+    """Stop a run folder's clock (a route finished, or failed inside a longer command such as a compare)."""
+    with _clocks_lock:
+        clock = _clocks.pop(Path(folder).resolve(), None)
+    if clock is not None:
+        clock.stop(recorded)
+    return clock
 
 
 # ------------------------------------------------------------------------------------------------ 3. deploy
@@ -118,7 +190,8 @@ class BuildCost:
     Calls, tokens and USD are the build's whole cost, read from the run folder's durable cache through the
     teacher's usage meter: the same on every rerun however many times the build was interrupted (a kill -9 loses
     no paid call, and the calls an earlier invocation paid for are counted, not replayed for free). The `resumed_*`
-    fields show separately the part an earlier, interrupted invocation paid for (0 for an uninterrupted build)."""
+    fields show separately the part an earlier, interrupted invocation paid for (0 for an uninterrupted build);
+    `seconds` includes the wall time of those invocations (`resumed_seconds`, kept by the run folder's build clock)."""
 
     teacher_calls: int = 0
     teacher_input_tokens: int = 0
@@ -129,6 +202,7 @@ class BuildCost:
     resumed_calls: int = 0
     resumed_tokens: int = 0
     resumed_cost_usd: float = 0.0
+    resumed_seconds: float = 0.0
 
     @classmethod
     def from_meter(cls, summary: Mapping | None, *, seconds: float = 0.0, training_steps: int = 0) -> BuildCost:
@@ -229,8 +303,13 @@ def record(run: RunFolder, sel: Selection, *, route: str, deployed: Deployment, 
     from stillroom.report.html import eval_report
 
     previous = run.read_json(RESULT_FILE) or {}
+    clock = stop_clock(run.path, recorded=True)
     if resumed and previous.get("build"):
         cost = BuildCost(**{k: previous["build"].get(k, v) for k, v in asdict(cost).items()})
+    elif clock is not None and cost.seconds > 0:
+        # Built here, perhaps resumed after interruptions: their wall time belongs to the build too.
+        earlier = clock.unrecorded_earlier_seconds()
+        cost = replace(cost, seconds=cost.seconds + earlier, resumed_seconds=earlier)
     run.write_jsonl("predictions.jsonl", [{"condition": n, **p} for n, r in results.items() for p in r.predictions])
     result = result_record(route, sel, deployed, results[deployed.name], cost, artifacts=artifacts, notes=notes)
     metrics = {

@@ -537,6 +537,10 @@ def test_build_cost_is_the_same_however_often_the_build_was_interrupted(tmp_path
         lost = paid_before - got["resumed_calls"]
         assert 5 <= got["resumed_calls"] < got["teacher_calls"] and got["resumed_tokens"] > 0 and 0 <= lost <= 1
         assert _teacher_extractions(srv) == want["teacher_calls"] + lost
+        # Wall seconds include the interrupted invocation's (written at exit; every 2 s, so even after a kill -9).
+        assert got["seconds"] >= got["resumed_seconds"] >= 0 and want["resumed_seconds"] == 0
+        if how == "Ctrl-C":
+            assert got["resumed_seconds"] > 0
         # A further rerun reports the same build cost.
         CliRunner().invoke(app, ["pld", str(cfg), "--run-dir", str(tmp_path / "cut")])
         assert json.loads((tmp_path / "cut" / "result.json").read_text())["build"] == got

@@ -202,7 +202,7 @@ def compare_report(summary: dict, out: Path) -> str:
     cost_legend = ("<p>Latency and tokens are per answer when the route is served. Build cost counts every teacher "
                    "call and token of the route's own run folder, the same however often the build was interrupted; "
                    "the part paid by an earlier, interrupted invocation and resumed from the cache is shown in "
-                   "brackets. Wall seconds are those of the invocation that finished the build, on this machine.</p>")
+                   "brackets. Wall seconds include those of interrupted invocations, on this machine.</p>")
     lat = [(r["route"], r["latency_p50_s"] or 0.0, r["quality"]) for r in done]
     cost = [(r["route"], max(r["build_seconds"], 0.1), r["quality"]) for r in done]
     ylabel = "macro-F1" if metric == "macro_f1" else "accuracy"

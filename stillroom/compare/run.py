@@ -21,7 +21,7 @@ from stillroom.backends.usage import SpendCap, command_ledger
 from stillroom.compare.config import CompareConfig
 from stillroom.compare.routes import RoutePlan, plan_routes
 from stillroom.errors import SpendCapReached, StillroomError
-from stillroom.route import read_result
+from stillroom.route import read_result, stop_clock
 from stillroom.runs import RunFolder, claim_run_folder, digest_of
 from stillroom.ui import console
 
@@ -61,6 +61,7 @@ def run_one(plan: RoutePlan, out: Path) -> dict:
         RunFolder(folder).write_json(ROUTE_FILE, {"digest": digest, "status": "stopped"})
         raise
     except Exception as exc:  # a failing route is reported; the others still run
+        stop_clock(folder)  # its build clock must not count the next routes' time
         kind = "error" if isinstance(exc, StillroomError) else type(exc).__name__
         RunFolder(folder).write_json(ROUTE_FILE, {"digest": digest, "status": "failed", "error": f"{kind}: {exc}",
                                                   "traceback": traceback.format_exc()})
