@@ -616,3 +616,30 @@ def test_model_outputs_and_other_run_folders_are_not_written_into_a_foreign_fold
     result = CliRunner().invoke(app, ["merge", "slerp", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(other)])
     assert result.exit_code == 2 and "is not a model folder Stillroom saved" in " ".join(result.output.split())
     assert snapshot(tmp_path) == before
+
+
+def test_a_servers_scoring_is_charged_to_the_cap_and_counted_on_a_rerun(tmp_path):
+    # Log-likelihood scoring (and the capability probe) on a server is billed like completions: it counts in
+    # usage.json, against the spend cap, and in a rerun's totals.
+    task = write_task(tmp_path / "task.jsonl", n=12)
+    with FakeOpenAIServer(scoring=True) as srv:
+        cfg = tmp_path / "eval.yaml"
+        cfg.write_text(f"task: {{spec: {task}, val_fraction: 0.0, test_fraction: 0.0}}\nsplit: train\nmethod: loglik\n"
+                       f"model: {{spec: 'openai:fake', base_url: '{srv.base_url}', max_concurrency: 1}}\n")
+        whole = CliRunner().invoke(app, ["eval", str(cfg), "--run-dir", str(tmp_path / "whole")])
+        assert whole.exit_code == 0, whole.output
+        usage = json.loads((tmp_path / "whole" / "usage.json").read_text())
+        assert usage["run_tokens"] == srv.billed_tokens > 0
+        total = srv.billed_tokens
+        srv.answered.clear()
+        capped = CliRunner().invoke(app, ["eval", str(cfg), "--run-dir", str(tmp_path / "capped"),
+                                          "--max-spend-tokens", str(total // 2)])
+        assert capped.exit_code == 2 and "spend cap reached" in capped.output, capped.output
+        assert 0 < srv.billed_tokens <= total // 2
+        billed = srv.billed_tokens
+        again = CliRunner().invoke(app, ["eval", str(cfg), "--run-dir", str(tmp_path / "capped"),
+                                         "--max-spend-tokens", str(total // 2)])
+        # The rerun stops at the same place and pays nothing: not even the capability probe (kept in the cache).
+        assert again.exit_code == 2 and srv.billed_tokens == billed
+        usage = json.loads((tmp_path / "capped" / "usage.json").read_text())
+        assert usage["run_tokens"] == billed and usage["calls"] == 0

@@ -213,6 +213,10 @@ class OpenAIBackend(BackendBase):
         self._param_lock = threading.Lock()
         self._tokenizer_spec = tokenizer
         self._scorer = None
+        self.usage_listener = None
+        """Called with (input tokens, output tokens) of every scoring, top-k or probe request the server bills
+        (set by `CachedBackend`, which charges them to the run's meter and cache: completions are charged there
+        already)."""
         key = os.environ.get(api_key_env) or None
         if key is None:
             if not is_local_url(self.base_url):

@@ -193,9 +193,22 @@ class ServerScorer:
             # JSONDecodeError (or an HTML page handed back as a string).
             text = self.backend._client.post(url, body=body, cast_to=str, options={"timeout": timeout})
             reply = rc.parse(text)
+            self._bill(reply)  # the server billed it, whatever its content
             return check(reply, rc) if check is not None else reply
 
         return self.backend.request(send, max_retries=retries)
+
+    def _bill(self, reply: dict) -> None:
+        listener = getattr(self.backend, "usage_listener", None)
+        usage = reply.get("usage")
+        if listener is None or not isinstance(usage, dict):
+            return
+        try:
+            tin, tout = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        except (TypeError, ValueError):
+            return
+        if tin or tout:
+            listener(max(0, tin), max(0, tout))
 
     def completions(self, body: dict, *, what: str = "a /completions request",
                     check: Callable[[dict, ReplyCheck], Any] | None = None, retries: int | None = None):

@@ -226,6 +226,19 @@ class UsageMeter:
             self.latencies.append(usage.latency_s)
         return cost
 
+    def charge(self, input_tokens: int, output_tokens: int, model: str) -> float:
+        """Count spend that had no reservation of its own (a server's scoring or probe request, billed as it
+        arrives); returns its cost in USD. The caller held a reservation for the work it belongs to."""
+        cost = self.price_of(model).cost(input_tokens, output_tokens)
+        if self.ledger is not None:
+            self.ledger.charge(self.ledger_key, input_tokens + output_tokens, cost)
+        with self._lock:
+            self.calls += 1
+            self.input_tokens += int(input_tokens)
+            self.output_tokens += int(output_tokens)
+            self.cost_usd += cost
+        return cost
+
     def cancel(self, reservation: Reservation) -> None:
         """Drop a reservation whose call failed (nothing was spent that we know of)."""
         if self.ledger is not None:
@@ -391,6 +404,13 @@ class Ledger:
             entry[0] += int(tokens)
             entry[1] += float(cost)
             self._lock.notify_all()
+
+    def charge(self, key: tuple[str, str], tokens: int, cost: float) -> None:
+        """Count spend that had no reservation of its own, charged to `key` (route, model identity)."""
+        with self._lock:
+            entry = self._spent.setdefault(key, [0, 0.0])
+            entry[0] += int(tokens)
+            entry[1] += float(cost)
 
     def settled_stop(self, exc: SpendCapReached) -> SpendCapReached:
         """The cap error restated after every in-flight call settled."""
