@@ -449,8 +449,8 @@ def test_a_compare_cap_holds_for_the_whole_compare(tmp_path, routes, cap):
     price = {"price_in_per_mtok": 1000.0, "price_out_per_mtok": 1000.0} if cap == "usd" else {}
     spend = {"max_tokens": 3000} if cap == "tokens" else {"max_cost_usd": 3.0}
     with FakeOpenAIServer(count_tokens=bytes_over_three, completion_tokens=20) as srv:
-        cfg = _compare_cfg(tmp_path, srv, srv, routes, spend=spend, test_limit=30, train_limit=32,
-                           budgets={r: {"method": "generate"} for r in routes if r in ("zero-shot", "k-shot", "teacher")})
+        # Default methods ('auto'): each evaluated model's capability probe is billed too, and counted.
+        cfg = _compare_cfg(tmp_path, srv, srv, routes, spend=spend, test_limit=30, train_limit=32)
         data = json.loads(cfg.read_text())
         data["teacher"].update(price)
         data["student"].update(price)
