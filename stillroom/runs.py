@@ -20,10 +20,12 @@ __all__ = ["MARKER", "RunFolder", "atomic_write_text", "cache_root", "claim_run_
 
 MARKER = ".stillroom-run"
 """The file that makes a folder Stillroom's: written when Stillroom creates a run folder (or adopts an empty one)."""
-LEGACY_SIGNS = (".lock", "cache.sqlite", "result.json", "route.json", "compare.json", "usage.json")
+LEGACY_SIGNS = (".lock", "cache.sqlite", "result.json", "route.json", "compare.json", "usage.json", "angular.json",
+               "specdec.json", "selfdistill.json")
 """Run folders made before the marker existed are recognised by their layout: a `config.yaml` next to one of
-these files (every earlier version wrote config.yaml and took `.lock`, and wrote the others as it ran). They get
-the marker on first use. A folder with only a `config.yaml` and a `report.html` could be anybody's: refused."""
+these files (every earlier route wrote config.yaml and took `.lock` or wrote one of the others as it ran; the last
+three are `prune analyze`, `specdec` and `selfdistill`). They get the marker on first use. A folder with only a
+`config.yaml` and a `report.html` could be anybody's: refused."""
 
 SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD)", re.IGNORECASE)
 REDACTED = "***"
