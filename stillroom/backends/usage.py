@@ -452,7 +452,7 @@ class Ledger:
         write_json_atomic(self.folder / LEDGER_FILE, {"counted": counted})
 
     def save(self) -> None:
-        """Write `ledger.json` (every route's spend so far), so a rerun starts from it."""
+        """Write `ledger.json` (which route folders and models count), so a rerun counts them again."""
         with self._lock:
             self._save()
 
