@@ -109,7 +109,7 @@ def _corrupter(mode: str):
 def eval_loglik(tmp_path: Path, srv: FakeOpenAIServer, run_dir: Path, task: Path):
     cfg = tmp_path / "eval.yaml"
     # One retry: transient garbage (cut off, HTML, empty) goes through the backend's retry loop once.
-    cfg.write_text(f"task: {{spec: {task}, val_fraction: 0.0, test_fraction: 0.0}}\nsplit: train\nmethod: loglik\n"
+    cfg.write_text(f"task: {{spec: {task}, val_fraction: 0.0, test_fraction: 0.0}}\neval_split: train\nmethod: loglik\n"
                    f"model: {{spec: 'openai:fake', base_url: '{srv.base_url}', max_retries: 1}}\n", encoding="utf-8")
     return CliRunner().invoke(app, ["eval", str(cfg), "--run-dir", str(run_dir)])
 
@@ -308,7 +308,7 @@ def _compare_cfg(tmp_path: Path, srv_t: FakeOpenAIServer, srv_s: FakeOpenAIServe
         write_task(task, n=40)
     cfg = {"task": {"spec": str(task)}, "teacher": {"spec": "openai:teacher", "base_url": srv_t.base_url},
            "student": {"spec": "openai:student", "base_url": srv_s.base_url}, "routes": list(routes),
-           "test_limit": 6, "train_limit": 8, "val_limit": 4, "shots": 2, **extra}
+           "eval_limit": 6, "train_limit": 8, "val_limit": 4, "shots": 2, **extra}
     path = tmp_path / "compare.yaml"
     path.write_text(json.dumps(cfg), encoding="utf-8")  # JSON is YAML
     return path
@@ -414,7 +414,7 @@ def test_default_context_window_applies_when_the_server_states_none(tmp_path):
         msg = " ".join(refused.output.split())
         assert "line 3" in msg and f"default of {DEFAULT_CONTEXT_TOKENS:,} tokens" in msg and "max_input_tokens" in msg
         cfg = tmp_path / "skip.yaml"
-        cfg.write_text(f"task: {{spec: {task}, overlong: skip, val_fraction: 0.0, test_fraction: 0.0}}\nsplit: train\n"
+        cfg.write_text(f"task: {{spec: {task}, overlong: skip, val_fraction: 0.0, test_fraction: 0.0}}\neval_split: train\n"
                        f"method: generate\nmodel: {{spec: 'openai:fake', base_url: '{srv.base_url}'}}\n")
         skipped = CliRunner().invoke(app, ["eval", str(cfg), "--run-dir", str(tmp_path / "r2")])
         assert skipped.exit_code == 0, skipped.output
@@ -450,7 +450,7 @@ def test_a_compare_cap_holds_for_the_whole_compare(tmp_path, routes, cap):
     spend = {"max_tokens": 3000} if cap == "tokens" else {"max_cost_usd": 3.0}
     with FakeOpenAIServer(count_tokens=bytes_over_three, completion_tokens=20) as srv:
         # Default methods ('auto'): each evaluated model's capability probe is billed too, and counted.
-        cfg = _compare_cfg(tmp_path, srv, srv, routes, spend=spend, test_limit=30, train_limit=32)
+        cfg = _compare_cfg(tmp_path, srv, srv, routes, spend=spend, eval_limit=30, train_limit=32)
         data = json.loads(cfg.read_text())
         data["teacher"].update(price)
         data["student"].update(price)
@@ -483,7 +483,7 @@ def _pld_cfg(tmp_path: Path, srv: FakeOpenAIServer) -> Path:
     task = tmp_path / "task.jsonl"
     if not task.exists():
         write_task(task, n=40)
-    cfg = {"task": {"spec": str(task)}, "embedder": "hash", "extract_sample": 16, "val_limit": 4, "test_limit": 4,
+    cfg = {"task": {"spec": str(task)}, "embedder": "hash", "train_limit": 16, "val_limit": 4, "eval_limit": 4,
            "max_rounds": 1, "compare_baselines": False, "cot": False, "shots": 0, "student_method": "generate",
            "teacher": {"spec": "openai:teacher", "base_url": srv.base_url, "max_concurrency": 1},
            "student": {"spec": "openai:student", "base_url": srv.base_url}}
@@ -624,7 +624,7 @@ def test_a_servers_scoring_is_charged_to_the_cap_and_counted_on_a_rerun(tmp_path
     task = write_task(tmp_path / "task.jsonl", n=12)
     with FakeOpenAIServer(scoring=True) as srv:
         cfg = tmp_path / "eval.yaml"
-        cfg.write_text(f"task: {{spec: {task}, val_fraction: 0.0, test_fraction: 0.0}}\nsplit: train\nmethod: loglik\n"
+        cfg.write_text(f"task: {{spec: {task}, val_fraction: 0.0, test_fraction: 0.0}}\neval_split: train\nmethod: loglik\n"
                        f"model: {{spec: 'openai:fake', base_url: '{srv.base_url}', max_concurrency: 1}}\n")
         whole = CliRunner().invoke(app, ["eval", str(cfg), "--run-dir", str(tmp_path / "whole")])
         assert whole.exit_code == 0, whole.output
