@@ -643,3 +643,17 @@ def test_a_servers_scoring_is_charged_to_the_cap_and_counted_on_a_rerun(tmp_path
         assert again.exit_code == 2 and srv.billed_tokens == billed
         usage = json.loads((tmp_path / "capped" / "usage.json").read_text())
         assert usage["run_tokens"] == billed and usage["calls"] == 0
+
+
+def test_a_bad_reply_quoting_a_key_does_not_show_it(monkeypatch):
+    from stillroom.backends.openai_compat import OpenAIBackend
+    from stillroom.backends.openai_logprobs import ServerScorer
+    from stillroom.errors import BadReply
+
+    key = "sk-live-ABCdef0123456789xyz"
+    monkeypatch.setenv("MY_KEY", key)
+    with FakeOpenAIServer(scoring=True, corrupt=lambda path, body, payload: ("text/plain", f"bad key {key}".encode())) as srv:
+        b = OpenAIBackend("fake", base_url=srv.base_url, api_key_env="MY_KEY", max_retries=0, timeout_s=5)
+        with pytest.raises(BadReply) as ei:
+            ServerScorer(b).server_tokenize("hello")
+    assert key not in str(ei.value) and "ABCdef" not in str(ei.value) and "is not JSON" in str(ei.value)

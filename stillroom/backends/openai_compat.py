@@ -284,6 +284,10 @@ class OpenAIBackend(BackendBase):
     def __repr__(self) -> str:
         return f"OpenAIBackend({self.identity!r}, max_concurrency={self.max_concurrency})"
 
+    def redact_text(self, text: str) -> str:
+        """`text` with this backend's key and anything key-shaped replaced by `***`."""
+        return redact(text, self._secret)
+
     def close(self) -> None:
         """Close the HTTP connection pool."""
         self._client.close()

@@ -63,16 +63,16 @@ def _show(value) -> str:
 class ReplyCheck:
     """Raises one `BadReply` for a request: `who` (the server), `what` (the request), the field at fault."""
 
-    def __init__(self, who: str, what: str, secret: str | None = None):
-        self.who, self.what, self._secret = who, what, secret
+    def __init__(self, who: str, what: str, redact: Callable[[str], str] | None = None):
+        self.who, self.what = who, what
+        self._redact = redact or (lambda text: text)
 
     def bad(self, field: str, problem: str, expected: str, *, transient: bool = False) -> BadReply:
-        """The error for `field` (a path into the reply, e.g. `choices[0].logprobs.token_logprobs[3]`)."""
-        from stillroom.backends.openai_compat import redact  # the reply's text is shown: never a key in it
-
+        """The error for `field` (a path into the reply, e.g. `choices[0].logprobs.token_logprobs[3]`); the
+        message quotes the reply, so it passes through the backend's key redaction."""
         where = f"{field} " if field else ""
-        return BadReply(redact(f"{self.who}: bad reply to {self.what}: {where}{problem}; expected {expected}. "
-                               "Nothing of this reply was cached or scored", self._secret), transient=transient)
+        return BadReply(self._redact(f"{self.who}: bad reply to {self.what}: {where}{problem}; expected {expected}. "
+                                     "Nothing of this reply was cached or scored"), transient=transient)
 
     def parse(self, text) -> dict:
         """The reply body as a JSON object; a cut-off or non-JSON body is a transient `BadReply`."""
@@ -188,7 +188,7 @@ class ServerScorer:
         non-JSON reply is retried like an HTTP 503, with the same notices and retry budget, and a bad reply
         raises one `BadReply` before anything of it is used. Failures are `BackendError`s (key redacted, nothing
         chained). The capability probe passes retries=0."""
-        rc = ReplyCheck(self.backend.identity, f"{what} (POST {url})", getattr(self.backend, "_secret", None))
+        rc = ReplyCheck(self.backend.identity, f"{what} (POST {url})", getattr(self.backend, "redact_text", None))
 
         def send(timeout: float):
             # cast_to=str: the raw body, parsed here, so garbage becomes a BadReply instead of the client's
