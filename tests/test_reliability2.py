@@ -462,6 +462,7 @@ def test_a_compare_cap_holds_for_the_whole_compare(tmp_path, routes, cap):
         msg = " ".join(first.output.split())
         ledger = json.loads((tmp_path / "cmp" / "compare.json").read_text())["spend"]
         assert ledger["tokens"] == billed
+        assert "Spend of the whole compare (every route" in (tmp_path / "cmp" / "report.html").read_text()
         if cap == "tokens":
             assert f"{billed:,} tokens spent of the compare's cap of 3,000" in msg
         else:

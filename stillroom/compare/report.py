@@ -152,6 +152,20 @@ def _unescape_links(table_html: str) -> str:
     return re.sub(r"&lt;a href=&#x27;(.*?)&#x27;&gt;(.*?)&lt;/a&gt;", r"<a href='\1'>\2</a>", table_html)
 
 
+def _spend_paragraph(spend: dict | None) -> str:
+    """The compare's one ledger: its total against its caps, and each route's share."""
+    if not spend:
+        return ""
+    caps = [f"{spend['cap_max_tokens']:,} tokens" if spend.get("cap_max_tokens") is not None else "",
+            f"${spend['cap_max_cost_usd']:.4f}" if spend.get("cap_max_cost_usd") is not None else ""]
+    caps_text = " and ".join(c for c in caps if c)
+    shares = ", ".join(f"{html.escape(k)} {v['tokens']:,} tokens / ${v['cost_usd']:.4f}"
+                       for k, v in sorted(spend.get("by_route", {}).items(), key=lambda kv: -kv[1]["tokens"]))
+    return (f"<p>Spend of the whole compare (every route's teacher and API student calls, earlier invocations "
+            f"included): {spend['tokens']:,} tokens / ${spend['cost_usd']:.4f}"
+            + (f" of a cap of {caps_text}" if caps_text else "") + (f"; by route: {shares}" if shares else "") + ".</p>")
+
+
 def _with_resumed(total: int, resumed: int) -> str:
     """A build figure with the part resumed from an earlier invocation, e.g. '4,454 (3,289 resumed)'."""
     return f"{total:,} ({resumed:,} resumed)" if resumed else f"{total:,}"
@@ -214,7 +228,7 @@ def compare_report(summary: dict, out: Path) -> str:
     notes = [summary["recommendation"]]
     if not summary["same_test_examples"]:
         notes.append("Warning: the routes were not all evaluated on the same test examples.")
-    sections = [("Quality", q_table + legend), ("Cost", c_table + cost_legend)]
+    sections = [("Quality", q_table + legend), ("Cost", c_table + cost_legend + _spend_paragraph(summary.get("spend")))]
     if others:
         sections.append(("Not run", table(["route", "status", "why"], others)))
     sections.append(("Trade-offs (red: the Pareto front)", f"<div class='plots'>{plots}</div>"))
