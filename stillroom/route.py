@@ -14,6 +14,7 @@ config and test limit are evaluated on exactly the same examples: `stillroom com
 from __future__ import annotations
 
 import atexit
+import contextlib
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -149,6 +150,16 @@ def start_clock(run: RunFolder) -> None:
     with _clocks_lock:
         if key not in _clocks:
             _clocks[key] = _Clock(run)
+
+
+@contextlib.contextmanager
+def clock_stopped_after(folder: str | Path):
+    """Stop the folder's build clock when the block ends, however it ends (an error or Ctrl-C writes the
+    invocation's exact time; after `record` it is already stopped)."""
+    try:
+        yield
+    finally:
+        stop_clock(folder)
 
 
 def stop_clock(folder: str | Path, recorded: bool = False) -> _Clock | None:
@@ -477,7 +488,7 @@ def run_route(cfg, run_dir: str | Path, build, *, route: str, title, prepare=Non
 
     sel = select_for(cfg, task=task, need_labels=need_labels)
     prepared = prepare(cfg, sel) if prepare is not None else None
-    with run_folder_lock(run_dir, wait=wait):
+    with run_folder_lock(run_dir, wait=wait), clock_stopped_after(run_dir):
         run, config_dict = open_run(cfg, run_dir)
         ctx = RouteContext(cfg=cfg, sel=sel, run=run, prepared=prepared)
         timer = Timer()
