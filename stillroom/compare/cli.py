@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from stillroom.options import WaitOpt
 from stillroom.ui import console, run_guarded
 
 
@@ -41,6 +42,7 @@ def compare(
     routes: Annotated[str | None, typer.Option(help="Comma-separated routes to run (overrides the config).")] = None,
     eval_limit: Annotated[int | None, typer.Option(help="Evaluated examples, the same for every route.")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Compare folder (default: runs/compare-<task>-<hash>; rerun resumes).")] = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Run every route that applies to one teacher → student pair on the same task and the same test examples,
     and write one report: quality with 95% intervals and a paired test against zero-shot, latency, tokens, build
@@ -49,6 +51,9 @@ def compare(
     route's budget reruns that route only."""
 
     def body():
+        from stillroom.locking import wait_for_holders
+
+        wait_for_holders(wait)  # the compare folder and every route folder in it
         from stillroom.compare.config import CompareConfig
         from stillroom.compare.run import run_compare
         from stillroom.config import load_yaml_config

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from stillroom.options import WaitOpt
 from stillroom.ui import console, print_results, run_guarded
 
 Opt = typer.Option
@@ -62,6 +63,7 @@ def gad_cmd(
     max_cost: Annotated[float | None, Opt(help="Teacher spend cap in USD for this run folder.")] = None,
     max_spend_tokens: Annotated[int | None, Opt(help="Teacher spend cap in tokens.")] = None,
     run_dir: Annotated[Path | None, Opt(help="Run folder (default: runs/gad-<task>-<config hash>; rerun resumes).")] = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Generative Adversarial Distillation (GAD, arXiv 2511.10643): black-box on-policy distillation.
 
@@ -79,6 +81,9 @@ def gad_cmd(
     """
 
     def body():
+        from stillroom.locking import wait_for_holders
+
+        wait_for_holders(wait)  # this command's --wait holds for every run folder it opens
         from stillroom.gad.config import GADConfig
         from stillroom.gad.train import run_gad
         from stillroom.options import load_config

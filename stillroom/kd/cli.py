@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from stillroom.options import RunDirOpt, TaskOpt, load_config
+from stillroom.options import RunDirOpt, TaskOpt, WaitOpt, load_config
 from stillroom.ui import console, print_results, run_guarded
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="Optional YAML config; options override it.")]
@@ -74,6 +74,7 @@ def logits_cmd(
     lora: LoraOpt = None, epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, lr: LrOpt = None,
     batch_size: BatchOpt = None, train_limit: TrainLimitOpt = None, eval_limit: EvalLimitOpt = None,
     shots: ShotsOpt = None, run_dir: RunDirOpt = None, base_url: BaseUrlOpt = None, api_key_env: KeyEnvOpt = None,
+    wait: WaitOpt = False,
 ) -> None:
     """White-box logit KD: the teacher's top-k log-probabilities are computed once and cached on disk
     (resumable shards), then the student (LoRA or full) is trained on them without the teacher in memory.
@@ -83,6 +84,9 @@ def logits_cmd(
     """
 
     def body():
+        from stillroom.locking import wait_for_holders
+
+        wait_for_holders(wait)  # this command's --wait holds for every run folder it opens
         from stillroom.kd.trainer import KDLogitsConfig, distill_logits
         from stillroom.runs import run_dir_for
 
@@ -107,12 +111,16 @@ def hints_cmd(
     online: OnlineOpt = None, lora: LoraOpt = None, epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None,
     lr: LrOpt = None, batch_size: BatchOpt = None, train_limit: TrainLimitOpt = None,
     eval_limit: EvalLimitOpt = None, shots: ShotsOpt = None, run_dir: RunDirOpt = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Hint KD: the logit loss plus hidden-state matching through a learned projection (student width →
     teacher width), MSE or cosine, on a layer mapping (default uniform). Teacher states are cached with its
     logits."""
 
     def body():
+        from stillroom.locking import wait_for_holders
+
+        wait_for_holders(wait)  # this command's --wait holds for every run folder it opens
         from stillroom.kd.trainer import KDLogitsConfig, distill_logits
         from stillroom.runs import run_dir_for
 
@@ -146,6 +154,7 @@ def data_cmd(
     max_cost: Annotated[float | None, typer.Option(help="Teacher spend cap in USD for this run folder.")] = None,
     max_spend_tokens: Annotated[int | None, typer.Option(help="Teacher spend cap in tokens.")] = None,
     run_dir: RunDirOpt = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Black-box KD from any backend (API teachers included): teacher answers (SeqKD), rationales + answers
     (CoT), or teacher-labelled demonstrations; filtered by correctness against gold labels; then SFT of the
@@ -153,6 +162,9 @@ def data_cmd(
     """
 
     def body():
+        from stillroom.locking import wait_for_holders
+
+        wait_for_holders(wait)  # this command's --wait holds for every run folder it opens
         from stillroom.kd.data import KDDataConfig, distill_data
         from stillroom.runs import run_dir_for
 
