@@ -16,6 +16,7 @@ from stillroom.options import (
     InstructionOpt,
     LabelFieldOpt,
     LabelsOpt,
+    WaitOpt,
     task_overrides,
 )
 from stillroom.ui import console, run_guarded
@@ -39,13 +40,14 @@ app.add_typer(tasks_app, name="tasks")
 def demo(
     config: Annotated[Path | None, typer.Option(help="Compare config (default: the packaged stillroom/configs/compare_demo.yaml).")] = None,
     run_dir: RunDirOpt = None,
+    wait: WaitOpt = False,
 ) -> None:
     """The offline demo (what `make demo` runs): `stillroom compare` with the embedded Gemma-3 270M as teacher
     and student on a BIG-bench task: zero-shot, k-shot, PLD, SeqKD, logit KD and prune + heal on the same test
     examples, in one report."""
     from stillroom.compare.cli import compare
 
-    compare(config=config or Path(__file__).parent / "configs" / "compare_demo.yaml", run_dir=run_dir)
+    compare(config=config or Path(__file__).parent / "configs" / "compare_demo.yaml", run_dir=run_dir, wait=wait)
 
 
 @tasks_app.command("show")

@@ -13,9 +13,12 @@ config and test limit are evaluated on exactly the same examples: `stillroom com
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +88,87 @@ def open_run(cfg, run_dir: str | Path) -> tuple[RunFolder, dict]:
     run = RunFolder(run_dir)
     config_dict = cfg.model_dump(mode="json")
     run.save_config(config_dict)
+    start_clock(run)
     return run, config_dict
+
+
+# ------------------------------------------------------------------------------------------------ build clock
+CLOCK_FILE = "build_clock.json"
+CLOCK_BEAT_S = 2.0
+"""How often an open run folder's clock is written: the most wall time a kill -9 can leave uncounted."""
+_clocks: dict[Path, _Clock] = {}
+_clocks_lock = threading.Lock()
+
+
+class _Clock:
+    """Wall seconds of every invocation that worked in a run folder, kept in `build_clock.json` and rewritten
+    every `CLOCK_BEAT_S` seconds (so even a kill -9 leaves its invocation's time behind). `record` adds the time
+    of earlier invocations that never finished to the build's seconds: a build's cost does not shrink because it
+    was interrupted and resumed from the cache."""
+
+    def __init__(self, run: RunFolder):
+        self.run = run
+        self.earlier = list((run.read_json(CLOCK_FILE) or {}).get("invocations") or [])
+        self.started = time.monotonic()
+        self._stop = threading.Event()
+        self._write()
+        threading.Thread(target=self._beat, daemon=True, name="stillroom-build-clock").start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(CLOCK_BEAT_S):
+            self._write()
+
+    def _write(self, recorded: bool = False) -> None:
+        mine = {"seconds": round(time.monotonic() - self.started, 3), "recorded": recorded}
+        earlier = [{**e, "recorded": True} for e in self.earlier] if recorded else self.earlier
+        try:
+            self.run.write_json(CLOCK_FILE, {"invocations": [*earlier, mine]})
+        except OSError:  # the clock is a report figure: never let it stop a run
+            pass
+
+    def unrecorded_earlier_seconds(self) -> float:
+        """Wall seconds of earlier invocations whose build never reached `record` (interrupted ones)."""
+        return sum(float(e.get("seconds") or 0.0) for e in self.earlier if not e.get("recorded"))
+
+    def stop(self, recorded: bool = False) -> None:
+        self._stop.set()
+        self._write(recorded)
+
+
+@atexit.register
+def _write_clocks_at_exit() -> None:
+    # Ctrl-C and errors end the process through here: their invocation's time is written exactly.
+    with _clocks_lock:
+        clocks = list(_clocks.values())
+    for clock in clocks:
+        clock._write()
+
+
+def start_clock(run: RunFolder) -> None:
+    """Start the run folder's build clock for this invocation (once per folder and process)."""
+    key = run.path.resolve()
+    with _clocks_lock:
+        if key not in _clocks:
+            _clocks[key] = _Clock(run)
+
+
+@contextlib.contextmanager
+def clock_stopped_after(folder: str | Path):
+    """Stop the folder's build clock when the block ends, however it ends (an error or Ctrl-C writes the
+    invocation's exact time; after `record` it is already stopped)."""
+    try:
+        yield
+    finally:
+        stop_clock(folder)
+
+
+def stop_clock(folder: str | Path, recorded: bool = False) -> _Clock | None:
+    """Stop a run folder's clock (a route finished, or failed inside a longer command such as a compare)."""
+    with _clocks_lock:
+        clock = _clocks.pop(Path(folder).resolve(), None)
+    if clock is not None:
+        clock.stop(recorded)
+    return clock
 
 
 # ------------------------------------------------------------------------------------------------ 3. deploy
@@ -117,8 +200,13 @@ class Deployment:
 
 @dataclass
 class BuildCost:
-    """What building a route cost: teacher calls, tokens and USD (from the teacher's usage meter, earlier
-    invocations of the run included), wall seconds and training steps."""
+    """What building a route cost: teacher calls, tokens and USD, wall seconds and training steps.
+
+    Calls, tokens and USD are the build's whole cost, read from the run folder's durable cache through the
+    teacher's usage meter: the same on every rerun however many times the build was interrupted (a kill -9 loses
+    no paid call, and the calls an earlier invocation paid for are counted, not replayed for free). The `resumed_*`
+    fields show separately the part an earlier, interrupted invocation paid for (0 for an uninterrupted build);
+    `seconds` includes the wall time of those invocations (`resumed_seconds`, kept by the run folder's build clock)."""
 
     teacher_calls: int = 0
     teacher_input_tokens: int = 0
@@ -126,15 +214,24 @@ class BuildCost:
     teacher_cost_usd: float = 0.0
     seconds: float = 0.0
     training_steps: int = 0
+    resumed_calls: int = 0
+    resumed_tokens: int = 0
+    resumed_cost_usd: float = 0.0
+    resumed_seconds: float = 0.0
 
     @classmethod
     def from_meter(cls, summary: Mapping | None, *, seconds: float = 0.0, training_steps: int = 0) -> BuildCost:
+        """The build cost from a teacher meter's `summary()`: the run's totals (earlier invocations included)."""
         s = summary or {}
-        return cls(teacher_calls=int(s.get("run_calls", s.get("calls", 0)) or 0),
-                   teacher_input_tokens=int(s.get("input_tokens", 0) or 0),
-                   teacher_output_tokens=int(s.get("output_tokens", 0) or 0),
-                   teacher_cost_usd=float(s.get("run_cost_usd", s.get("cost_usd", 0.0)) or 0.0),
-                   seconds=float(seconds), training_steps=int(training_steps))
+
+        def run(key: str, cast):
+            return cast(s.get(f"run_{key}", s.get(key, 0)) or 0)
+
+        return cls(teacher_calls=run("calls", int), teacher_input_tokens=run("input_tokens", int),
+                   teacher_output_tokens=run("output_tokens", int), teacher_cost_usd=run("cost_usd", float),
+                   seconds=float(seconds), training_steps=int(training_steps),
+                   resumed_calls=int(s.get("earlier_calls", 0) or 0), resumed_tokens=int(s.get("earlier_tokens", 0) or 0),
+                   resumed_cost_usd=float(s.get("earlier_cost_usd", 0.0) or 0.0))
 
 
 # ------------------------------------------------------------------------------------------------ 4. evaluate
@@ -230,8 +327,13 @@ def record(run: RunFolder, sel: Selection, *, route: str, deployed: Deployment, 
     from stillroom.report.html import eval_report
 
     previous = run.read_json(RESULT_FILE) or {}
+    clock = stop_clock(run.path, recorded=True)
     if resumed and previous.get("build"):
         cost = BuildCost(**{k: previous["build"].get(k, v) for k, v in asdict(cost).items()})
+    elif clock is not None and cost.seconds > 0:
+        # Built here, perhaps resumed after interruptions: their wall time belongs to the build too.
+        earlier = clock.unrecorded_earlier_seconds()
+        cost = replace(cost, seconds=cost.seconds + earlier, resumed_seconds=earlier)
     run.write_jsonl("predictions.jsonl", [{"condition": n, **p} for n, r in results.items() for p in r.predictions])
     warnings = {n: w for n, r in results.items() if (w := doubtful_result(sel.task, r, n))}
     notes = list(dict.fromkeys([*warnings.values(), *notes]))
@@ -397,7 +499,7 @@ def select_for(cfg, *, task: Task | None = None, need_labels: bool = False) -> S
 
 
 def run_route(cfg, run_dir: str | Path, build, *, route: str, title, prepare=None, task: Task | None = None,
-              need_labels: bool = False, wait: bool = False) -> RouteResult:
+              need_labels: bool = False, wait: bool | None = None) -> RouteResult:
     """Every route's sequence: select → check (`prepare`, before any folder exists) → hold and open the run
     folder → `build(ctx)` (the route's own step, resumable through `ctx.finished` and the durable cache) →
     evaluate each returned `Deployment` with the one evaluator → build cost → record.
@@ -409,7 +511,7 @@ def run_route(cfg, run_dir: str | Path, build, *, route: str, title, prepare=Non
 
     sel = select_for(cfg, task=task, need_labels=need_labels)
     prepared = prepare(cfg, sel) if prepare is not None else None
-    with run_folder_lock(run_dir, wait=wait):
+    with run_folder_lock(run_dir, wait=wait), clock_stopped_after(run_dir):
         run, config_dict = open_run(cfg, run_dir)
         ctx = RouteContext(cfg=cfg, sel=sel, run=run, prepared=prepared)
         timer = Timer()

@@ -16,6 +16,7 @@ from stillroom.options import (
     LabelFieldOpt,
     LabelsOpt,
     TaskOpt,
+    WaitOpt,
     task_overrides,
 )
 from stillroom.ui import console, run_guarded
@@ -81,6 +82,7 @@ def compare(
     instruction: InstructionOpt = None,
     instruction_file: InstructionFileOpt = None,
     run_dir: Annotated[Path | None, typer.Option(help="Compare folder (default: runs/compare-<task>-<hash of task, teacher, student and selection>; rerun resumes).")] = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Run every route that applies to one teacher → student pair on the same task and the same test examples,
     and write one report: quality with 95% intervals and a paired test against zero-shot, latency, tokens, build
@@ -89,6 +91,9 @@ def compare(
     route's budget reruns that route only."""
 
     def body():
+        from stillroom.locking import wait_for_holders
+
+        wait_for_holders(wait)  # the compare folder and every route folder in it
         from stillroom.compare.config import CompareConfig
         from stillroom.compare.run import compare_dir_for, run_compare
         from stillroom.options import load_config

@@ -172,6 +172,25 @@ def _unescape_links(table_html: str) -> str:
     return re.sub(r"&lt;a href=&#x27;(.*?)&#x27;&gt;(.*?)&lt;/a&gt;", r"<a href='\1'>\2</a>", table_html)
 
 
+def _spend_paragraph(spend: dict | None) -> str:
+    """The compare's one ledger: its total against its caps, and each route's share."""
+    if not spend:
+        return ""
+    caps = [f"{spend['cap_max_tokens']:,} tokens" if spend.get("cap_max_tokens") is not None else "",
+            f"${spend['cap_max_cost_usd']:.4f}" if spend.get("cap_max_cost_usd") is not None else ""]
+    caps_text = " and ".join(c for c in caps if c)
+    shares = ", ".join(f"{html.escape(k)} {v['tokens']:,} tokens / ${v['cost_usd']:.4f}"
+                       for k, v in sorted(spend.get("by_route", {}).items(), key=lambda kv: -kv[1]["tokens"]))
+    return (f"<p>Spend of the whole compare (every route's teacher and API student calls, earlier invocations "
+            f"included): {spend['tokens']:,} tokens / ${spend['cost_usd']:.4f}"
+            + (f" of a cap of {caps_text}" if caps_text else "") + (f"; by route: {shares}" if shares else "") + ".</p>")
+
+
+def _with_resumed(total: int, resumed: int) -> str:
+    """A build figure with the part resumed from an earlier invocation, e.g. '4,454 (3,289 resumed)'."""
+    return f"{total:,} ({resumed:,} resumed)" if resumed else f"{total:,}"
+
+
 def _mb(b) -> str:
     return "-" if not b else f"{b / 1e6:.0f} MB"
 
@@ -201,7 +220,8 @@ def compare_report(summary: dict, out: Path) -> str:
                         _ci(r["accuracy"], r["accuracy_ci95"]), diff, p, r["invalid_rate"]])
         b = r["build"]
         cost.append([name, f"{r['latency_p50_s']:.3f} / {r['latency_p95_s']:.3f}", r["output_tokens"], r["input_tokens"],
-                     r["system_prompt_tokens"], b["teacher_calls"], b["teacher_input_tokens"] + b["teacher_output_tokens"],
+                     r["system_prompt_tokens"], _with_resumed(b["teacher_calls"], b.get("resumed_calls", 0)),
+                     _with_resumed(b["teacher_input_tokens"] + b["teacher_output_tokens"], b.get("resumed_tokens", 0)),
                      f"{b['teacher_cost_usd']:.4f}", f"{b['seconds']:.0f}", b["training_steps"],
                      _mb(r["size_on_disk_bytes"]), link])
     q_table = table(["route", "served as", "n", "macro-F1 [95% CI]", "accuracy [95% CI]",
@@ -213,9 +233,10 @@ def compare_report(summary: dict, out: Path) -> str:
               f"examples. Δ and p: paired bootstrap of {metric} against {html.escape(summary['baseline'])} on the same "
               "examples, and McNemar on correctness; * marks p &lt; 0.05. Any other difference is within what chance "
               "gives on this many examples.</p>")
-    cost_legend = ("<p>Latency and tokens are per answer when the route is served. Build cost counts the teacher "
-                   "calls and tokens of the route's own run folder; wall seconds are those of the first build, on "
-                   "this machine.</p>")
+    cost_legend = ("<p>Latency and tokens are per answer when the route is served. Build cost counts every teacher "
+                   "call and token of the route's own run folder, the same however often the build was interrupted; "
+                   "the part paid by an earlier, interrupted invocation and resumed from the cache is shown in "
+                   "brackets. Wall seconds include those of interrupted invocations, on this machine.</p>")
     measured = [r for r in done if r["quality"] is not None]
     lat = [(r["route"], r["latency_p50_s"] or 0.0, r["quality"]) for r in measured]
     cost = [(r["route"], max(r["build_seconds"], 0.1), r["quality"]) for r in measured]
@@ -237,7 +258,7 @@ def compare_report(summary: dict, out: Path) -> str:
         cost_legend += "<p>Latency was measured differently across routes: " + "; ".join(
             f"{html.escape(r['route'])}: {html.escape(r.get('latency_method') or 'not recorded (an older run)')}"
             for r in done) + "</p>"
-    sections = [("Quality", q_table + legend), ("Cost", c_table + cost_legend)]
+    sections = [("Quality", q_table + legend), ("Cost", c_table + cost_legend + _spend_paragraph(summary.get("spend")))]
     instructions = {r["route"]: r.get("instruction") for r in done}
     if done:
         distinct = set(instructions.values())

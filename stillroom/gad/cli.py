@@ -17,6 +17,7 @@ from stillroom.options import (
     InstructionFileOpt,
     InstructionOpt,
     LabelFieldOpt,
+    WaitOpt,
     task_overrides,
 )
 from stillroom.ui import console, print_results, run_guarded
@@ -75,6 +76,7 @@ def gad_cmd(
     id_field: IdFieldOpt = None,
     instruction: InstructionOpt = None,
     instruction_file: InstructionFileOpt = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Generative Adversarial Distillation (GAD, arXiv 2511.10643): black-box on-policy distillation.
 
@@ -92,6 +94,9 @@ def gad_cmd(
     """
 
     def body():
+        from stillroom.locking import wait_for_holders
+
+        wait_for_holders(wait)  # this command's --wait holds for every run folder it opens
         from stillroom.gad.config import GADConfig
         from stillroom.gad.train import run_gad
         from stillroom.options import load_config

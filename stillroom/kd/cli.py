@@ -20,6 +20,7 @@ from stillroom.options import (
     LabelFieldOpt,
     RunDirOpt,
     TaskOpt,
+    WaitOpt,
     load_config,
     task_overrides,
 )
@@ -89,6 +90,7 @@ def logits_cmd(
     id_field: IdFieldOpt = None,
     instruction: InstructionOpt = None,
     instruction_file: InstructionFileOpt = None,
+    wait: WaitOpt = False,
 ) -> None:
     """White-box logit KD: the teacher's top-k log-probabilities are computed once and cached on disk
     (resumable shards), then the student (LoRA or full) is trained on them without the teacher in memory.
@@ -98,6 +100,9 @@ def logits_cmd(
     """
 
     def body():
+        from stillroom.locking import wait_for_holders
+
+        wait_for_holders(wait)  # this command's --wait holds for every run folder it opens
         from stillroom.kd.trainer import KDLogitsConfig, distill_logits
         from stillroom.runs import run_dir_for
 
@@ -129,12 +134,16 @@ def hints_cmd(
     id_field: IdFieldOpt = None,
     instruction: InstructionOpt = None,
     instruction_file: InstructionFileOpt = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Hint KD: the logit loss plus hidden-state matching through a learned projection (student width →
     teacher width), MSE or cosine, on a layer mapping (default uniform). Teacher states are cached with its
     logits."""
 
     def body():
+        from stillroom.locking import wait_for_holders
+
+        wait_for_holders(wait)  # this command's --wait holds for every run folder it opens
         from stillroom.kd.trainer import KDLogitsConfig, distill_logits
         from stillroom.runs import run_dir_for
 
@@ -175,6 +184,7 @@ def data_cmd(
     id_field: IdFieldOpt = None,
     instruction: InstructionOpt = None,
     instruction_file: InstructionFileOpt = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Black-box KD from any backend (API teachers included): teacher answers (SeqKD), rationales + answers
     (CoT), or teacher-labelled demonstrations; filtered by correctness against gold labels; then SFT of the
@@ -182,6 +192,9 @@ def data_cmd(
     """
 
     def body():
+        from stillroom.locking import wait_for_holders
+
+        wait_for_holders(wait)  # this command's --wait holds for every run folder it opens
         from stillroom.kd.data import KDDataConfig, distill_data
         from stillroom.runs import run_dir_for
 

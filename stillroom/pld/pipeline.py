@@ -29,7 +29,7 @@ from stillroom.tasks.task import Task
 
 
 def run_pld(cfg: PLDConfig, run_dir: Path, *, teacher=None, student=None, embedder: Embedder | None = None,
-            task: Task | None = None, wait: bool = False) -> dict:
+            task: Task | None = None, wait: bool | None = None) -> dict:
     """Run PLD end to end through the route skeleton; returns the metrics written to metrics.json.
 
     Task, model specs and every example's fit are checked before the run folder is created; the folder is

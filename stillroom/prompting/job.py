@@ -38,7 +38,7 @@ def default_condition(cfg: EvalConfig) -> Condition:
 
 
 def run_eval(cfg: EvalConfig, run_dir: Path, conditions: list[Condition] | None = None, backend=None,
-             task: Task | None = None, route: str = "eval", wait: bool = False) -> dict[str, EvalResult]:
+             task: Task | None = None, route: str = "eval", wait: bool | None = None) -> dict[str, EvalResult]:
     """Evaluate each condition on the same examples and write the run folder (the first condition is the one
     recorded in result.json). Rerunning resumes from the durable cache.
 
@@ -104,16 +104,24 @@ def fit_eval_examples(sel: Selection, backend, conditions: list[Condition], cfg:
         out = []
         for cond in conditions:
             shots = sel.shots(cond.shots)
-            method = cond.method
-            if method == "auto":
-                method = "loglik" if backend.supports_score and task.kind != "free_text" else "generate"
-            if method == "loglik":
-                ctx = render_prompt(task, ex, shots, cond.system_prompt)
-                out += [(ctx + continuation(o), 0) for o in task.options(ex)]
-            else:
-                reason = method == "cot"
-                out.append((render_chat(task, ex, shots, cond.system_prompt, reason=reason),
-                            cfg.cot_max_tokens if reason else cfg.max_new_tokens))
+            methods = [cond.method]
+            if cond.method == "auto":
+                if task.kind == "free_text":
+                    methods = ["generate"]
+                elif getattr(backend, "max_concurrency", None) is not None:
+                    # A server: asking whether it scores is a paid probe, not to be made before the run folder
+                    # (its cache, its cap) is held. The example must fit whichever way it is answered.
+                    methods = ["loglik", "generate"]
+                else:
+                    methods = ["loglik" if backend.supports_score else "generate"]
+            for method in methods:
+                if method == "loglik":
+                    ctx = render_prompt(task, ex, shots, cond.system_prompt)
+                    out += [(ctx + continuation(o), 0) for o in task.options(ex)]
+                else:
+                    reason = method == "cot"
+                    out.append((render_chat(task, ex, shots, cond.system_prompt, reason=reason),
+                                cfg.cot_max_tokens if reason else cfg.max_new_tokens))
         return out
 
     return fit_examples(task, sel.test, backend, prompts_of, policy=cfg.task.overlong)

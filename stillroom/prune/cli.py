@@ -22,8 +22,10 @@ from stillroom.options import (
     LabelFieldOpt,
     RunDirOpt,
     TaskOpt,
+    WaitOpt,
     task_overrides,
 )
+from stillroom.runs import check_model_destination, claim_run_folder
 from stillroom.ui import console, print_notes, print_results, run_guarded
 
 ModelArg = Annotated[str, typer.Option("--model", "-m", help="Model: 'gemma3-270m', 'hf:PATH' or a model folder.")]
@@ -105,7 +107,7 @@ def analyze_to_folder(model: str, calibration: str, out: Path, samples: int = 64
     m, tok = load_causal_lm(folder)
     analysis = analyze_layers(m, tok, texts, batch_size=batch_size, max_length=max_length, model_name=str(folder),
                               calibration=calibration)
-    run = RunFolder(out)
+    run = RunFolder(claim_run_folder(out))
     data = analysis.to_json()
     run.write_json("angular.json", data)
     plot_heatmap(analysis, run.file("angular_heatmap.png"))
@@ -179,7 +181,7 @@ def prune_apply(
             start, end, d = LayerAnalysis.from_json(data).best_block(block_size)
             record = {"block_size": block_size, "angular_distance": d, "calibration": data.get("calibration")}
             console.print(f"best block of size {block_size}: drop {start}:{end} (d = {d:.4f})")
-        dest = run_dir or _default_out("pruned", {"model": str(folder), "drop": f"{start}:{end}"})
+        dest = check_model_destination(run_dir or _default_out("pruned", {"model": str(folder), "drop": f"{start}:{end}"}))
         saved = prune_model_folder(folder, start, end, dest, analysis=record)
         _save_config(saved, "prune apply", {"model": model, "drop": f"{start}:{end}", "block_size": block_size,
                                             "analysis": analysis, "calibration": calibration, "samples": samples})
@@ -289,6 +291,7 @@ def heal_cmd(
                                grad_accum=grad_accum, lora_r=lora_r, max_length=max_length, seed=seed)
         dest = run_dir or _default_out("healed", {"model": str(folder), "data": str(data), "lora": lora,
                                               "steps": max_steps, "epochs": epochs, "lr": lr, "seed": seed})
+        check_model_destination(dest)
         rec = heal(folder, data, dest, settings)
         _save_config(dest, "heal", {"model": model, "data": data, "lora": lora, "max_steps": max_steps, "epochs": epochs,
                                     "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum, "lora_r": lora_r,
@@ -335,6 +338,7 @@ def merge_slerp(
         a, b = model_folder(model_a), model_folder(model_b)
         schedule = parse_schedule(t_schedule) if t_schedule else t
         dest = run_dir or _default_out("merged", {"a": str(a), "b": str(b), "t": schedule})
+        check_model_destination(dest)
         saved = slerp_model_folders(a, b, dest, schedule)
         config = {"model_a": model_a, "model_b": model_b, "t": schedule, "task": task, "eval_limit": eval_limit}
         _save_config(saved, "merge slerp", config)
@@ -374,7 +378,7 @@ def specdec_cmd(
         res.update({"target": str(tf), "draft": str(df), "prompts_from": prompts})
         dest = run_dir or _default_out("specdec", {"target": str(tf), "draft": str(df), "prompts": prompts, "k": k,
                                                "limit": limit, "max_new_tokens": max_new_tokens})
-        RunFolder(dest).write_json("specdec.json", res)
+        RunFolder(claim_run_folder(dest)).write_json("specdec.json", res)
         _save_config(dest, "specdec", {"target": target, "draft": draft, "prompts": prompts, "k": k, "limit": limit,
                                        "max_new_tokens": max_new_tokens})
         console.print(f"K={k}: acceptance {res['acceptance_rate']:.3f}, mean accepted length "
@@ -401,6 +405,7 @@ def prune_heal_cmd(
     id_field: IdFieldOpt = None,
     instruction: InstructionOpt = None,
     instruction_file: InstructionFileOpt = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Prune + heal as one route: remove the most redundant block of layers (angular distance on the task's
     training prompts), heal the pruned model with SFT on gold answers or with self-data distillation, and evaluate
@@ -408,6 +413,9 @@ def prune_heal_cmd(
     rerunning resumes."""
 
     def body():
+        from stillroom.locking import wait_for_holders
+
+        wait_for_holders(wait)  # this command's --wait holds for every run folder it opens
         from stillroom.options import load_config
         from stillroom.prune.route import PruneHealConfig, run_prune_heal
         from stillroom.runs import run_dir_for

@@ -312,10 +312,10 @@ def run_selfdistill(teacher_spec: str, task_spec: str, run_dir: str | Path, *, l
     """
     from stillroom.backends import open_cached_backend
     from stillroom.config import BackendConfig
-    from stillroom.runs import RunFolder
+    from stillroom.runs import RunFolder, claim_run_folder
     from stillroom.tasks.task import sample
 
-    run = RunFolder(run_dir)
+    run = RunFolder(claim_run_folder(run_dir))  # refuses a folder that is not Stillroom's
     spec = teacher_spec if ":" in teacher_spec or teacher_spec in ("gemma3-270m", "embedded") else f"hf:{teacher_spec}"
     cfg = BackendConfig(spec=spec, batch_size=batch_size)
     from stillroom.config import TaskConfig, validate_config

@@ -27,6 +27,10 @@ MAX_INFERRED_LABELS = 20
 DEFAULT_ANSWER_PATTERN = r".*answer\s*:\s*([^\n]+)"
 """Free text: the last `Answer: ...` line (what `render_chat(reason=True)` asks for); greedy `.*` skips earlier ones."""
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+MAX_LABEL_CHARS = 200
+"""The longest label a classification task may have, in characters. The label set is sent with every request
+(in the instruction, and scored as continuations), so one runaway label (a whole document pasted into the label
+column) would be paid for on every call; real label names are a few words."""
 
 
 def load_jsonl(
@@ -272,6 +276,8 @@ def task_from_records(
     with_choices = [r for r in rows if r.choices is not None]
     if kind is None:
         kind = "multiple_choice" if with_choices else ("classification" if label_set else "free_text")
+    if kind == "classification" and label_set:
+        _check_label_lengths(rows, label_set, labels is not None, source, unit, label_field)
     if kind == "classification":
         if label_set is None:
             raise TaskDataError(
@@ -476,6 +482,20 @@ def _check_label_collisions(rows: list[_Row], label_set: Sequence[str], source: 
         folded[key] = lab
 
 
+def _check_label_lengths(rows: list[_Row], label_set: Sequence[str], given: bool, source: str, unit: str,
+                         label_field: str) -> None:
+    """Refuse a label of the label set longer than `MAX_LABEL_CHARS`, naming where it came from."""
+    for lab in label_set:
+        if len(lab) <= MAX_LABEL_CHARS:
+            continue
+        what = (f"label {lab[:30]!r}... is {len(lab):,} characters long: expected at most {MAX_LABEL_CHARS} "
+                "(the label set is sent with every request; shorten the label names)")
+        row = next((r for r in rows if r.label == lab or (r.choices and lab in r.choices)), None)
+        if given or row is None:
+            raise TaskDataError(f"the given {what}", path=source, field="labels")
+        raise _err(what, source, unit, row.loc, label_field if row.label == lab else "choices")
+
+
 def _dedupe(items: Iterable[Any]) -> tuple:
     """Distinct items in order of first appearance (stable label order)."""
     return tuple(dict.fromkeys(items))
@@ -502,6 +522,11 @@ def _check_file(path: Path) -> None:
     if path.is_dir():
         raise TaskDataError("is a directory: expected a .jsonl or .csv task file (use 'hf:<folder>' for a "
                             "dataset folder)", path=str(path))
+    if not path.is_file():
+        # A device, a FIFO or a socket (also through a symlink: /dev/zero is endless, a FIFO may never end): read
+        # nothing from it.
+        target = f" (a link to {path.resolve()})" if path.is_symlink() else ""
+        raise TaskDataError(f"is not a regular file{target}: expected a .jsonl or .csv task file", path=str(path))
 
 
 def _read_utf8(path: Path) -> str:
