@@ -56,7 +56,7 @@ def load_task_config(task_cfg: TaskConfig) -> Task:
     """Load the task a config names (file, BIG-bench or local dataset), validating every example."""
     from stillroom.tasks import load_task
 
-    return load_task(task_cfg.spec, instruction=task_cfg.instruction, labels=task_cfg.labels)
+    return load_task(task_cfg.spec, **task_cfg.load_options())
 
 
 def select(task_cfg: TaskConfig, *, split: str = "test", limit: int | None = None, train_limit: int | None = None,
@@ -237,13 +237,15 @@ class BuildCost:
 # ------------------------------------------------------------------------------------------------ 4. evaluate
 
 
-def evaluate_deployment(sel: Selection, dep: Deployment, examples: Sequence[Example] | None = None) -> EvalResult:
-    """Step 4 for every route: the one evaluator, on the shared test examples (or `examples`)."""
+def evaluate_deployment(sel: Selection, dep: Deployment, examples: Sequence[Example] | None = None, *,
+                        timed: bool = True) -> EvalResult:
+    """Step 4 for every route: the one evaluator, on the shared test examples (or `examples`). `timed`: latency
+    measured (`stillroom.evaluate.latency`); off for model selection, where only quality counts."""
     if dep.backend is None and dep.load is not None:
         dep.backend = dep.load()
     return evaluate(sel.task, list(sel.test if examples is None else examples), dep.backend, shots=dep.shots,
                     system_prompt=dep.system_prompt, method=dep.method, max_new_tokens=dep.max_new_tokens,
-                    cot_max_tokens=dep.max_new_tokens, description=dep.name)
+                    cot_max_tokens=dep.max_new_tokens, description=dep.name, timed=timed)
 
 
 # ------------------------------------------------------------------------------------------------ 5. record
@@ -278,6 +280,9 @@ def quality_record(sel: Selection, res: EvalResult, *, seed: int = 0) -> dict:
         by_id = {ex.id: ex for ex in sel.task.examples}
         gold = [metric_labels(sel.task, by_id[p["id"]], p["gold"]) for p in res.predictions]
         pred = [metric_labels(sel.task, by_id[p["id"]], p["pred"]) for p in res.predictions]
+    if m.get("gold_labels") is False:  # free text with no gold answers: nothing to measure quality against
+        return {"n": m["n"], "accuracy": None, "accuracy_ci95": None, "macro_f1": None, "macro_f1_ci95": None,
+                "invalid_rate": m["invalid_rate"], "per_class_f1": {}, "gold_labels": False}
     ci = bootstrap_ci(gold, pred, _labels(sel.task, res) if m.get("macro_f1") is not None else None, seed=seed)
     return {
         "n": m["n"], "accuracy": m["accuracy"], "accuracy_ci95": ci["accuracy"], "macro_f1": m.get("macro_f1"),
@@ -297,9 +302,10 @@ def result_record(route: str, sel: Selection, dep: Deployment, res: EvalResult, 
         "task": sel.task.name,
         "examples": [ex.id for ex in sel.test],
         "deployment": {"model": dep.model, "method": res.method, "shots": len(dep.shots),
+                       "instruction": sel.task.instruction,
                        "system_prompt_tokens": sp_tokens, **served_size(dep)},
         "quality": quality_record(sel, res, seed=sel.seed),
-        "latency": {"p50_s": m.get("latency_p50_s"), "p95_s": m.get("latency_p95_s")},
+        "latency": {"p50_s": m.get("latency_p50_s"), "p95_s": m.get("latency_p95_s"), "method": m.get("latency_method")},
         "tokens": {"input_per_answer": m.get("input_tokens_mean"), "output_per_answer": m.get("output_tokens_mean")},
         "build": asdict(cost),
         "artifacts": dict(artifacts or {}),
@@ -329,7 +335,10 @@ def record(run: RunFolder, sel: Selection, *, route: str, deployed: Deployment, 
         earlier = clock.unrecorded_earlier_seconds()
         cost = replace(cost, seconds=cost.seconds + earlier, resumed_seconds=earlier)
     run.write_jsonl("predictions.jsonl", [{"condition": n, **p} for n, r in results.items() for p in r.predictions])
+    warnings = {n: w for n, r in results.items() if (w := doubtful_result(sel.task, r, n))}
+    notes = list(dict.fromkeys([*warnings.values(), *notes]))
     result = result_record(route, sel, deployed, results[deployed.name], cost, artifacts=artifacts, notes=notes)
+    result["warnings"] = [warnings[deployed.name]] if deployed.name in warnings else []
     metrics = {
         "task": sel.task.name, "route": route, "examples": len(sel.test),
         **dict(metrics_extra or {}),
@@ -351,6 +360,20 @@ def _prompt_tokens(dep: Deployment | None) -> dict:
     if dep is None or dep.backend is None:
         return {}
     return {"system_prompt_tokens": dep.backend.count_tokens(dep.system_prompt) if dep.system_prompt else 0}
+
+
+def doubtful_result(task: Task, res: EvalResult, name: str) -> str | None:
+    """A warning when an evaluated condition's answers are (nearly) one class (`one_class_warning`); options
+    that differ per example are compared by position (A, B, ...)."""
+    from stillroom.evaluate.metrics import one_class_warning
+    from stillroom.evaluate.runner import metric_labels
+
+    if task.kind == "free_text":
+        return None
+    by_id = {ex.id: ex for ex in task.examples}
+    gold = [metric_labels(task, by_id[p["id"]], p["gold"]) if p["id"] in by_id else p["gold"] for p in res.predictions]
+    pred = [metric_labels(task, by_id[p["id"]], p["pred"]) if p["id"] in by_id else p["pred"] for p in res.predictions]
+    return one_class_warning(gold, pred, name=name)
 
 
 def read_result(run_dir: str | Path) -> dict | None:
@@ -416,7 +439,7 @@ class RouteContext:
     def evaluate(self, dep: Deployment, examples: Sequence[Example]) -> EvalResult:
         """The one evaluator on examples of the build's own choosing (model selection on the validation split);
         the deployments `build` returns are evaluated by `run_route`, not here."""
-        return evaluate_deployment(self.sel, dep, examples)
+        return evaluate_deployment(self.sel, dep, examples, timed=False)
 
     def digest(self, leave_out: Sequence[str] = ("evaluation",)) -> str:
         """The identity digest of what this route builds (`stillroom.runs.digest_of`, evaluation fields left out)."""

@@ -47,6 +47,7 @@ def load_backend(cfg: BackendConfig | str) -> Backend:
     if kind == "hf" and rest:
         from stillroom.backends.hf import HFBackend
 
+        check_local_path(spec, rest)
         return _local(HFBackend(rest, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size))
     if kind == "gguf" and rest:
         from stillroom.backends.hf import HFBackend
@@ -82,6 +83,23 @@ def load_backend(cfg: BackendConfig | str) -> Backend:
         f"model spec {spec!r} not understood: expected 'gemma3-270m', 'hf:PATH', 'gguf:FILE', 'openai:MODEL' "
         "or 'scripted:NAME'"
     )
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether an 'hf:' name is meant as a folder (./x, ../x, /x, ~/x, a Windows drive, or a/b/c), not a hub name
+    like 'org/model'."""
+    return (name.startswith((".", "/", "~", "\\")) or (len(name) > 1 and name[1] == ":")
+            or name.count("/") > 1 or "\\" in name)
+
+
+def check_local_path(spec: str, name: str) -> None:
+    """A spec naming a folder that does not exist is refused as such (before transformers reads it as a hub
+    repo id and answers with its naming rules)."""
+    path = Path(name).expanduser()
+    if looks_like_path(name) and not path.exists():
+        raise ConfigError(f"{spec!r}: no such folder {name} (resolved: {path.resolve()}); expected a local "
+                          "transformers model folder, or a hub name like 'org/model' already in the local Hugging "
+                          "Face cache")
 
 
 def _local(backend):

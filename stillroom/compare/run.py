@@ -21,11 +21,25 @@ from stillroom.backends.usage import SpendCap, command_ledger
 from stillroom.compare.config import CompareConfig
 from stillroom.compare.routes import RoutePlan, plan_routes
 from stillroom.errors import SpendCapReached, StillroomError
-from stillroom.route import read_result, stop_clock
+from stillroom.route import load_task_config, read_result, stop_clock
 from stillroom.runs import RunFolder, claim_run_folder, digest_of
 from stillroom.ui import console
 
 ROUTE_FILE = "route.json"
+
+
+SELECTION_FIELDS = ("task", "teacher", "student", "eval_split", "eval_limit", "train_limit", "val_limit")
+"""What a compare is: its task, teacher, student and the examples selected (test, training pool, validation).
+Routes, budgets, shots and the baseline are not: each route keeps its own identity (`route.json`) inside the
+compare folder, so changing one route's budget reruns that route only, in the same folder."""
+
+
+def compare_dir_for(cfg: CompareConfig, root: Path | None = None) -> Path:
+    """The default compare folder, `runs/compare-<task>-<hash of SELECTION_FIELDS>`."""
+    from stillroom.runs import default_runs_root, digest_of, identity_of, slug
+
+    ident = {k: v for k, v in identity_of(cfg).items() if k in SELECTION_FIELDS}
+    return (root or default_runs_root()) / f"compare-{slug(cfg.task.spec)}-{digest_of(ident)[:8]}"
 
 
 def route_dir(out: Path, name: str) -> Path:
@@ -78,6 +92,9 @@ def run_compare(cfg: CompareConfig, out: str | Path, *, plans: list[RoutePlan] |
     from stillroom.locking import hold_run_folder
 
     out = Path(out)
+    # The task is loaded once up front: bad data (a missing label column, a malformed line) stops the compare
+    # here with one error, before any folder exists, instead of failing every route in turn.
+    load_task_config(cfg.task)
     plans = plans if plans is not None else plan_routes(cfg)  # every route's config checked before the folder exists
     hold_run_folder(out)  # one compare per folder (each route's folder is held by its route as well)
     run = RunFolder(out)

@@ -65,7 +65,7 @@ def run_eval(cfg: EvalConfig, run_dir: Path, conditions: list[Condition] | None 
                      after_eval=lambda results: eval_notes(ctx.sel, results, overlong))
 
     return run_route(cfg, run_dir, build, route=route, prepare=prepare, task=task, wait=wait,
-                     title=lambda ctx: f"Stillroom eval: {ctx.task.name} on {getattr(ctx.prepared[0], 'model', cfg.model.spec)}").results
+                     title=lambda ctx: f"Stillroom eval: {ctx.task.name} on {cfg.model.spec}").results
 
 
 CONDITION_NAMES = {"zero-shot": "zero-shot", "cot": "chain-of-thought"}
@@ -88,6 +88,9 @@ def eval_notes(sel: Selection, results: dict[str, EvalResult], overlong: dict) -
     if overlong["overlong"]:
         notes.append(f"{overlong['overlong']} example(s) did not fit the model's context window: "
                      f"{overlong['truncated']} truncated, {overlong['skipped']} skipped.")
+    if any(r.metrics.get("gold_labels") is False for r in results.values()):
+        notes.append("No gold labels: the task is free text without reference answers, so no accuracy is measured "
+                     "(give the task a label column with --label-field to measure quality).")
     if sel.task.kind == "multiple_choice":
         notes.append("Options differ per example: per-class figures are over option positions (A, B, ...).")
     return notes

@@ -13,7 +13,18 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from stillroom.options import ConfigArg, RunDirOpt, TaskOpt, WaitOpt
+from stillroom.options import (
+    ConfigArg,
+    IdFieldOpt,
+    InputFieldOpt,
+    InstructionFileOpt,
+    InstructionOpt,
+    LabelFieldOpt,
+    RunDirOpt,
+    TaskOpt,
+    WaitOpt,
+    task_overrides,
+)
 from stillroom.runs import check_model_destination, claim_run_folder
 from stillroom.ui import console, print_notes, print_results, run_guarded
 
@@ -37,14 +48,21 @@ def _save_config(dest: Path, command: str, config: dict) -> None:
     RunFolder(dest).save_config({"command": command, **{k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()}})
 
 
-def _selection(task: str | None, limit: int | None):
+def _columns(input_field, label_field, id_field, instruction, instruction_file) -> dict:
+    """The task's column and instruction options that were given (TaskConfig fields)."""
+    given = {"input_field": input_field, "label_field": label_field, "id_field": id_field, "instruction": instruction,
+             "instruction_file": str(instruction_file) if instruction_file else None}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _selection(task: str | None, limit: int | None, columns: dict | None = None):
     """`--task` of a command that makes a model: its test sample, loaded before the model is built."""
     if not task:
         return None
-    from stillroom.config import TaskConfig
+    from stillroom.config import TaskConfig, validate_config
     from stillroom.route import select
 
-    return select(TaskConfig(spec=task), limit=limit)
+    return select(validate_config(TaskConfig, {"spec": task, **(columns or {})}, source="command line"), limit=limit)
 
 
 def _evaluate(folder: Path, sel, route: str, config: dict, cost=None) -> None:
@@ -203,6 +221,11 @@ def selfdistill_cmd(
                                             "'rewrite' (as generated, ending with its answer line) or "
                                             "'auto' (rewrite for free-text tasks, else answer_first).")] = "auto",
     run_dir: Annotated[Path | None, typer.Option(help="Run folder (rerun resumes from its cache).")] = None,
+    input_field: InputFieldOpt = None,
+    label_field: LabelFieldOpt = None,
+    id_field: IdFieldOpt = None,
+    instruction: InstructionOpt = None,
+    instruction_file: InstructionFileOpt = None,
 ) -> None:
     """Self-data distillation: the unpruned teacher rewrites each training answer given the question and the
     reference answer; conditional selection keeps a rewrite only if its answer equals the label and it has no
@@ -213,7 +236,8 @@ def selfdistill_cmd(
         from stillroom.prune.selfdistill import DEMONSTRATIONS, run_selfdistill
         from stillroom.ui import progress_bar
 
-        dest = run_dir or _default_out("selfdistill", {"teacher": teacher, "task": {"spec": task}, "limit": limit,
+        columns = _columns(input_field, label_field, id_field, instruction, instruction_file)
+        dest = run_dir or _default_out("selfdistill", {"teacher": teacher, "task": {"spec": task, **columns}, "limit": limit,
                                                        "shots": shots, "seed": seed, "chat": chat,
                                                        "max_new_tokens": max_new_tokens, "seed_text": seed_text,
                                                        "demos": demos, "completion": completion})
@@ -222,7 +246,8 @@ def selfdistill_cmd(
             summary = run_selfdistill(teacher, task, dest, limit=limit, shots=shots, seed=seed,
                                       max_new_tokens=max_new_tokens, chat=chat, seed_text=seed_text,
                                       progress=lambda n: bar.advance(job, n),
-                                      demonstrations=DEMONSTRATIONS if demos else (), completion=completion)
+                                      demonstrations=DEMONSTRATIONS if demos else (), completion=completion,
+                                      task_options=columns)
         console.print(f"kept {summary['kept']}/{summary['examples']} rewrites "
                       f"(acceptance {summary['acceptance']:.1%}); reasons: {summary['reasons']}; "
                       f"{summary['backend_calls']} new teacher calls")
@@ -247,6 +272,11 @@ def heal_cmd(
     task: EvalTaskOpt = None,
     eval_limit: EvalLimitOpt = None,
     run_dir: OutOpt = None,
+    input_field: InputFieldOpt = None,
+    label_field: LabelFieldOpt = None,
+    id_field: IdFieldOpt = None,
+    instruction: InstructionOpt = None,
+    instruction_file: InstructionFileOpt = None,
 ) -> None:
     """Healing fine-tune of a (pruned) model on prompt/completion data, loss on completions only; saves a plain
     model folder (LoRA folded in). With --task, the healed model is evaluated on the task's test split."""
@@ -255,7 +285,7 @@ def heal_cmd(
         from stillroom.prune.surgery import model_folder
         from stillroom.train.sft import SFTSettings, heal
 
-        sel = _selection(task, eval_limit)
+        sel = _selection(task, eval_limit, _columns(input_field, label_field, id_field, instruction, instruction_file))
         folder = model_folder(model)
         settings = SFTSettings(lora=lora, max_steps=max_steps, epochs=epochs, learning_rate=lr, batch_size=batch_size,
                                grad_accum=grad_accum, lora_r=lora_r, max_length=max_length, seed=seed)
@@ -279,14 +309,23 @@ def heal_cmd(
 
 
 def merge_slerp(
-    model_a: Annotated[str, typer.Argument(help="Base model A (t=0 gives A).")],
-    model_b: Annotated[str, typer.Argument(help="Model B (t=1 gives B).")],
-    t: Annotated[float, typer.Option(help="Interpolation factor for every tensor.")] = 0.5,
-    t_schedule: Annotated[str | None, typer.Option(help="Anchors interpolated across layers, e.g. 0,0.5,1 "
-                                                        "(mergekit gradient); overrides --t.")] = None,
+    model_a: Annotated[str, typer.Argument(help="Base model A (--factor 0 gives A).")],
+    model_b: Annotated[str, typer.Argument(help="Model B (--factor 1 gives B).")],
+    # The interpolation factor is --factor (mergekit calls it t): '-t' is --task on every command, so a '--t'
+    # option next to it was one typo away from the other.
+    t: Annotated[float, typer.Option("--factor", help="Interpolation factor for every tensor (mergekit's t: 0 gives A, "
+                                                      "1 gives B).")] = 0.5,
+    t_schedule: Annotated[str | None, typer.Option("--factor-schedule", "--t-schedule",
+                                                   help="Anchors interpolated across layers, e.g. 0,0.5,1 "
+                                                        "(mergekit gradient); overrides --factor.")] = None,
     task: EvalTaskOpt = None,
     eval_limit: EvalLimitOpt = None,
     run_dir: OutOpt = None,
+    input_field: InputFieldOpt = None,
+    label_field: LabelFieldOpt = None,
+    id_field: IdFieldOpt = None,
+    instruction: InstructionOpt = None,
+    instruction_file: InstructionFileOpt = None,
 ) -> None:
     """SLERP two models of the same shape with mergekit semantics (per tensor; linear when nearly parallel).
     With --task, the merged model is evaluated on the task's test split (result.json, report.html)."""
@@ -295,7 +334,7 @@ def merge_slerp(
         from stillroom.prune.merge import parse_schedule, slerp_model_folders
         from stillroom.prune.surgery import model_folder
 
-        sel = _selection(task, eval_limit)
+        sel = _selection(task, eval_limit, _columns(input_field, label_field, id_field, instruction, instruction_file))
         a, b = model_folder(model_a), model_folder(model_b)
         schedule = parse_schedule(t_schedule) if t_schedule else t
         dest = run_dir or _default_out("merged", {"a": str(a), "b": str(b), "t": schedule})
@@ -361,6 +400,11 @@ def prune_heal_cmd(
     train_limit: Annotated[int | None, typer.Option(help="Heal on a deterministic sample of N training examples.")] = None,
     eval_limit: Annotated[int | None, typer.Option(help="Evaluate on a deterministic sample of N test examples.")] = None,
     run_dir: RunDirOpt = None,
+    input_field: InputFieldOpt = None,
+    label_field: LabelFieldOpt = None,
+    id_field: IdFieldOpt = None,
+    instruction: InstructionOpt = None,
+    instruction_file: InstructionFileOpt = None,
     wait: WaitOpt = False,
 ) -> None:
     """Prune + heal as one route: remove the most redundant block of layers (angular distance on the task's
@@ -376,7 +420,8 @@ def prune_heal_cmd(
         from stillroom.prune.route import PruneHealConfig, run_prune_heal
         from stillroom.runs import run_dir_for
 
-        over = {"task": {"spec": task}, "student": {"spec": student}, "drop": drop, "block": block,
+        over = {"task": task_overrides(task, input_field=input_field, label_field=label_field, id_field=id_field,
+                                  instruction=instruction, instruction_file=instruction_file), "student": {"spec": student}, "drop": drop, "block": block,
                 "healing": healing, "max_steps": max_steps, "train_limit": train_limit, "eval_limit": eval_limit}
         cfg = load_config(config, PruneHealConfig, over, "--task", bool(task))
         out = run_dir or run_dir_for("prune-heal", cfg)
