@@ -47,20 +47,20 @@ class Rulebook:
         return "\n".join(lines)
 
     def covered_labels(self) -> set[str]:
-        """Labels of the training examples behind the rules (their provenance, not what the rules say)."""
+        """The gold labels of the examples behind the rules (provenance, not what the rules say)."""
         return {lab for r in self.rules for lab in r.labels}
 
-    def label_coverage(self, labels: list[str]) -> dict:
-        """Which of the task's `labels` the rules actually name in their text: a rule the student reads can only
-        lead it to an answer it names. {'named': [...], 'unnamed': [...], 'share': named / all}."""
-        from stillroom.pld.prompts import named_labels
+    def named_labels(self, label_set) -> list[str]:
+        """The labels of `label_set` that some rule's text names (whole words, any case; '_' and '-' read as
+        spaces). This is the rulebook's real coverage: a rule synthesised from a cluster of examples of three
+        labels may still speak of one of them only."""
+        import re
 
-        named = set()
-        for r in self.rules:
-            named |= set(named_labels(r.text, labels))
-        got = [lab for lab in labels if lab in named]
-        return {"named": got, "unnamed": [lab for lab in labels if lab not in named],
-                "share": len(got) / len(labels) if labels else None}
+        def norm(x: str) -> str:
+            return " " + re.sub(r"[\W_]+", " ", x.casefold()).strip() + " "
+
+        texts = [norm(r.text) for r in self.rules]
+        return [lab for lab in label_set if norm(str(lab)).strip() and any(norm(str(lab)) in t for t in texts)]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n"
