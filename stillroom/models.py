@@ -12,16 +12,18 @@ from typing import Any
 
 from stillroom.errors import ConfigError
 
-EMBEDDED_SPECS = ("gemma3-270m", "embedded")
+EMBEDDED_SPECS = ("gemma3-270m", "embedded", "qwen2.5-coder-0.5b")
+"""Specs of the bundled models (`stillroom.backends.embedded.EMBEDDED`)."""
 
 
 def resolve_model_path(spec: str) -> Path:
-    """A local transformers folder for a white-box model spec: 'gemma3-270m' (the embedded model, converted on
-    first use), 'hf:PATH' or a plain folder. API, scripted and GGUF specs are refused with the reason."""
+    """A local transformers folder for a white-box model spec: 'gemma3-270m' or 'qwen2.5-coder-0.5b' (embedded
+    models, converted on first use), 'hf:PATH' or a plain folder. API, scripted and GGUF specs are refused with
+    the reason."""
     if spec in EMBEDDED_SPECS:
-        from stillroom.backends.embedded import ensure_embedded_gemma
+        from stillroom.backends.embedded import ensure_embedded
 
-        return Path(ensure_embedded_gemma())
+        return Path(ensure_embedded(spec))
     kind, _, rest = spec.partition(":")
     if kind in ("openai", "scripted", "gguf"):
         raise ConfigError(

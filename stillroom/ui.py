@@ -3,7 +3,11 @@ every command, and the results table. Route CLIs import this module, never `stil
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -74,3 +78,78 @@ def print_notes(notes, report_path=None) -> None:
         console.print(f"[yellow]note:[/] {n}")
     if report_path is not None:
         console.print(f"report: [bold]{report_path}[/]")
+
+
+_LIBRARY_LOGGERS = ("transformers", "datasets", "trl", "peft", "accelerate", "huggingface_hub", "sentence_transformers")
+
+
+@contextlib.contextmanager
+def library_output_to(log_path: str | Path) -> Iterator[Path]:
+    """Send what the libraries print (progress bars, warnings, transformers' log lines) to `log_path` while the
+    block runs, so the terminal shows only Stillroom's own progress bars and results (on stdout).
+
+    Python-level `sys.stderr` goes to the file (tqdm bars, `warnings`, anything printed there); the handlers of
+    the `transformers`, `datasets`, `trl` and `peft` loggers are pointed at it too (they hold the stream they
+    were created with), and transformers' and datasets' own bars are switched off. Re-entrant: a nested block
+    keeps writing to the outer file. Restores everything on exit, also on an exception.
+    """
+    path = Path(log_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    saved_stderr = sys.stderr
+    if getattr(saved_stderr, "_stillroom_log", False):  # already inside one: keep its file
+        yield path
+        return
+    f = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed in finally
+    f._stillroom_log = True  # type: ignore[attr-defined]
+    handlers: list[tuple[logging.StreamHandler, object]] = []
+    bars: list = []
+    import warnings
+
+    saved_showwarning = warnings.showwarning
+    try:
+        sys.stderr = f
+        # warnings.showwarning writes to the sys.stderr it finds at call time, but a caller may have replaced it.
+        warnings.showwarning = lambda msg, cat, fn, ln, file=None, line=None: f.write(
+            warnings.formatwarning(msg, cat, fn, ln, line))
+        for name in _LIBRARY_LOGGERS:
+            for h in logging.getLogger(name).handlers:
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                    handlers.append((h, h.stream))
+                    h.setStream(f)
+        bars = _library_bars_off()
+        yield path
+    finally:
+        for h, stream in handlers:
+            h.setStream(stream)
+        # A library that set up its handler inside the block bound it to the log file: point it back.
+        for name in _LIBRARY_LOGGERS:
+            for h in logging.getLogger(name).handlers:
+                if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is f:
+                    h.setStream(saved_stderr)
+        for restore in bars:
+            restore()
+        warnings.showwarning = saved_showwarning
+        sys.stderr = saved_stderr
+        f.close()
+
+
+def _library_bars_off() -> list:
+    """Turn off transformers' and datasets' progress bars; return the functions that turn them back on."""
+    restore = []
+    try:
+        from transformers.utils import logging as tlog
+
+        if tlog.is_progress_bar_enabled():
+            tlog.disable_progress_bar()
+            restore.append(tlog.enable_progress_bar)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from datasets.utils import logging as dlog
+
+        if dlog.is_progress_bar_enabled():
+            dlog.disable_progress_bar()
+            restore.append(dlog.enable_progress_bar)
+    except ImportError:  # pragma: no cover
+        pass
+    return restore

@@ -110,10 +110,10 @@ def _run_eval(cfg: EvalConfig, run_dir: Path, conditions: list[Condition], backe
 def _local_weights(spec: str) -> Path | None:
     """The weights folder or file behind a local spec (for the size on disk), without loading anything."""
     kind, _, rest = spec.partition(":")
-    if spec in ("gemma3-270m", "embedded"):
-        from stillroom.backends.embedded import embedded_model_dir
+    from stillroom.backends.embedded import EMBEDDED, embedded_model_dir
 
-        return embedded_model_dir()
+    if spec in EMBEDDED:
+        return embedded_model_dir(name=spec)
     if kind in ("hf", "gguf") and rest:
         return Path(rest).expanduser()
     return None
