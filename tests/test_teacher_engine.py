@@ -76,7 +76,7 @@ def test_gguf_spec_with_llamacpp_engine_loads_nothing_until_used(tmp_path, no_cu
 def _engine(monkeypatch, tok, model, server, starts):
     from stillroom.backends.hf import HFBackend
 
-    def fake_start(gguf, *, slots, n_ctx, threads, ready_timeout_s=120.0):
+    def fake_start(gguf, *, slots, n_ctx, threads, ready_timeout_s=120.0, quiet=False):
         starts.append({"slots": slots, "n_ctx": n_ctx, "threads": threads})
         return object(), server.base_url
 

@@ -46,6 +46,20 @@ def machine_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def default_threads() -> int:
+    """Threads for llama.cpp: the cores idle now (this process's own share counted as idle), at least 1.
+
+    ggml's worker threads meet at a barrier after every operation, so a thread that loses its core to another
+    process stalls the rest: on 2 cores at load average 9, 2 threads generated 1.6 tokens/s and 1 thread 6.4
+    (Qwen2.5-Coder-0.5B, 4 slots). On a quiet machine every core is used."""
+    cpus = machine_threads()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - no load average on this platform
+        return cpus
+    return max(1, min(cpus, int(cpus - load + 1 + 0.5)))
+
+
 def default_slots(threads: int | None = None) -> int:
     """Parallel server slots for this machine: two per core, between 2 and 8. On CPU, llama.cpp batches the
     slots' tokens into one forward, so a few slots per core raise throughput (about 30 tokens/s for one
@@ -54,10 +68,11 @@ def default_slots(threads: int | None = None) -> int:
 
 
 def start_llamacpp_server(gguf: str | Path, *, slots: int = 2, n_ctx: int = 2048, threads: int = 2,
-                          ready_timeout_s: float = 120.0):
+                          ready_timeout_s: float = 120.0, poll: int | None = None, quiet: bool = False):
     """(server, base_url): llama.cpp's server for `gguf` on a free 127.0.0.1 port, answering once this returns.
     Each of the `slots` parallel slots gets `n_ctx / slots` tokens of context. Keep `server` referenced while it
-    is used; dropping it stops the server."""
+    is used; dropping it stops the server. `quiet` silences llama.cpp's own log, which it writes straight to
+    the process's stderr (through a progress display); its failures still reach the client as HTTP errors."""
     import openai
     import xllamacpp
 
@@ -71,6 +86,10 @@ def start_llamacpp_server(gguf: str | Path, *, slots: int = 2, n_ctx: int = 2048
     p.n_parallel = slots
     p.cpuparams.n_threads = threads
     p.cpuparams_batch.n_threads = threads
+    if poll is not None:
+        p.cpuparams.poll = p.cpuparams_batch.poll = poll
+    if quiet:
+        p.verbosity = -1
     server = xllamacpp.Server(p)
     base_url = f"http://127.0.0.1:{port}/v1"
     client = openai.OpenAI(base_url=base_url, api_key="not-needed", max_retries=0, timeout=ready_timeout_s,
@@ -152,8 +171,9 @@ class LlamaCppEngine(BackendBase):
         self._hf_loader, self._tokenizer_loader = hf_loader, tokenizer_loader
         self.model = name
         self.identity = f"{identity}|llamacpp"
-        self.threads = threads or machine_threads()
-        self.slots = slots or default_slots(self.threads)
+        self._threads = threads
+        self.threads = threads or machine_threads()  # decided again when the server starts (default_threads)
+        self.slots = slots or default_slots(machine_threads())
         self.slot_ctx = slot_ctx or DEFAULT_SLOT_CTX
         self.context_tokens = self.slot_ctx
         self.timeout_s = timeout_s
@@ -193,8 +213,10 @@ class LlamaCppEngine(BackendBase):
                 from stillroom.backends.openai_compat import OpenAIBackend
 
                 t0 = time.perf_counter()
+                self.threads = self._threads or default_threads()
                 self._server, base_url = start_llamacpp_server(self.gguf, slots=self.slots,
-                                                               n_ctx=self.slot_ctx * self.slots, threads=self.threads)
+                                                               n_ctx=self.slot_ctx * self.slots, threads=self.threads,
+                                                               quiet=True)
                 self.server_start_s = time.perf_counter() - t0
                 self._client = OpenAIBackend(self.model, base_url=base_url, max_concurrency=self.slots,
                                              timeout_s=self.timeout_s, max_retries=2, retry_budget_s=self.timeout_s * 2,
