@@ -36,6 +36,40 @@ def resolve_model_path(spec: str) -> Path:
     return path
 
 
+def vocabulary_of(spec: str) -> tuple[str, int] | None:
+    """(tokenizer family, logits) of a white-box spec, read without loading or converting anything: the embedded
+    models' known values, else a local folder's config.json (`model_type` without '_text', `vocab_size`); None
+    when unknown (an API model, a GGUF file, a folder not there yet)."""
+    import json
+
+    from stillroom.backends.embedded import EMBEDDED
+
+    if spec in EMBEDDED:
+        m = EMBEDDED[spec]
+        return m.family, m.vocab_size
+    kind, _, rest = spec.partition(":")
+    if kind in ("openai", "scripted", "gguf"):
+        return None
+    cfg = Path(rest if kind == "hf" and rest else spec).expanduser() / "config.json"
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    data = data.get("text_config", data) if isinstance(data.get("text_config"), dict) else data
+    model_type, vocab = str(data.get("model_type", "")).removesuffix("_text"), data.get("vocab_size")
+    return (model_type, int(vocab)) if model_type and isinstance(vocab, int) else None
+
+
+def tokenizers_differ(teacher: str, student: str) -> str | None:
+    """Why `teacher` and `student` cannot share logits (different tokenizer families), or None when they share
+    one or it is not known without loading them (then the KD route's own vocabulary check decides)."""
+    t, s = vocabulary_of(teacher), vocabulary_of(student)
+    if t is None or s is None or t[0] == s[0]:
+        return None
+    return (f"the teacher ({teacher}: {t[0]}, {t[1]:,} logits) and the student ({student}: {s[0]}, {s[1]:,} logits) "
+            "have different tokenizers")
+
+
 def is_white_box(spec: str) -> bool:
     """Whether a spec names weights this process can load and train (not an API or a scripted backend)."""
     return spec.partition(":")[0] not in ("openai", "scripted")

@@ -80,6 +80,42 @@ def print_notes(notes, report_path=None) -> None:
         console.print(f"report: [bold]{report_path}[/]")
 
 
+class _LazyLog:
+    """A text stream that creates its file on the first write: a block in which no library says anything
+    leaves no empty log behind (and no folder created before the run has checked its config)."""
+
+    _stillroom_log = True
+    encoding = "utf-8"
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = None
+        self.closed = False
+
+    def write(self, text: str) -> int:
+        if self._f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed in close()
+        return self._f.write(text)
+
+    def flush(self) -> None:
+        if self._f is not None:
+            self._f.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        import io
+
+        raise io.UnsupportedOperation("the library log has no file descriptor")  # callers fall back, as for StringIO
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+        self.closed = True
+
+
 _LIBRARY_LOGGERS = ("transformers", "datasets", "trl", "peft", "accelerate", "huggingface_hub", "sentence_transformers")
 
 
@@ -94,13 +130,11 @@ def library_output_to(log_path: str | Path) -> Iterator[Path]:
     keeps writing to the outer file. Restores everything on exit, also on an exception.
     """
     path = Path(log_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     saved_stderr = sys.stderr
     if getattr(saved_stderr, "_stillroom_log", False):  # already inside one: keep its file
         yield path
         return
-    f = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed in finally
-    f._stillroom_log = True  # type: ignore[attr-defined]
+    f = _LazyLog(path)
     handlers: list[tuple[logging.StreamHandler, object]] = []
     bars: list = []
     import warnings
@@ -115,22 +149,30 @@ def library_output_to(log_path: str | Path) -> Iterator[Path]:
             for h in logging.getLogger(name).handlers:
                 if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
                     handlers.append((h, h.stream))
-                    h.setStream(f)
+                    _set_stream(h, f)
         bars = _library_bars_off()
         yield path
     finally:
         for h, stream in handlers:
-            h.setStream(stream)
+            _set_stream(h, stream)
         # A library that set up its handler inside the block bound it to the log file: point it back.
         for name in _LIBRARY_LOGGERS:
             for h in logging.getLogger(name).handlers:
                 if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is f:
-                    h.setStream(saved_stderr)
+                    _set_stream(h, saved_stderr)
         for restore in bars:
             restore()
         warnings.showwarning = saved_showwarning
         sys.stderr = saved_stderr
         f.close()
+
+
+def _set_stream(handler: logging.StreamHandler, stream) -> None:
+    """`handler.setStream(stream)`, also when its old stream is already closed (setStream flushes it first)."""
+    try:
+        handler.setStream(stream)
+    except ValueError:
+        handler.stream = stream
 
 
 def _library_bars_off() -> list:

