@@ -8,7 +8,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from stillroom.ui import console, run_guarded
+from stillroom.ui import console, library_output_to, run_guarded
+
+LIBRARY_LOG = "library.log"
+"""What the libraries print during a compare (progress bars, warnings), in the compare folder."""
 
 
 def print_compare(summary: dict, out: Path) -> None:
@@ -58,8 +61,12 @@ def compare(
                 "test_limit": test_limit}
         cfg = load_yaml_config(config, CompareConfig, over)
         out = run_dir or run_dir_for("compare", cfg)
-        summary = run_compare(cfg, out)
+        # Library progress bars, warnings and log lines go to the run folder; the terminal keeps ours.
+        with library_output_to(Path(out) / LIBRARY_LOG):
+            summary = run_compare(cfg, out)
         print_compare(summary, out)
+        if (Path(out) / LIBRARY_LOG).exists():
+            console.print(f"library output: {Path(out) / LIBRARY_LOG}", soft_wrap=True)
 
     run_guarded(body)
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from stillroom.compare.config import ALL_ROUTES, CompareConfig
 from stillroom.config import EvalConfig, PLDConfig, deep_merge, validate_config
-from stillroom.models import is_white_box
+from stillroom.models import is_white_box, tokenizers_differ
 
 REFERENCE_ROUTES = ("teacher", "sft-gold")
 
@@ -95,6 +95,10 @@ def plan_route(cfg: CompareConfig, name: str) -> RoutePlan:
         if not teacher_white_box:
             return RoutePlan(name, None, None, f"the teacher ({cfg.teacher.spec}) gives no logits here: logit KD needs "
                                                "its weights as a local transformers folder")
+        differ = tokenizers_differ(cfg.teacher.spec, cfg.student.spec)
+        if differ:
+            return RoutePlan(name, None, None, f"{differ}; logit KD here needs one vocabulary for both (SeqKD "
+                                               "distils through text instead)")
         from stillroom.kd.trainer import KDLogitsConfig, distill_logits
 
         data = deep_merge({**_base(cfg), "teacher": cfg.teacher.spec, "student": cfg.student.spec, "eval_before": False,
