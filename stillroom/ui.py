@@ -119,15 +119,65 @@ class _LazyLog:
 _LIBRARY_LOGGERS = ("transformers", "datasets", "trl", "peft", "accelerate", "huggingface_hub", "sentence_transformers")
 
 
+def _step_bar_callback(log):
+    """A transformers `TrainerCallback` that shows training as one of our progress bars (steps done of the
+    planned steps) and writes the trainer's log lines (loss, learning rate) to `log` instead of stdout."""
+    from transformers import TrainerCallback
+
+    class StepBar(TrainerCallback):
+        def __init__(self, *args, **kwargs):
+            self.bar = None
+            self.job = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.bar = progress_bar(transient=False)
+                self.bar.start()
+                self.job = self.bar.add_task("training (steps)", total=state.max_steps or None)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(self.job, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                log.write(f"trainer step {state.global_step}: {logs}\n")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.stop()
+                self.bar = None
+
+    return StepBar
+
+
 @contextlib.contextmanager
-def library_output_to(log_path: str | Path) -> Iterator[Path]:
+def _trainer_bars(log) -> Iterator[None]:
+    """While the block runs, every transformers/TRL `Trainer` built reports through `_step_bar_callback`: its
+    default progress callback (a tqdm bar, then `tqdm.write` of every log dict) and its `PrinterCallback`
+    (`print` of every log dict) both write to stdout, where our bars and tables go, and transformers has no
+    switch for that; the trainer looks both names up in its module when it is built, so they are swapped
+    there and put back after."""
+    import transformers.trainer as tt
+
+    saved = tt.DEFAULT_PROGRESS_CALLBACK, tt.PrinterCallback
+    tt.DEFAULT_PROGRESS_CALLBACK = tt.PrinterCallback = _step_bar_callback(log)
+    try:
+        yield
+    finally:
+        tt.DEFAULT_PROGRESS_CALLBACK, tt.PrinterCallback = saved
+
+
+@contextlib.contextmanager
+def library_output_to(log_path: str | Path, *, training_bars: bool = False) -> Iterator[Path]:
     """Send what the libraries print (progress bars, warnings, transformers' log lines) to `log_path` while the
     block runs, so the terminal shows only Stillroom's own progress bars and results (on stdout).
 
     Python-level `sys.stderr` goes to the file (tqdm bars, `warnings`, anything printed there); the handlers of
     the `transformers`, `datasets`, `trl` and `peft` loggers are pointed at it too (they hold the stream they
-    were created with), and transformers' and datasets' own bars are switched off. Re-entrant: a nested block
-    keeps writing to the outer file. Restores everything on exit, also on an exception.
+    were created with), and transformers' and datasets' own bars are switched off. With `training_bars`, a
+    trainer built inside shows one of our progress bars and logs its loss lines to the file. Re-entrant: a
+    nested block keeps writing to the outer file. Restores everything on exit, also on an exception.
     """
     path = Path(log_path)
     saved_stderr = sys.stderr
@@ -151,7 +201,8 @@ def library_output_to(log_path: str | Path) -> Iterator[Path]:
                     handlers.append((h, h.stream))
                     _set_stream(h, f)
         bars = _library_bars_off()
-        yield path
+        with _trainer_bars(f) if training_bars else contextlib.nullcontext():
+            yield path
     finally:
         for h, stream in handlers:
             _set_stream(h, stream)

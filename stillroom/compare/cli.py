@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
 from stillroom.ui import console, library_output_to, run_guarded
@@ -17,7 +18,9 @@ LIBRARY_LOG = "library.log"
 def print_compare(summary: dict, out: Path) -> None:
     """The compare table in the terminal (finished routes), the others listed with their reason, then the
     recommendation and the report's path."""
-    t = Table(title=f"compare: {summary['task']}")
+    # Light borders, no edge padding: the table fits 80 columns with every route name, so a terminal of 100
+    # still has room for more columns without rich cutting the last one.
+    t = Table(title=f"compare: {summary['task']}", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for col in ("route", "macro-F1", "95% CI", "acc", "Δ " + summary["baseline"], "p50 s", "build s"):
         t.add_column(col, justify="right", no_wrap=True)
     others = []
@@ -62,7 +65,7 @@ def compare(
         cfg = load_yaml_config(config, CompareConfig, over)
         out = run_dir or run_dir_for("compare", cfg)
         # Library progress bars, warnings and log lines go to the run folder; the terminal keeps ours.
-        with library_output_to(Path(out) / LIBRARY_LOG):
+        with library_output_to(Path(out) / LIBRARY_LOG, training_bars=True):
             summary = run_compare(cfg, out)
         print_compare(summary, out)
         if (Path(out) / LIBRARY_LOG).exists():
