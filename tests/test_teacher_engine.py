@@ -148,3 +148,18 @@ def test_real_teacher_generates_on_llamacpp_and_stops(tmp_path):
     c = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=3, http_client=openai.DefaultHttpxClient(trust_env=False))
     with pytest.raises(openai.APIConnectionError):
         c.models.list()
+
+
+def test_threads_follow_the_idle_cores(monkeypatch):
+    monkeypatch.setattr(lc, "machine_threads", lambda: 4)
+    for idle, want in ((0.0, 1), (1.2, 1), (2.6, 3), (4.0, 4)):
+        monkeypatch.setattr(lc, "idle_cores", lambda window_s=0.5, idle=idle: idle)
+        assert lc.default_threads() == want
+
+
+def test_idle_cores_reads_proc_stat():
+    import os
+
+    real = lc.idle_cores(0.05)
+    if os.path.exists("/proc/stat"):
+        assert real is not None and 0.0 <= real <= lc.machine_threads() + 1e-9

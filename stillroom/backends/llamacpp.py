@@ -46,18 +46,41 @@ def machine_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def idle_cores(window_s: float = 0.5) -> float | None:
+    """Cores idle over the next `window_s` seconds (from /proc/stat), or None where that cannot be read. Taken
+    while this process waits, so only other processes count as busy (a 1-minute load average would still count
+    this process's own work of a moment ago)."""
+
+    def sample():
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)  # total, idle + iowait
+
+    try:
+        t0, i0 = sample()
+        time.sleep(window_s)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if t1 <= t0:
+        return None
+    return machine_threads() * (i1 - i0) / (t1 - t0)
+
+
 def default_threads() -> int:
-    """Threads for llama.cpp: the cores idle now (this process's own share counted as idle), at least 1.
+    """Threads for llama.cpp: the cores idle now, at least 1, at most this process's cores.
 
     ggml's worker threads meet at a barrier after every operation, so a thread that loses its core to another
     process stalls the rest: on 2 cores at load average 9, 2 threads generated 1.6 tokens/s and 1 thread 6.4
     (Qwen2.5-Coder-0.5B, 4 slots). On a quiet machine every core is used."""
     cpus = machine_threads()
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # pragma: no cover - no load average on this platform
-        return cpus
-    return max(1, min(cpus, int(cpus - load + 1 + 0.5)))
+    idle = idle_cores()
+    if idle is None:
+        try:
+            idle = cpus - os.getloadavg()[0] + 1
+        except (AttributeError, OSError):  # pragma: no cover - no load figures on this platform
+            return cpus
+    return max(1, min(cpus, int(idle + 0.5)))
 
 
 def default_slots(threads: int | None = None) -> int:
