@@ -75,8 +75,11 @@ def _print_demo_times(*, prepare_s: float, converted: list[str] | None, compare_
         install = _minutes(float(stamp.read_text().strip()))
     except (OSError, ValueError):
         install = "not measured (installed without `make`)"
-    prep = f"{_minutes(prepare_s)} ({', '.join(converted)} converted)" if converted else "already in the cache"
-    console.print(f"[bold]demo times[/]: install {install} · model preparation {prep} · compare {_minutes(compare_s)}")
+    prep = f"{_minutes(prepare_s)} ({', '.join(converted)} converted)" if converted else "none (already in the cache)"
+    console.print("[bold]demo times[/]")
+    console.print(f"  install            {install}", soft_wrap=True)
+    console.print(f"  model preparation  {prep}", soft_wrap=True)
+    console.print(f"  compare            {_minutes(compare_s)}", soft_wrap=True)
 
 
 @tasks_app.command("show")

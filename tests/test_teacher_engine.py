@@ -163,3 +163,27 @@ def test_idle_cores_reads_proc_stat():
     real = lc.idle_cores(0.05)
     if os.path.exists("/proc/stat"):
         assert real is not None and 0.0 <= real <= lc.machine_threads() + 1e-9
+
+
+def test_evaluation_builds_the_scoring_model_before_timing_answers(monkeypatch, one_thread):
+    """The first answers' latency does not include loading the transformers side of the engine."""
+    import time
+
+    from stillroom.evaluate.runner import evaluate
+    from stillroom.tasks.task import Example, Task
+
+    tok = tiny_tokenizer(CORPUS)
+    model = tiny_gemma(tok)
+    with FakeOpenAIServer() as srv:
+        e, loads = _engine(monkeypatch, tok, model, srv, [])
+        real = e._hf_loader
+
+        def slow_loader():
+            time.sleep(1.0)
+            return real()
+
+        e._hf_loader = slow_loader
+        task = Task(name="t", kind="classification", instruction="Label it.", labels=["positive", "negative"],
+                    examples=[Example(id="a", input="hello world", label="positive")])
+        res = evaluate(task, task.examples, e, method="loglik")
+        assert loads == [1] and res.predictions[0]["latency_s"] < 1.0

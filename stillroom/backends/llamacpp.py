@@ -258,6 +258,13 @@ class LlamaCppEngine(BackendBase):
                 server.stop() if hasattr(server, "stop") else None
             del server
 
+    def prepare(self, use: str) -> None:
+        """Build now what `use` ('score' or 'generate') needs: the transformers model or the server."""
+        if use == "score":
+            _ = self.hf
+        else:
+            self._server_client()
+
     # ------------------------------------------------------------------ the Backend interface
 
     def render(self, prompt: Prompt) -> tuple[str, bool]:
