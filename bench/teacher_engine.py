@@ -65,8 +65,8 @@ def pld_route(engine: str, args, out_root: Path) -> dict:
     from stillroom.pld.pipeline import run_pld
 
     cfg = PLDConfig(task=TaskConfig(spec=args.task), teacher=BackendConfig(spec=TEACHER, engine=engine),
-                    student=BackendConfig(spec="gemma3-270m", engine="transformers"), extract_sample=args.extract,
-                    val_limit=args.val, test_limit=args.test, max_rounds=1, teacher_max_tokens=args.max_tokens,
+                    student=BackendConfig(spec="gemma3-270m", engine="transformers"), train_limit=args.extract,
+                    val_limit=args.val, eval_limit=args.test, max_rounds=1, teacher_max_tokens=args.max_tokens,
                     compare_baselines=False, cot=False, shots=0, failures_per_round=8, successes_per_round=4)
     run_dir = out_root / f"pld-{engine}"
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ is `$STILLROOM_CACHE` or `~/.cache/stillroom`. The assembled GGUF stays next to 
 as it is (`stillroom.backends.llamacpp`).
 
 Gemma-3 270M base has no chat template; `HFBackend` renders chat prompts with
-`stillroom.tasks.prompts.chat_to_text` in that case, and with the tokenizer's template (Qwen's ChatML) otherwise.
+`stillroom.backends.base.chat_to_text` in that case, and with the tokenizer's template (Qwen's ChatML) otherwise.
 """
 
 from __future__ import annotations

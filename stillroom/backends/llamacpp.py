@@ -280,7 +280,7 @@ class LlamaCppEngine(BackendBase):
                 return str(tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)), True
             except Exception:  # e.g. a template that rejects a system role: as HFBackend does
                 pass
-        from stillroom.tasks.prompts import chat_to_text
+        from stillroom.backends.base import chat_to_text
 
         return chat_to_text(p), False
 
