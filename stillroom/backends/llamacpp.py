@@ -179,8 +179,8 @@ class LlamaCppEngine(BackendBase):
     """Generation on a llama.cpp server started on first use, scoring on transformers (see the module docstring).
 
     `gguf` is the model file; `hf_loader()` returns the `HFBackend` of the same model (called at most once, on
-    the first score); `tokenizer_loader()` returns its tokenizer (for prompt rendering and token counts).
-    `log_path`, when set, receives the server's own log lines (llama.cpp writes them to the process's stderr).
+    the first score); `tokenizer_loader()` returns its tokenizer (for prompt rendering and token counts). The
+    server runs quiet: llama.cpp would write its log straight to the process's stderr, through our progress bars.
     """
 
     supports_score = True
@@ -253,10 +253,8 @@ class LlamaCppEngine(BackendBase):
                 self._client.close()
             self._client = None
             server, self._server = self._server, None
-        if server is not None:
-            with contextlib.suppress(Exception):
-                server.stop() if hasattr(server, "stop") else None
-            del server
+        # xllamacpp has no stop method: its server stops when the object is freed, so drop the last reference.
+        del server
 
     def prepare(self, use: str) -> None:
         """Build now what `use` ('score' or 'generate') needs: the transformers model or the server."""
