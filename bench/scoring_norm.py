@@ -7,8 +7,10 @@ the option's length in characters); this measures both, as macro-F1 and accuracy
 k-shot, on the same test examples. It reports; it changes no default.
 
     .venv/bin/python bench/scoring_norm.py --task bigbench:intent_recognition --limit 40 --shots 0,5
+    .venv/bin/python bench/scoring_norm.py --from-compare runs/compare-...   # no model run: a compare's scores
 
-Writes bench/results/scoring_norm.json and prints a table.
+Writes bench/results/scoring_norm.json and prints a table. `--from-compare` reads the log-likelihoods a finished
+`stillroom compare` recorded per option (its loglik routes' predictions.jsonl) instead of scoring again.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import gc
 import json
 import os
 import sys
+from pathlib import Path
 
 from _common import ROOT, log  # noqa: E402  (also sets the offline environment)
 
@@ -30,16 +33,19 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shots", default="0,5")
+    ap.add_argument("--from-compare", default=None, help="A compare folder: use its recorded scores.")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scoring_norm.json"))
     args = ap.parse_args()
+    if args.from_compare:
+        return from_compare(args)
+
+    import tempfile
 
     from stillroom.backends.embedded import ensure_embedded
     from stillroom.backends.hf import HFBackend
-    from stillroom.evaluate.metrics import classification_metrics
-    from stillroom.evaluate.runner import evaluate
     from stillroom.config import TaskConfig
+    from stillroom.evaluate.runner import evaluate
     from stillroom.route import select
-    from stillroom.tasks.prompts import continuation
     from stillroom.ui import library_output_to
 
     # The same test sample and shots as `stillroom compare` with test_limit = --limit (the demo's 40 examples).
@@ -47,42 +53,77 @@ def main() -> None:
     task, test = sel.task, sel.test
     rows = {}
     for role, spec in MODELS.items():
-        with library_output_to(ROOT / "bench" / "results" / ".scoring_norm.log"):
+        with library_output_to(Path(tempfile.gettempdir()) / "stillroom-scoring-norm.log"):
             backend = HFBackend(str(ensure_embedded(spec)), device="cpu", dtype="float32")
         for k in (int(x) for x in args.shots.split(",")):
             log(f"{role} ({spec}), {k}-shot")
             res = evaluate(task, test, backend, shots=sel.shots(k), method="loglik", description=f"{role} {k}-shot")
-            gold = [p["gold"] for p in res.predictions]
-            raw = [p["pred"] for p in res.predictions]
-            norm = []
-            for ex, p in zip(test, res.predictions, strict=True):
-                opts = task.options(ex)
-                lens = [len(continuation(o)) for o in opts]
-                norm.append(opts[max(range(len(opts)), key=lambda i: p["loglik"][i] / lens[i])])
-            labels = list(task.labels)
-            m_raw, m_norm = classification_metrics(gold, raw, labels), classification_metrics(gold, norm, labels)
-            top = max(set(raw), key=raw.count)
-            rows[f"{role} {k}-shot"] = {
-                "model": spec, "shots": k, "n": len(test),
-                "raw": {"macro_f1": round(m_raw["macro_f1"], 3), "accuracy": round(m_raw["accuracy"], 3),
-                        "most_common_answer": top, "most_common_count": raw.count(top)},
-                "norm": {"macro_f1": round(m_norm["macro_f1"], 3), "accuracy": round(m_norm["accuracy"], 3),
-                         "most_common_answer": max(set(norm), key=norm.count),
-                         "most_common_count": max(norm.count(x) for x in set(norm))},
-            }
+            rows[f"{role} {k}-shot"] = {"model": spec, "shots": k, **figures(task, test, res.predictions)}
         del backend
         gc.collect()
+    write_and_print(args, rows)
+
+
+def figures(task, examples, preds: list[dict]) -> dict:
+    """Raw and length-normalised macro-F1 and accuracy from per-option log-likelihoods (`loglik` of each record,
+    in the order of `task.options(ex)`)."""
+    from stillroom.evaluate.metrics import classification_metrics
+    from stillroom.tasks.prompts import continuation
+
+    by_id = {ex.id: ex for ex in examples}
+    gold, raw, norm = [], [], []
+    for p in preds:
+        opts = task.options(by_id[p["id"]])
+        lens = [len(continuation(o)) for o in opts]
+        gold.append(p["gold"])
+        raw.append(opts[max(range(len(opts)), key=lambda i: p["loglik"][i])])
+        norm.append(opts[max(range(len(opts)), key=lambda i: p["loglik"][i] / lens[i])])
+    labels = list(task.labels)
+    out = {"n": len(preds)}
+    for name, pred in (("raw", raw), ("norm", norm)):
+        m = classification_metrics(gold, pred, labels)
+        top = max(set(pred), key=pred.count)
+        out[name] = {"macro_f1": round(m["macro_f1"], 3), "accuracy": round(m["accuracy"], 3),
+                     "most_common_answer": top, "most_common_count": pred.count(top)}
+    return out
+
+
+def from_compare(args) -> None:
+    """The figures from a finished compare's recorded scores (its loglik routes), written and printed."""
+    from stillroom.compare.config import CompareConfig
+    from stillroom.config import load_yaml_config
+    from stillroom.route import select
+
+    folder = Path(args.from_compare)
+    cfg = load_yaml_config(folder / "config.yaml", CompareConfig, {})
+    sel = select(cfg.task)
+    rows = {}
+    for route_dir in sorted((folder / "routes").iterdir()):
+        path = route_dir / "predictions.jsonl"
+        if not path.exists():
+            continue
+        preds = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        preds = [p for p in preds if isinstance(p.get("loglik"), list)]
+        conds = sorted({p.get("condition") for p in preds})
+        for cond in conds:
+            mine = [p for p in preds if p.get("condition") == cond]
+            if mine:
+                rows[f"{route_dir.name}: {cond}"] = figures(sel.task, sel.splits.test + sel.splits.train + sel.splits.val, mine)
+    write_and_print(args, rows, source=str(folder))
+
+
+def write_and_print(args, rows: dict, source: str | None = None) -> None:
     result = {"command": " ".join(["bench/scoring_norm.py", *sys.argv[1:]]), "task": args.task, "split": "test",
-              "limit": args.limit, "seed": args.seed,
+              "limit": args.limit, "seed": args.seed, "from_compare": source,
               "note": "raw: argmax of summed log-likelihood (lm-eval acc); norm: argmax of log-likelihood / option "
                       "length in characters (lm-eval acc_norm)", "rows": rows}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
-    print(f"\n{'model':<18} {'F1 raw':>7} {'acc raw':>8} {'F1 norm':>8} {'acc norm':>9}  most common answer raw / norm")
+    print(f"\n{'condition':<32} {'F1 raw':>7} {'acc raw':>8} {'F1 norm':>8} {'acc norm':>9}  most common answer raw / norm")
     for name, r in rows.items():
-        print(f"{name:<18} {r['raw']['macro_f1']:>7.3f} {r['raw']['accuracy']:>8.3f} {r['norm']['macro_f1']:>8.3f} "
+        print(f"{name:<32} {r['raw']['macro_f1']:>7.3f} {r['raw']['accuracy']:>8.3f} {r['norm']['macro_f1']:>8.3f} "
               f"{r['norm']['accuracy']:>9.3f}  {r['raw']['most_common_answer']} x{r['raw']['most_common_count']} / "
               f"{r['norm']['most_common_answer']} x{r['norm']['most_common_count']}")
     print(f"-> {args.out}")

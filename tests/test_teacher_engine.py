@@ -11,8 +11,8 @@ import pytest
 from conftest import naive_score, tiny_gemma, tiny_tokenizer
 from helpers_fake_server import FakeOpenAIServer
 
-from stillroom.backends import load_backend
 from stillroom.backends import llamacpp as lc
+from stillroom.backends import load_backend
 from stillroom.backends.base import GenerationParams, ScoreRequest
 from stillroom.config import BackendConfig
 from stillroom.errors import ConfigError

@@ -306,7 +306,11 @@ def engine_backend(spec: str, *, device: str = "auto", dtype: str = "auto", batc
                    slot_ctx: int | None = None) -> LlamaCppEngine:
     """The `LlamaCppEngine` of a GGUF-backed spec: an embedded model (its verified GGUF; scoring on its converted
     folder) or 'gguf:FILE' (scoring on transformers' dequantised load of the same file)."""
-    from stillroom.backends.embedded import EMBEDDED, embedded_model_dir, ensure_embedded, ensure_embedded_gguf
+    from stillroom.backends.embedded import (
+        EMBEDDED,
+        ensure_embedded,
+        ensure_embedded_gguf,
+    )
     from stillroom.backends.hf import HFBackend
 
     if spec in EMBEDDED:
