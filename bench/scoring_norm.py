@@ -90,13 +90,15 @@ def figures(task, examples, preds: list[dict]) -> dict:
 
 def from_compare(args) -> None:
     """The figures from a finished compare's recorded scores (its loglik routes), written and printed."""
-    from stillroom.compare.config import CompareConfig
-    from stillroom.config import load_yaml_config
+    import yaml
+
+    from stillroom.config import TaskConfig
     from stillroom.route import select
 
     folder = Path(args.from_compare)
-    cfg = load_yaml_config(folder / "config.yaml", CompareConfig, {})
-    sel = select(cfg.task)
+    # Only the task is needed (its options per example): read just that block of the saved config.
+    task_cfg = TaskConfig.model_validate(yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))["task"])
+    sel = select(task_cfg)
     rows = {}
     for route_dir in sorted((folder / "routes").iterdir()):
         path = route_dir / "predictions.jsonl"
@@ -121,9 +123,9 @@ def write_and_print(args, rows: dict, source: str | None = None) -> None:
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
-    print(f"\n{'condition':<32} {'F1 raw':>7} {'acc raw':>8} {'F1 norm':>8} {'acc norm':>9}  most common answer raw / norm")
+    print(f"\n{'condition':<44} {'F1 raw':>7} {'acc raw':>8} {'F1 norm':>8} {'acc norm':>9}  most common answer raw / norm")
     for name, r in rows.items():
-        print(f"{name:<32} {r['raw']['macro_f1']:>7.3f} {r['raw']['accuracy']:>8.3f} {r['norm']['macro_f1']:>8.3f} "
+        print(f"{name:<44} {r['raw']['macro_f1']:>7.3f} {r['raw']['accuracy']:>8.3f} {r['norm']['macro_f1']:>8.3f} "
               f"{r['norm']['accuracy']:>9.3f}  {r['raw']['most_common_answer']} x{r['raw']['most_common_count']} / "
               f"{r['norm']['most_common_answer']} x{r['norm']['most_common_count']}")
     print(f"-> {args.out}")
