@@ -33,7 +33,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shots", default="0,5")
+    ap.add_argument("--models", default="teacher,student", help="Which of the embedded pair to score.")
     ap.add_argument("--from-compare", default=None, help="A compare folder: use its recorded scores.")
+    ap.add_argument("--append", action="store_true", help="Add the rows to those already in --out.")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scoring_norm.json"))
     args = ap.parse_args()
     if args.from_compare:
@@ -52,7 +54,7 @@ def main() -> None:
     sel = select(TaskConfig(spec=args.task, seed=args.seed), limit=args.limit)
     task, test = sel.task, sel.test
     rows = {}
-    for role, spec in MODELS.items():
+    for role, spec in ((r, MODELS[r]) for r in args.models.split(",")):
         with library_output_to(Path(tempfile.gettempdir()) / "stillroom-scoring-norm.log"):
             backend = HFBackend(str(ensure_embedded(spec)), device="cpu", dtype="float32")
         for k in (int(x) for x in args.shots.split(",")):
@@ -115,6 +117,11 @@ def from_compare(args) -> None:
 
 
 def write_and_print(args, rows: dict, source: str | None = None) -> None:
+    if args.append and os.path.exists(args.out):
+        with open(args.out, encoding="utf-8") as f:
+            before = json.load(f)
+        rows = {**before.get("rows", {}), **rows}
+        source = source or before.get("from_compare")
     result = {"command": " ".join(["bench/scoring_norm.py", *sys.argv[1:]]), "task": args.task, "split": "test",
               "limit": args.limit, "seed": args.seed, "from_compare": source,
               "note": "raw: argmax of summed log-likelihood (lm-eval acc); norm: argmax of log-likelihood / option "
