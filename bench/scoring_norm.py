@@ -117,12 +117,14 @@ def from_compare(args) -> None:
 
 
 def write_and_print(args, rows: dict, source: str | None = None) -> None:
+    commands = [" ".join(["bench/scoring_norm.py", *sys.argv[1:]])]
     if args.append and os.path.exists(args.out):
         with open(args.out, encoding="utf-8") as f:
             before = json.load(f)
         rows = {**before.get("rows", {}), **rows}
         source = source or before.get("from_compare")
-    result = {"command": " ".join(["bench/scoring_norm.py", *sys.argv[1:]]), "task": args.task, "split": "test",
+        commands = before.get("commands", [before.get("command")]) + commands
+    result = {"commands": commands, "task": args.task, "split": "test",
               "limit": args.limit, "seed": args.seed, "from_compare": source,
               "note": "raw: argmax of summed log-likelihood (lm-eval acc); norm: argmax of log-likelihood / option "
                       "length in characters (lm-eval acc_norm)", "rows": rows}
