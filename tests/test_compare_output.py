@@ -24,3 +24,21 @@ def test_compare_table_fits_80_columns_uncut(monkeypatch):
     assert len(table) == len(ALL_ROUTES) + 1
     assert all(len(line.rstrip()) <= 80 and "…" not in line for line in table)
     assert all(line.rstrip().endswith("12346") for line in table[1:])  # the last column whole
+
+
+def test_demo_prints_install_preparation_and_compare_times(tmp_path, monkeypatch):
+    import sys
+
+    import stillroom.cli as cli
+
+    console = Console(width=100, record=True, color_system=None)
+    monkeypatch.setattr(cli, "console", console)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    cli._print_demo_times(prepare_s=5.0, converted=None, compare_s=61.0)
+    assert "not measured" in console.export_text()  # installed without make: said so, no made-up figure
+    (tmp_path / ".stillroom-install-seconds").write_text("216\n")  # what `make` records
+    cli._print_demo_times(prepare_s=218.4, converted=["Qwen2.5-Coder-0.5B-Instruct"], compare_s=481.0)
+    text = console.export_text()
+    assert "install            3 min 36 s" in text
+    assert "model preparation  3 min 38 s (Qwen2.5-Coder-0.5B-Instruct converted)" in text
+    assert "compare            8 min 01 s" in text
