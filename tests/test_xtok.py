@@ -283,3 +283,35 @@ def test_training_brings_the_loss_down(merge, hybrid, examples, s_tok, t_tok, te
     losses = [h["loss"] for h in res.log_history if "loss" in h]
     assert sum(losses[-3:]) < sum(losses[:3])
     assert res.tokens > 0
+
+
+def test_served_teacher_fills_the_cross_cache_like_a_local_one(s_tok, t_tok, teacher, tmp_path, monkeypatch):
+    """Through vLLM-shaped `prompt_logprobs` and `/tokenize` (ids + pieces): the teacher's ids, top-k, actual-token
+    log-probabilities and byte offsets equal the local teacher's."""
+    from helpers_vllm_server import VLLMShapedServer
+
+    from stillroom.backends.openai_compat import OpenAIBackend
+    from stillroom.kd.served_teacher import ServedTeacher
+
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    pairs = PAIRS[:7]
+    # The server cannot say which id is EOS: the local reference leaves it out too.
+    local_x = encode_cross(s_tok, t_tok, pairs, max_length=64, append_eos=False)
+    local, _ = build_logit_cache(teacher, [x.teacher for x in local_x], tmp_path / "local", teacher_id="t", k=6,
+                                 pad_id=t_tok.pad_token_id, progress=False, xtok=True)
+    with VLLMShapedServer(teacher, t_tok) as srv:
+        served = ServedTeacher(OpenAIBackend("served-model", base_url=srv.base_url, max_retries=0))
+        remote_x = encode_cross(s_tok, served.tokenizer(), pairs, max_length=64)
+        remote, stats = build_logit_cache(served, [x.teacher for x in remote_x], tmp_path / "remote",
+                                          teacher_id=served.identity, k=6, shard_size=3, batch_size=2,
+                                          progress=False, xtok=True)
+    assert stats.computed == [0, 1, 2]
+    for i, (a_x, b_x) in enumerate(zip(local_x, remote_x, strict=True)):
+        assert a_x.teacher.ids == b_x.teacher.ids and a_x.plan == b_x.plan
+        a, b = local.get(i), remote.get(i)
+        assert torch.equal(a["targets"].idx, b["targets"].idx)
+        assert torch.allclose(a["targets"].logp, b["targets"].logp, atol=1e-4)
+        assert torch.allclose(a["tok_logp"], b["tok_logp"], atol=1e-4)
+        assert torch.equal(a["byte_offsets"], b["byte_offsets"])

@@ -112,12 +112,25 @@ class ServerScorer:
 
     def server_tokenize(self, text: str, *, retries: int | None = None) -> list[int]:
         """Token ids of `text` from vLLM's `/tokenize` (special tokens added as the model's tokenizer does)."""
-        out = self._post(server_root(self.backend.base_url) + "/tokenize",
-                         {"model": self.backend.model, "prompt": text}, retries=retries)
+        return self.server_tokenize_pieces(text, retries=retries, pieces=False)[0]
+
+    def server_tokenize_pieces(self, text: str, *, add_special_tokens: bool = True, retries: int | None = None,
+                               pieces: bool = True) -> tuple[list[int], list[str] | None]:
+        """(token ids, vocabulary pieces) of `text` from vLLM's `/tokenize` (`return_token_strs`); the pieces are
+        the raw vocabulary strings ('Ġthe', '▁the', '<0xE6>'), from which cross-tokenizer KD gets token bytes."""
+        body: dict = {"model": self.backend.model, "prompt": text}
+        if not add_special_tokens:
+            body["add_special_tokens"] = False
+        if pieces:
+            body["return_token_strs"] = True
+        out = self._post(server_root(self.backend.base_url) + "/tokenize", body, retries=retries)
         tokens = out.get("tokens")
         if not isinstance(tokens, list):
             raise BackendError(f"{self.backend.identity}: /tokenize returned no 'tokens'")
-        return [int(t) for t in tokens]
+        strs = out.get("token_strs")
+        if pieces and (not isinstance(strs, list) or len(strs) != len(tokens)):
+            raise BackendError(f"{self.backend.identity}: /tokenize returned no 'token_strs' (vLLM >= 0.6 has them)")
+        return [int(t) for t in tokens], ([str(x) for x in strs] if pieces else None)
 
     # ---------------------------------------------------------------------------------------------- probing
 
@@ -310,8 +323,12 @@ def topk_from_prompt_logprobs(entry: dict, k: int) -> list[tuple[int, float]]:
 
 
 def teacher_forced_topk(scorer: ServerScorer, prompts: Sequence[Sequence[int]], k: int,
-                        positions: Callable[[int], range]) -> list[list[list[tuple[int, float]]]]:
+                        positions: Callable[[int], range], *, actual: list | None = None,
+                        ) -> list[list[list[tuple[int, float]]]]:
     """For each id sequence, the top-k of the distributions that predict `positions(i)` (vLLM's `prompt_logprobs`).
+
+    With `actual` (a list), the log-probability of the actual token at each of those positions is appended to it,
+    one list per sequence (vLLM returns the actual token with the top-k, whatever its rank).
 
     Raises `ConfigError` naming the server's limit when `k` exceeds its `max_logprobs` (20 by default in vLLM).
     """
@@ -334,6 +351,15 @@ def teacher_forced_topk(scorer: ServerScorer, prompts: Sequence[Sequence[int]], 
         if not isinstance(plp, list) or len(plp) < len(prompts[i]):
             raise BackendError(f"{scorer.backend.identity}: the reply has no prompt_logprobs (not a vLLM server?)")
         out.append([topk_from_prompt_logprobs(plp[p] or {}, k) for p in positions(i)])
+        if actual is not None:
+            lps = []
+            for p in positions(i):
+                got = (plp[p] or {}).get(str(prompts[i][p]))
+                if got is None:
+                    raise BackendError(f"{scorer.backend.identity}: prompt_logprobs at position {p} lack the prompt "
+                                       f"token {prompts[i][p]}")
+                lps.append(float(got["logprob"] if isinstance(got, dict) else got))
+            actual.append(lps)
     return out
 
 

@@ -46,6 +46,9 @@ from stillroom.runs import atomic_write_text
 CACHE_FORMAT = 1
 """Bumped when the shard layout changes (part of the cache key)."""
 
+_ALL_IDS = 2**31 - 1
+"""The vocabulary bound of a served teacher whose vocabulary size is unknown (cross-tokenizer: every id kept)."""
+
 
 # ---------------------------------------------------------------------------------------------- data
 
@@ -407,7 +410,8 @@ def build_logit_cache(
         t0 = time.perf_counter()
         # Settings that depend on the loaded teacher (its vocabulary) go into meta.json once known.
         if not vocab:
-            vocab = int(model.vocab_size if served else model.config.get_text_config().vocab_size)
+            vocab = int(model.vocab_size if served else model.config.get_text_config().vocab_size) if not (
+                served and model.vocab_size is None) else _ALL_IDS
             meta["vocab_size"] = vocab
         atomic_write_text(meta_path, json.dumps(meta) + "\n")
         device = None if served else next(model.parameters()).device
