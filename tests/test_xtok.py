@@ -315,3 +315,60 @@ def test_served_teacher_fills_the_cross_cache_like_a_local_one(s_tok, t_tok, tea
         assert torch.allclose(a["targets"].logp, b["targets"].logp, atol=1e-4)
         assert torch.allclose(a["tok_logp"], b["tok_logp"], atol=1e-4)
         assert torch.equal(a["byte_offsets"], b["byte_offsets"])
+
+
+# ------------------------------------------------------------------------------------------------ the command
+
+
+@pytest.fixture(scope="module")
+def cross_dirs(s_tok, t_tok, teacher, tmp_path_factory):
+    import json
+
+    from stillroom.backends.embedded import save_model_folder
+
+    root = tmp_path_factory.mktemp("xmodels")
+    save_model_folder(teacher, t_tok, root / "teacher")
+    save_model_folder(tiny_gemma(s_tok, seed=13, hidden=16), s_tok, root / "student")
+    (root / "task.jsonl").write_text("".join(
+        json.dumps({"id": f"x{i}", "input": f"{WORDS[i % len(WORDS)]} {i}", "label": LABELS[i % len(LABELS)]},
+                   ensure_ascii=False) + "\n" for i in range(30)))
+    return root
+
+
+def test_kd_logits_detects_different_tokenizers_trains_and_resumes(cross_dirs, tmp_path, monkeypatch):
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    import stillroom.kd.trainer as trainer_mod
+    from stillroom.kd.cli import register
+
+    app = typer.Typer()
+    register(app)
+    args = ["kd", "logits", "--task", str(cross_dirs / "task.jsonl"), "--teacher", f"hf:{cross_dirs / 'teacher'}",
+            "--student", str(cross_dirs / "student"), "--top-k", "8", "--full", "--max-steps", "2", "--batch-size",
+            "4", "--eval-limit", "4", "--run-dir", str(tmp_path / "run")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "ULD across tokenizers" in m["method"] and m["train"]["steps"] == 2
+    assert m["train"]["cache"]["cross_tokenizer"] and m["train"]["cache"]["computed_shards"] == [0]
+    assert any("tokenize differently" in n for n in m["notes"])
+    shards = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "teacher_logits").rglob("*.safetensors")}
+    loaded = []
+    real_load = trainer_mod.load_causal_lm
+    monkeypatch.setattr(trainer_mod, "load_causal_lm", lambda path, **kw: (loaded.append(str(path)), real_load(path, **kw))[1])
+    res = CliRunner().invoke(app, args)  # rerun: nothing recomputed, the teacher not loaded
+    assert res.exit_code == 0, res.output
+    assert loaded and not any("teacher" in p for p in loaded)
+    assert shards and {p: p.stat().st_mtime_ns for p in shards} == shards
+    monkeypatch.undo()
+    # Forcing the same-vocabulary path on two tokenizers is refused, naming both vocabulary sizes.
+    same = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "same"), "--tokenizers", "same"])
+    assert same.exit_code != 0
+    text = " ".join(same.output.split())
+    assert "xtok.mode 'same'" in text and "student vocabulary" in text and "teacher vocabulary" in text
+    # Hint KD stays same-architecture and says so.
+    hints = CliRunner().invoke(app, ["kd", "hints", *args[2:-1], str(tmp_path / "hints")])
+    assert hints.exit_code != 0 and "hint KD" in " ".join(hints.output.split())

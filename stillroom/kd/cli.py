@@ -74,6 +74,12 @@ def logits_cmd(
     lora: LoraOpt = None, epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, lr: LrOpt = None,
     batch_size: BatchOpt = None, train_limit: TrainLimitOpt = None, eval_limit: EvalLimitOpt = None,
     shots: ShotsOpt = None, run_dir: RunDirOpt = None, base_url: BaseUrlOpt = None, api_key_env: KeyEnvOpt = None,
+    tokenizers: Annotated[str | None, typer.Option(
+        help="auto (default: align by bytes when teacher and student tokenize differently), same (refuse "
+        "different tokenizers) or cross (always ULD on byte-aligned spans).")] = None,
+    hybrid: Annotated[bool | None, typer.Option(
+        "--hybrid", help="Across tokenizers: add GOLD's hybrid term (tokens both vocabularies share compared one to "
+        "one).")] = None,
 ) -> None:
     """White-box logit KD: the teacher's top-k log-probabilities are computed once and cached on disk
     (resumable shards), then the student (LoRA or full) is trained on them without the teacher in memory.
@@ -89,7 +95,8 @@ def logits_cmd(
         over = _logits_overrides(task, teacher, student, divergence, beta, alpha, temperature, ce_weight, top_k,
                                  online, on_policy, lora, epochs, max_steps, lr, batch_size, train_limit,
                                  eval_limit, shots)
-        over.update({"teacher_base_url": base_url, "teacher_api_key_env": api_key_env})
+        over.update({"teacher_base_url": base_url, "teacher_api_key_env": api_key_env,
+                     "xtok": {"mode": tokenizers, "hybrid": hybrid}})
         cfg = load_config(config, KDLogitsConfig, over, "--task and --student", bool(task and student))
         out = run_dir or run_dir_for("kd-logits", cfg)
         _print(distill_logits(cfg, out), out)

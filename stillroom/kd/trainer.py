@@ -45,7 +45,6 @@ from stillroom.kd.logit_cache import (
     answer_forward,
     build_logit_cache,
     check_ids_in_range,
-    check_vocab,
     encode_examples,
     left_pad,
 )
@@ -57,6 +56,7 @@ from stillroom.kd.losses import (
     sparse_divergence,
     topk_targets,
 )
+from stillroom.kd.xtok_train import XTokConfig, check_cross_settings, choose_path, distill_cross
 from stillroom.models import (
     bf16_supported,
     load_causal_lm,
@@ -162,6 +162,11 @@ class KDLogitsConfig(KDConfig):
         False, description="On-policy KD through TRL's DistillationTrainer (student samples, resident teacher scores)."
     )
     max_completion_length: int = Field(32, ge=1, description="On-policy: tokens the student samples per prompt.")
+    xtok: XTokConfig = Field(
+        default_factory=XTokConfig,
+        description="Teacher and student with different tokenizers: ULD on byte-aligned spans (`mode` 'auto' "
+        "detects it; 'same' / 'cross' force a path).",
+    )
 
     @model_validator(mode="after")
     def _check(self):
@@ -581,25 +586,41 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
 
     s_tok = load_tokenizer(student_path)
     s_cfg = AutoConfig.from_pretrained(str(student_path)).get_text_config()
+    cross, xnote = False, ""
     if served:
         t_cfg = None
         plan = VocabPlan(size=int(s_cfg.vocab_size))  # one tokenizer, checked against the server's before use
+        cross = cfg.xtok.mode == "cross"
+        if not cross:
+            try:
+                served.check_tokenizer(s_tok)
+            except ConfigError as exc:
+                if cfg.xtok.mode == "same":
+                    raise ConfigError(f"xtok.mode 'same' forces the same-vocabulary path, but the served teacher "
+                                      f"tokenizes differently from the student (student vocabulary {len(s_tok)} "
+                                      f"tokens, {s_cfg.vocab_size} logits): {exc}") from None
+                cross, xnote = True, "the served teacher tokenizes differently: cross-tokenizer ULD on byte-aligned spans"
+        if cross:
+            t_tok = served.tokenizer()  # ids and token bytes through the server's /tokenize
     else:
         t_tok = s_tok if teacher_path.resolve() == student_path.resolve() else load_tokenizer(teacher_path)
         t_cfg = AutoConfig.from_pretrained(str(teacher_path)).get_text_config()
-        plan = check_vocab(s_tok, t_tok, int(s_cfg.vocab_size), int(t_cfg.vocab_size))
+        cross, same_plan, xnote = choose_path(cfg.xtok.mode, s_tok, t_tok, int(s_cfg.vocab_size), int(t_cfg.vocab_size))
+        plan = same_plan or VocabPlan(size=int(s_cfg.vocab_size))
+    if cross:
+        check_cross_settings(cfg, served=bool(served))
     prompts = [render_prompt(task, ex, shots) for ex in train]
-    encoded = encode_examples(
-        s_tok, [(ex.id, p, continuation(str(ex.label))) for ex, p in zip(train, prompts, strict=True)],
-        max_length=cfg.max_length, append_eos=cfg.append_eos,
-    )
-    check_ids_in_range(encoded, plan.size)
-    notes = [plan.note] if plan.note else []
+    pairs = [(ex.id, p, continuation(str(ex.label))) for ex, p in zip(train, prompts, strict=True)]
+    encoded = [] if cross else encode_examples(s_tok, pairs, max_length=cfg.max_length, append_eos=cfg.append_eos)
+    if not cross:
+        check_ids_in_range(encoded, plan.size)
+    notes = [n for n in (plan.note, xnote) if n]
     conditions: dict[str, Any] = {}
 
     def load_teacher():
         if served:
-            served.check_tokenizer(s_tok)
+            if not cross:
+                served.check_tokenizer(s_tok)
             return served
         return load_causal_lm(teacher_path, dtype=cfg.dtype)
 
@@ -640,7 +661,14 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
                 layer_map = parse_layer_map(cfg.hints.layer_map, int(s_cfg.num_hidden_layers), int(t_cfg.num_hidden_layers))
                 hint_kw = {"hint_layers": [t for _, t in layer_map], "hint_positions": cfg.hints.positions,
                            "extra_meta": hint_meta(layer_map, t_cfg)}
-            if cfg.teacher_mode == "cached":
+            if cross:
+                result, cache_info = distill_cross(
+                    cfg, pairs, student=student, student_tok=s_tok, teacher_tok=t_tok, load_teacher=load_teacher,
+                    teacher_id=served.identity if served else model_fingerprint(teacher_path),
+                    teacher_logits=None if served else int(t_cfg.vocab_size), cache_root=run.file("teacher_logits"),
+                    output_dir=run.file("trainer"), progress=progress,
+                )
+            elif cfg.teacher_mode == "cached":
                 t0 = time.perf_counter()
                 # Under `accelerate launch` the main process fills the cache; the others then find every shard
                 # done and open it without loading the teacher.
@@ -658,10 +686,11 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
                               "teacher_tokens": stats.teacher_tokens, "k": cache.k}
             else:
                 teacher = load_teacher()
-            result = train_kd(student, s_tok, encoded, cfg, output_dir=run.file("trainer"), cache=cache,
-                              teacher=teacher, vocab_size=plan.size)
+            if not cross:
+                result = train_kd(student, s_tok, encoded, cfg, output_dir=run.file("trainer"), cache=cache,
+                                  teacher=teacher, vocab_size=plan.size)
         trained = merged(result.model)
-        train_info = {**result.summary(), "cache": cache_info, "examples": len(encoded), "config_digest": digest}
+        train_info = {**result.summary(), "cache": cache_info, "examples": len(pairs), "config_digest": digest}
         del teacher, result
         release_memory()
         if not process_state().is_main_process:
@@ -672,10 +701,13 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
                           model=str(student_dir), shots=shots, model_dir=student_dir)
     conditions[deployed.name] = evaluate_deployment(sel, deployed)
     method = "on-policy GKD (TRL)" if cfg.on_policy else f"{cfg.divergence} ({cfg.teacher_mode} teacher, top-{cfg.top_k})"
+    if cross:
+        method = (f"ULD across tokenizers ({cfg.xtok.merge} merge{', hybrid' if cfg.xtok.hybrid else ''}, cached "
+                  f"teacher top-{cfg.top_k} + tail)")
     cache_meta = train_info.get("cache") or {}
     cost = BuildCost(teacher_input_tokens=int(cache_meta.get("teacher_tokens", 0) or 0), seconds=timer.seconds,
                      training_steps=int(train_info.get("steps", 0)))
-    extra = {"split": cfg.eval_split, "train_examples": len(encoded), "teacher": served.identity if served else str(teacher_path),
+    extra = {"split": cfg.eval_split, "train_examples": len(pairs), "teacher": served.identity if served else str(teacher_path),
              "student": str(student_path), "method": method,
              "train": {k: v for k, v in train_info.items() if k != "log_history"}}
     artifacts = {"student": str(student_dir), "teacher_logits": str(run.file("teacher_logits"))}

@@ -313,3 +313,80 @@ def train_xtok(
         answer_tokens=trainer.answer_tokens_seen, tokens_per_s=trainer.tokens_seen / max(seconds, 1e-9),
         log_history=[h for h in trainer.state.log_history if "loss" in h or "train_loss" in h], notes=notes,
     )
+
+
+# ---------------------------------------------------------------------------------------------- the route's choice
+
+
+def choose_path(mode: str, student_tok: Any, teacher_tok: Any, student_logits: int, teacher_logits: int):
+    """(cross, same-vocabulary plan or None, note) for `kd logits`: 'auto' takes the cross-tokenizer path exactly
+    when `check_vocab` refuses the pair; 'same' refuses a pair that tokenizes differently, naming both vocabulary
+    sizes; 'cross' always aligns by bytes."""
+    from stillroom.kd.logit_cache import check_vocab
+
+    sizes = (f"student vocabulary {len(student_tok)} tokens ({student_logits} logits), teacher vocabulary "
+             f"{len(teacher_tok)} tokens ({teacher_logits} logits)")
+    if mode == "cross":
+        return True, None, f"cross-tokenizer path (xtok.mode 'cross'; {sizes})"
+    try:
+        return False, check_vocab(student_tok, teacher_tok, student_logits, teacher_logits), ""
+    except ConfigError as exc:
+        if mode == "same":
+            raise ConfigError(
+                f"xtok.mode 'same' forces the same-vocabulary path, but teacher and student tokenize differently: "
+                f"{sizes}. Use xtok.mode 'auto' or 'cross' (ULD on byte-aligned spans). Details: {exc}"
+            ) from None
+        return True, None, (f"teacher and student tokenize differently ({sizes}): cross-tokenizer ULD on "
+                            "byte-aligned spans")
+
+
+def check_cross_settings(cfg: Any, *, served: bool) -> None:
+    """Refuse the settings the cross-tokenizer path does not offer, each with the reason."""
+    for bad, why in (
+        (cfg.hints.enabled, "hint KD matches hidden states position by position, so it stays same-architecture and "
+                            "same-tokenizer only; distil across tokenizers with `kd logits` (ULD)"),
+        (getattr(cfg, "on_policy", False), "on-policy KD scores the student's samples with the teacher's tokens; "
+                                           "TRL's GOLDTrainer does that with a resident teacher"),
+        (cfg.teacher_mode == "online", "the cross-tokenizer path reads the teacher from its cache; use "
+                                       "teacher_mode 'cached'"),
+        (cfg.top_k == 0, "top_k 0 (the full distribution) is not cached; give top_k > 0"),
+        (served and cfg.xtok.hybrid, "the hybrid term needs the teacher's whole vocabulary, which a server does "
+                                     "not list; turn xtok.hybrid off"),
+    ):
+        if bad:
+            raise ConfigError(f"teacher and student tokenize differently: {why}")
+
+
+def distill_cross(cfg: Any, pairs: Sequence[tuple[str, str, str]], *, student: Any, student_tok: Any,
+                  teacher_tok: Any, load_teacher: Any, teacher_id: str, teacher_logits: int | None,
+                  cache_root: Path, output_dir: Path, progress: bool = True) -> tuple[XTrainResult, dict]:
+    """The cross-tokenizer body of `kd logits`: encode both sides, fill (or reuse) the teacher cache in the
+    teacher's vocabulary (the teacher is loaded only for missing shards, then freed), train. Returns the training
+    result and the cache summary for train.json."""
+    from stillroom.kd.logit_cache import build_logit_cache
+    from stillroom.kd.trainer import process_state
+    from stillroom.models import release_memory
+
+    sb = TokenBytes(student_tok)
+    xs = encode_cross(student_tok, teacher_tok, pairs, max_length=cfg.max_length, append_eos=cfg.append_eos,
+                      student_bytes=sb)
+    t_pad = getattr(teacher_tok, "pad_token_id", None)
+    t0 = time.perf_counter()
+    with process_state().main_process_first():
+        cache, stats = build_logit_cache(
+            load_teacher, [x.teacher for x in xs], cache_root, teacher_id=teacher_id, k=cfg.top_k,
+            temperature=cfg.temperature, shard_size=cfg.shard_size, batch_size=cfg.teacher_batch_size,
+            pad_id=t_pad if t_pad is not None else 0, progress=progress, xtok=True,
+        )
+    release_memory()
+    info = {"folder": str(cache.folder), "computed_shards": stats.computed, "reused_shards": stats.skipped,
+            "seconds": round(time.perf_counter() - t0, 2), "teacher_tokens": stats.teacher_tokens, "k": cache.k,
+            "cross_tokenizer": True, "aligned_spans": sum(len(x.plan) for x in xs),
+            "student_answer_tokens": sum(len(x.student.answer_ids) for x in xs)}
+    shared = None
+    if cfg.xtok.hybrid:
+        shared = shared_vocab_for(student_tok, teacher_tok, student_bytes=sb,
+                                  student_vocab=int(student.config.get_text_config().vocab_size),
+                                  teacher_vocab=int(teacher_logits or cache.vocab_size))
+    result = train_xtok(student, student_tok, xs, cfg, cfg.xtok, cache=cache, output_dir=output_dir, shared=shared)
+    return result, info
