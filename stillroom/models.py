@@ -17,12 +17,15 @@ EMBEDDED_SPECS = ("gemma3-270m", "embedded")
 
 def resolve_model_path(spec: str) -> Path:
     """A local transformers folder for a white-box model spec: 'gemma3-270m' (the embedded model, converted on
-    first use), 'hf:PATH' or a plain folder. API, scripted and GGUF specs are refused with the reason."""
+    first use), 'hf:PATH', a plain folder, or 'gguf:FILE' (converted once, `gguf_model_folder`). API and scripted
+    specs are refused with the reason."""
     if spec in EMBEDDED_SPECS:
         from stillroom.backends.embedded import ensure_embedded_gemma
 
         return Path(ensure_embedded_gemma())
     kind, _, rest = spec.partition(":")
+    if kind == "gguf" and rest:
+        return gguf_model_folder(rest)
     if kind in ("openai", "scripted", "gguf"):
         raise ConfigError(
             f"{spec!r}: this route needs the model's weights as a local transformers folder; an API or scripted "
@@ -32,6 +35,29 @@ def resolve_model_path(spec: str) -> Path:
     if not (path / "config.json").exists():
         raise ConfigError(f"{spec!r}: no transformers model folder at {path} (config.json missing)")
     return path
+
+
+def gguf_model_folder(file: str | Path) -> Path:
+    """A transformers folder converted once from a GGUF file (dequantised to float32 by transformers), kept in the
+    Stillroom cache under a name derived from the file's path, size and mtime: white-box routes (logit KD's
+    teacher, pruning) then load it like any local model. Raises `ConfigError` naming a missing file."""
+    from stillroom.backends.embedded import is_converted, save_model_folder
+    from stillroom.paths import cache_root
+
+    f = Path(file).expanduser()
+    if not f.is_file():
+        raise ConfigError(f"'gguf:{file}': no GGUF file at {f}")
+    st = f.stat()
+    key = hashlib.sha256(f"{f.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    folder = cache_root() / "models" / "gguf" / f"{f.stem}-{key}"
+    if is_converted(folder):
+        return folder
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(f.parent), gguf_file=f.name)
+    model = AutoModelForCausalLM.from_pretrained(str(f.parent), gguf_file=f.name, dtype=torch.float32)
+    return save_model_folder(model, tok, folder)  # atomic: a crash leaves no half-written folder
 
 
 def is_white_box(spec: str) -> bool:

@@ -372,3 +372,24 @@ def test_kd_logits_detects_different_tokenizers_trains_and_resumes(cross_dirs, t
     # Hint KD stays same-architecture and says so.
     hints = CliRunner().invoke(app, ["kd", "hints", *args[2:-1], str(tmp_path / "hints")])
     assert hints.exit_code != 0 and "hint KD" in " ".join(hints.output.split())
+
+
+def test_compare_plans_kd_logits_for_every_teacher_with_logits(cross_dirs):
+    from stillroom.compare.config import CompareConfig
+    from stillroom.compare.routes import plan_routes
+
+    def plan(teacher: dict):
+        cfg = CompareConfig.model_validate({"task": {"spec": str(cross_dirs / "task.jsonl")}, "teacher": teacher,
+                                            "student": {"spec": f"hf:{cross_dirs / 'student'}"},
+                                            "routes": ["kd-logits"]})
+        return plan_routes(cfg)[0]
+
+    # Different tokenizers are no reason to skip; local weights (hf:, gguf:) and a vLLM server all run.
+    for teacher in ({"spec": f"hf:{cross_dirs / 'teacher'}"}, {"spec": "gguf:/models/qwen.gguf"},
+                    {"spec": "openai:qwen", "base_url": "http://gpu-node:8000/v1"}):
+        p = plan(teacher)
+        assert p.skip_reason is None, (teacher, p.skip_reason)
+    served = plan({"spec": "openai:qwen", "base_url": "http://gpu-node:8000/v1"}).config
+    assert served.teacher_base_url == "http://gpu-node:8000/v1" and served.top_k <= 20
+    for teacher in ({"spec": "openai:gpt-4o-mini"}, {"spec": "openai:gpt-4o", "base_url": "https://api.openai.com/v1"}):
+        assert "chat-only API" in plan(teacher).skip_reason

@@ -53,11 +53,25 @@ def _base(cfg: CompareConfig) -> dict:
     return {"task": cfg.task.model_dump(), "train_limit": cfg.train_limit, "eval_split": "test", "eval_limit": cfg.test_limit}
 
 
+def kd_logits_refusal(teacher: Any) -> str | None:
+    """Why logit KD cannot use this teacher, or None: it runs whenever the teacher's weights are local (embedded,
+    hf:, gguf:, a folder) or it is served by vLLM (prompt_logprobs); a chat-only API and a scripted teacher give no
+    logits. Different tokenizers are no reason: `kd logits` then aligns them by bytes."""
+    from stillroom.backends.openai_logprobs import is_openai_api
+
+    kind = teacher.spec.partition(":")[0]
+    if kind == "scripted":
+        return f"the teacher ({teacher.spec}) is scripted: it has no logits"
+    if kind == "openai" and (not teacher.base_url or is_openai_api(teacher.base_url)):
+        return (f"the teacher ({teacher.spec}) is a chat-only API: it gives no logits (no prompt log-probabilities); "
+                "logit KD needs its weights (hf:, gguf:, embedded) or a vLLM server (prompt_logprobs)")
+    return None
+
+
 def plan_route(cfg: CompareConfig, name: str) -> RoutePlan:
     """The plan for one route (its config validated now, so a bad budget fails before any route runs)."""
     over = cfg.budgets.get(name, {})
     student_trainable = is_white_box(cfg.student.spec)
-    teacher_white_box = is_white_box(cfg.teacher.spec) and not cfg.teacher.spec.startswith("gguf:")
     source = f"compare budgets[{name!r}]"
     trains = name in ("seqkd", "cot-data", "kd-logits", "gad", "prune-heal-sft", "prune-heal-self-data", "sft-gold")
     if trains and not student_trainable:
@@ -92,13 +106,20 @@ def plan_route(cfg: CompareConfig, name: str) -> RoutePlan:
                            "teacher_max_tokens": 16 if mode == "answers" else 96, "spend": cfg.spend.model_dump()}, over)
         c, run = validate_config(KDDataConfig, data, source=source), distill_data
     elif name == "kd-logits":
-        if not teacher_white_box:
-            return RoutePlan(name, None, None, f"the teacher ({cfg.teacher.spec}) gives no logits here: logit KD needs "
-                                               "its weights as a local transformers folder")
+        why = kd_logits_refusal(cfg.teacher)
+        if why:
+            return RoutePlan(name, None, None, why)
         from stillroom.kd.trainer import KDLogitsConfig, distill_logits
 
+        # A teacher with different tokenizer from the student's goes through the cross-tokenizer path (ULD on
+        # byte-aligned spans), chosen inside the route; a served one fills the cache through prompt_logprobs
+        # (top_k within vLLM's default max_logprobs, 20).
+        served = cfg.teacher.spec.startswith("openai:")
+        teacher_kw = ({"teacher_base_url": cfg.teacher.base_url, "teacher_api_key_env": cfg.teacher.api_key_env,
+                       "teacher_max_concurrency": cfg.teacher.max_concurrency} if served else {})
         data = deep_merge({**_base(cfg), "teacher": cfg.teacher.spec, "student": cfg.student.spec, "eval_before": False,
-                           "max_steps": 8, "batch_size": 4, "top_k": 32, "logging_steps": 1}, over)
+                           "max_steps": 8, "batch_size": 4, "top_k": 20 if served else 32, "logging_steps": 1,
+                           **teacher_kw}, over)
         c = validate_config(KDLogitsConfig, data, source=source)
         run = lambda kc, out: distill_logits(kc, out, progress=True)  # noqa: E731
     elif name == "gad":
