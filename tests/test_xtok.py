@@ -393,3 +393,46 @@ def test_compare_plans_kd_logits_for_every_teacher_with_logits(cross_dirs):
     assert served.teacher_base_url == "http://gpu-node:8000/v1" and served.top_k <= 20
     for teacher in ({"spec": "openai:gpt-4o-mini"}, {"spec": "openai:gpt-4o", "base_url": "https://api.openai.com/v1"}):
         assert "chat-only API" in plan(teacher).skip_reason
+
+
+# ------------------------------------------------------------------------------------------------ the real pair
+
+
+QWEN_GGUF = "/tmp/i16/qwen.gguf"
+
+
+def _qwen_teacher_spec() -> str:
+    """The Qwen teacher: the embedded spec where this build has it, else a GGUF file (STILLROOM_QWEN_GGUF)."""
+    import os
+    from pathlib import Path
+
+    from stillroom.models import EMBEDDED_SPECS
+
+    if "qwen2.5-coder-0.5b" in EMBEDDED_SPECS:
+        return "qwen2.5-coder-0.5b"
+    f = os.environ.get("STILLROOM_QWEN_GGUF", QWEN_GGUF)
+    if not Path(f).is_file():
+        pytest.skip(f"no Qwen teacher: no embedded spec and no GGUF at {f}")
+    return f"gguf:{f}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_real_pair_qwen_teacher_gemma_student(tmp_path):
+    """Qwen2.5-Coder-0.5B-Instruct (ByteLevel, 151,936 logits) teaches the embedded Gemma-3 270M (SentencePiece,
+    262,144 logits) on the demo task, a few steps; a rerun reuses the cache and the student."""
+    from stillroom.kd.trainer import KDLogitsConfig, distill_logits
+
+    cfg = KDLogitsConfig.model_validate({
+        "task": {"spec": "bigbench:intent_recognition"}, "teacher": _qwen_teacher_spec(), "student": "gemma3-270m",
+        "train_limit": 8, "eval_limit": 8, "eval_before": False, "max_steps": 3, "batch_size": 4, "top_k": 16,
+        "logging_steps": 1, "max_length": 256})
+    m = distill_logits(cfg, tmp_path / "run", progress=False)
+    train = m["train"]
+    assert "ULD across tokenizers" in m["method"] and train["steps"] == 3
+    assert train["cache"]["cross_tokenizer"] and train["cache"]["computed_shards"] == [0]
+    assert 0 < train["cache"]["aligned_spans"] <= train["cache"]["student_answer_tokens"]
+    assert all(h["loss"] == h["loss"] for h in train["log_history"] if "loss" in h)  # no NaN
+    again = distill_logits(cfg, tmp_path / "run", progress=False)
+    assert again["train"]["cache"]["computed_shards"] == [0]  # train.json kept: nothing retrained or recomputed
+    assert any("resumed" in n for n in again["notes"])

@@ -117,7 +117,8 @@ def hints_cmd(
 ) -> None:
     """Hint KD: the logit loss plus hidden-state matching through a learned projection (student width →
     teacher width), MSE or cosine, on a layer mapping (default uniform). Teacher states are cached with its
-    logits."""
+    logits. Same architecture family and tokenizer only (states are matched position by position); across
+    tokenizers, use `kd logits`."""
 
     def body():
         from stillroom.kd.trainer import KDLogitsConfig, distill_logits
