@@ -56,7 +56,13 @@ from stillroom.kd.losses import (
     sparse_divergence,
     topk_targets,
 )
-from stillroom.kd.xtok_train import XTokConfig, check_cross_settings, choose_path, distill_cross
+from stillroom.kd.xtok_train import (
+    XTokConfig,
+    check_cross_settings,
+    choose_path,
+    choose_served_path,
+    distill_cross,
+)
 from stillroom.models import (
     bf16_supported,
     load_causal_lm,
@@ -590,16 +596,7 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
     if served:
         t_cfg = None
         plan = VocabPlan(size=int(s_cfg.vocab_size))  # one tokenizer, checked against the server's before use
-        cross = cfg.xtok.mode == "cross"
-        if not cross:
-            try:
-                served.check_tokenizer(s_tok)
-            except ConfigError as exc:
-                if cfg.xtok.mode == "same":
-                    raise ConfigError(f"xtok.mode 'same' forces the same-vocabulary path, but the served teacher "
-                                      f"tokenizes differently from the student (student vocabulary {len(s_tok)} "
-                                      f"tokens, {s_cfg.vocab_size} logits): {exc}") from None
-                cross, xnote = True, "the served teacher tokenizes differently: cross-tokenizer ULD on byte-aligned spans"
+        cross, xnote = choose_served_path(cfg.xtok.mode, served, s_tok, int(s_cfg.vocab_size))
         if cross:
             t_tok = served.tokenizer()  # ids and token bytes through the server's /tokenize
     else:

@@ -340,6 +340,23 @@ def choose_path(mode: str, student_tok: Any, teacher_tok: Any, student_logits: i
                             "byte-aligned spans")
 
 
+def choose_served_path(mode: str, served: Any, student_tok: Any, student_logits: int) -> tuple[bool, str]:
+    """(cross, note) for a teacher behind vLLM: 'auto' aligns by bytes when the server tokenizes a probe text
+    differently from the student; 'same' refuses that, naming the student's vocabulary size (a server does not say
+    its own); 'cross' always aligns."""
+    if mode == "cross":
+        return True, "cross-tokenizer path (xtok.mode 'cross')"
+    try:
+        served.check_tokenizer(student_tok)
+        return False, ""
+    except ConfigError as exc:
+        if mode == "same":
+            raise ConfigError(f"xtok.mode 'same' forces the same-vocabulary path, but the served teacher tokenizes "
+                              f"differently from the student (student vocabulary {len(student_tok)} tokens, "
+                              f"{student_logits} logits; the server does not list its vocabulary): {exc}") from None
+        return True, "the served teacher tokenizes differently: cross-tokenizer ULD on byte-aligned spans"
+
+
 def check_cross_settings(cfg: Any, *, served: bool) -> None:
     """Refuse the settings the cross-tokenizer path does not offer, each with the reason."""
     for bad, why in (
