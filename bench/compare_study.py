@@ -29,7 +29,24 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from _common import ROOT, log, student_folder  # noqa: E402  (also sets the offline environment and puts the repo on sys.path)
 
 
-def main() -> None:
+def study_config(args, student: Path):
+    """The compare config this bench runs, built from its arguments (test_configs validates it and plans every
+    route, so a renamed field cannot silently break the bench)."""
+    from stillroom.compare.config import CompareConfig
+
+    return CompareConfig.model_validate({
+        "task": {"spec": args.task, "seed": 0}, "teacher": {"spec": "gemma3-270m"}, "student": {"spec": f"hf:{student}"},
+        "routes": args.routes.split(",") if args.routes else None, "eval_limit": args.test, "train_limit": args.train,
+        "val_limit": 24, "shots": args.shots,
+        "budgets": {"seqkd": {"max_steps": 16}, "cot-data": {"max_steps": 16}, "kd-logits": {"max_steps": 16},
+                    "gad": {"adversarial_steps": 8, "warmup_steps": 8}, "prune-heal-sft": {"max_steps": 16},
+                    "prune-heal-self-data": {"max_steps": 16}, "sft-gold": {"max_steps": 16},
+                    "pld": {"teacher_max_tokens": 64}},
+    })
+
+
+def parse_args(argv=None):
+    """The bench's arguments."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", default="bigbench:intent_recognition")
     ap.add_argument("--test", type=int, default=200, help="test examples (the same for every route)")
@@ -42,26 +59,21 @@ def main() -> None:
                     help="write the results of the routes already finished in the work folder; list the others as "
                          "not finished (nothing is computed)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compare_study.json")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
 
     import torch
 
     from stillroom.compare.cli import print_compare
-    from stillroom.compare.config import CompareConfig
     from stillroom.compare.run import run_compare
     from stillroom.runs import atomic_write_text, cache_root
 
     work = args.work or cache_root() / "bench" / "compare_study"
     student = student_folder(args.drop)
-    cfg = CompareConfig.model_validate({
-        "task": {"spec": args.task, "seed": 0}, "teacher": {"spec": "gemma3-270m"}, "student": {"spec": f"hf:{student}"},
-        "routes": args.routes.split(",") if args.routes else None, "test_limit": args.test, "train_limit": args.train,
-        "val_limit": 24, "shots": args.shots,
-        "budgets": {"seqkd": {"max_steps": 16}, "cot-data": {"max_steps": 16}, "kd-logits": {"max_steps": 16},
-                    "gad": {"adversarial_steps": 8, "warmup_steps": 8}, "prune-heal-sft": {"steps": 16},
-                    "prune-heal-self-data": {"steps": 16}, "sft-gold": {"steps": 16},
-                    "pld": {"teacher_max_tokens": 64}},
-    })
+    cfg = study_config(args, student)
     log(f"compare study: {args.task}, teacher gemma3-270m, student {student.name}, {args.test} test examples -> {work}")
     t0 = time.perf_counter()
     plans = None

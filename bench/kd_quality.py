@@ -50,7 +50,28 @@ def summary(metrics: dict) -> dict:
     return {k: metrics[k] for k in ("n", "accuracy", "macro_f1", "invalid_rate") if k in metrics}
 
 
-def main(argv=None) -> dict:
+def kd_configs(args, teacher_path: Path | str, student: Path | str) -> dict:
+    """The route configs this bench runs (logit KD with FKL and RKL, SeqKD), built from its arguments (test_configs
+    validates them, so a renamed field cannot silently break the bench)."""
+    from stillroom.config import BackendConfig, TaskConfig
+    from stillroom.kd.data import KDDataConfig
+    from stillroom.kd.trainer import KDLogitsConfig
+
+    common = dict(shots=args.shots, eval_limit=args.eval, epochs=args.epochs, batch_size=args.batch_size,
+                  learning_rate=args.lr, seed=0)
+    out = {div: KDLogitsConfig(task=TaskConfig(spec=args.task), teacher=f"hf:{teacher_path}", student=str(student),
+                               train_limit=args.train, eval_before=False, divergence=div, ce_weight=0.0, top_k=64,
+                               max_length=512, logging_steps=5, **LORA, **common) for div in ("fkl", "rkl")}
+    out["seqkd"] = KDDataConfig(
+        task=TaskConfig(spec=args.task), teacher=BackendConfig(spec=f"hf:{teacher_path}", batch_size=8),
+        student=str(student), mode="answers", filter_correct=False, teacher_shots=args.shots, teacher_max_tokens=12,
+        train_limit=args.train, eval_before=False, max_length=512, **common,
+        lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": list(ALL_LINEAR)}, lr_scheduler="linear")
+    return out
+
+
+def parse_args(argv=None):
+    """The bench's arguments."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", default="bigbench:intent_recognition")
     ap.add_argument("--shots", type=int, default=3)
@@ -63,21 +84,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default=None, help="work folder (default: <stillroom cache>/bench/kd_quality)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "kd_quality.json"))
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
     from stillroom.backends.embedded import ensure_embedded_gemma, is_converted
-    from stillroom.config import BackendConfig, TaskConfig
-    from stillroom.kd.data import KDDataConfig, distill_data
-    from stillroom.kd.trainer import (
-        KDLogitsConfig,
-        distill_logits,
-        evaluate_model,
-        load_causal_lm,
-        load_tokenizer,
-    )
+    from stillroom.evaluate.runner import evaluate_model
+    from stillroom.kd.data import distill_data
+    from stillroom.kd.trainer import distill_logits, load_causal_lm, load_tokenizer
     from stillroom.prune.angular import analyze_layers
     from stillroom.prune.surgery import prune_model_folder
     from stillroom.runs import cache_root
@@ -131,8 +150,6 @@ def main(argv=None) -> dict:
     evaluate_folder("teacher", teacher_path)
     evaluate_folder("no KD", student)
 
-    common = dict(shots=args.shots, eval_limit=args.eval, epochs=args.epochs, batch_size=args.batch_size,
-                  learning_rate=args.lr, seed=0)
     if st.get("SFT") is None:
         log("SFT on gold answers")
         records = [{"prompt": render_prompt(task, ex, shots), "completion": continuation(str(ex.label))} for ex in train]
@@ -149,9 +166,7 @@ def main(argv=None) -> dict:
     for name, div in (("logit KD (FKL)", "fkl"), ("logit KD (RKL)", "rkl")):
         if st.get(name) is None:
             log(name)
-            cfg = KDLogitsConfig(task=TaskConfig(spec=args.task), teacher=f"hf:{teacher_path}", student=str(student),
-                                 train_limit=args.train, eval_before=False, divergence=div, ce_weight=0.0, top_k=64,
-                                 max_length=512, logging_steps=5, **LORA, **common)
+            cfg = kd_configs(args, teacher_path, student)[div]
             m = timed(name, lambda cfg=cfg, div=div: distill_logits(cfg, work / f"kd-{div}", progress=False))
             tr = m["train"]
             st.put(name, {**summary(m["conditions"]["student (KD)"]), "steps": tr["steps"],
@@ -161,12 +176,7 @@ def main(argv=None) -> dict:
 
     if st.get("SeqKD") is None:
         log("SeqKD (kd data, answers)")
-        cfg = KDDataConfig(task=TaskConfig(spec=args.task), teacher=BackendConfig(spec=f"hf:{teacher_path}", batch_size=8),
-                           student=str(student), mode="answers", filter_correct=False, teacher_shots=args.shots,
-                           teacher_max_tokens=12, train_limit=args.train, eval_before=False, max_length=512,
-                           **{k: v for k, v in common.items() if k != "shots"}, shots=args.shots,
-                           lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": list(ALL_LINEAR)},
-                           lr_scheduler="linear")
+        cfg = kd_configs(args, teacher_path, student)["seqkd"]
         m = timed("SeqKD", lambda: distill_data(cfg, work / "seqkd"))
         st.put("SeqKD", {**summary(m["conditions"]["student (answers KD)"]), "teacher_label_accuracy":
                          m["data"]["teacher_accuracy"], "teacher_unparsed": m["data"]["unparsed"],

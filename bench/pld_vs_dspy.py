@@ -370,7 +370,7 @@ def run_pld_build(args, task, model_t, model_s, work: Path, embedder, val_exampl
     cfg = PLDConfig(
         task=TaskConfig(spec=args.task, seed=args.seed),
         teacher=BackendConfig(spec=args.teacher), student=BackendConfig(spec=args.student),
-        extract_sample=args.extract_sample, val_limit=args.val, test_limit=args.test, max_rounds=args.max_rounds,
+        train_limit=args.extract_sample, val_limit=args.val, eval_limit=args.test, max_rounds=args.max_rounds,
         teacher_max_tokens=args.teacher_max_tokens, student_method=args.student_method, shots=0, cot=False,
         embedder=args.embedder,
     )

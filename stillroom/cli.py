@@ -88,10 +88,10 @@ def fetch_model() -> None:
 
 def _register_routes() -> None:
     from stillroom.compare.cli import register as register_compare
-    from stillroom.evaluate.cli import register as register_eval
     from stillroom.gad.cli import register as register_gad
     from stillroom.kd.cli import register as register_kd
     from stillroom.pld.cli import register as register_pld
+    from stillroom.prompting.cli import register as register_eval
     from stillroom.prune.cli import register as register_prune
 
     register_eval(app)

@@ -7,12 +7,20 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stillroom.errors import ConfigError
+
+NOT_IDENTITY = {"identity": False}
+"""`json_schema_extra` of a field that never defines a run's work (caps, timeouts, concurrency, retries, the key
+variable's name, prices, throughput knobs): changing it resumes the same run folder. `stillroom.runs.identity_of`
+is the one function that reads it."""
+EVALUATION_ONLY = {"identity": "evaluation"}
+"""`json_schema_extra` of a field that shapes only the evaluation: part of the run's identity, but a finished
+build (a trained student, a rulebook) is reused when it changes (`identity_of(cfg, leave_out=("evaluation",))`)."""
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _SECRET_PREFIX = re.compile(r"(?i)^(sk|rk|pk|key|api|ghp|gho|hf|xox[abp]?|AKIA|AIza)[_-]?")
@@ -53,15 +61,18 @@ class BackendConfig(BaseModel):
         ),
     )
     base_url: str | None = Field(None, description="Base URL of an OpenAI-compatible server, e.g. http://localhost:8000/v1.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="NAME of the environment variable holding the API key.")
-    max_concurrency: int = Field(8, ge=1, description="Concurrent requests to an OpenAI-compatible server.")
-    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
-    max_retries: int = Field(5, ge=0, description="Retries on 429 / 5xx / timeouts (exponential backoff, each one shown).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="NAME of the environment variable holding the API key.",
+                             json_schema_extra=NOT_IDENTITY)
+    max_concurrency: int = Field(8, ge=1, description="Concurrent requests to an OpenAI-compatible server.",
+                                 json_schema_extra=NOT_IDENTITY)
+    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.", json_schema_extra=NOT_IDENTITY)
+    max_retries: int = Field(5, ge=0, description="Retries on 429 / 5xx / timeouts (exponential backoff, each one shown).",
+                             json_schema_extra=NOT_IDENTITY)
     retry_budget_s: float = Field(
         120.0, gt=0,
         description="A call gives up once this many seconds have passed since its first attempt, retries included "
         "(so a server that never answers stops the run within about two minutes).",
-        json_schema_extra={"identity": False},
+        json_schema_extra=NOT_IDENTITY,
     )
     max_input_tokens: int | None = Field(
         None, ge=1,
@@ -76,19 +87,42 @@ class BackendConfig(BaseModel):
     max_tokens_param: Literal["auto", "max_tokens", "max_completion_tokens"] = Field(
         "auto", description="OpenAI-compatible servers: the length field sent. 'auto' sends max_tokens and switches "
         "for good when the model answers 400 asking for max_completion_tokens (newer OpenAI models).",
-        json_schema_extra={"identity": False},
+        json_schema_extra=NOT_IDENTITY,
     )
     batch_size: int = Field(8, ge=1, description="Batch size for local models (throughput only: not part of the run's identity).",
-                            json_schema_extra={"identity": False})
+                            json_schema_extra=NOT_IDENTITY)
     device: str = Field("auto", description="Local models: 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'.")
     dtype: str = Field("auto", description="Local models: 'auto', 'float32', 'bfloat16', 'float16'.")
-    price_in_per_mtok: float = Field(0.0, ge=0, description="USD per million input tokens (for cost accounting).")
-    price_out_per_mtok: float = Field(0.0, ge=0, description="USD per million output tokens.")
+    price_in_per_mtok: float = Field(0.0, ge=0, description="USD per million input tokens (for cost accounting).",
+                                     json_schema_extra=NOT_IDENTITY)
+    price_out_per_mtok: float = Field(0.0, ge=0, description="USD per million output tokens.",
+                                      json_schema_extra=NOT_IDENTITY)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_spec(cls, data):
+        # `student: hf:PATH` in YAML (or a spec string from the command line) is the backend with that spec.
+        return {"spec": data} if isinstance(data, str) else data
 
     @field_validator("api_key_env")
     @classmethod
     def _key_env_is_a_name(cls, v: str) -> str:
         return check_key_env_name(v)
+
+
+def lora_config(r: int, alpha: int, dropout: float, target_modules: str | list[str]):
+    """The one PEFT `LoraConfig` builder. `target_modules` is 'all-linear', a comma-separated string or a list.
+
+    It lives here, in the lowest layer that needs it (`LoraSettings.peft`), so that config imports nothing above
+    it; `stillroom.models` re-exports it."""
+    from peft import LoraConfig
+
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
+    elif not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                      task_type="CAUSAL_LM", bias="none")
 
 
 class LoraSettings(BaseModel):
@@ -113,18 +147,22 @@ class LoraSettings(BaseModel):
 
     def peft(self):
         """The PEFT `LoraConfig`."""
-        from stillroom.models import lora_config
-
         return lora_config(self.r, self.alpha, self.dropout, self.target_modules)
 
 
 class SpendConfig(BaseModel):
-    """Spend cap for a run (over all invocations on the same run folder). None means no cap."""
+    """Spend cap for a run (over all invocations on the same run folder). None means no cap. Never part of the
+    run's identity: a run stopped by its cap resumes in the same folder with a higher one."""
 
     model_config = ConfigDict(extra="forbid")
 
     max_cost_usd: float | None = Field(None, ge=0, description="Stop before the run's spend would exceed this.")
     max_tokens: int | None = Field(None, ge=0, description="Stop before the run's input+output tokens would exceed this.")
+
+
+def spend_field(description: str = "Cap on the teacher's spend for this run."):
+    """The `spend` field of every config that pays a teacher (one definition: not part of the run's identity)."""
+    return Field(default_factory=SpendConfig, description=description, json_schema_extra=NOT_IDENTITY)
 
 
 class TaskConfig(BaseModel):
@@ -158,15 +196,79 @@ class TaskConfig(BaseModel):
     test_fraction: float = Field(0.3, ge=0, lt=1, description="Share of examples in the test split.")
 
 
-class EvalConfig(BaseModel):
-    """`stillroom eval`: score one model on one split of a task."""
+# ------------------------------------------------------------------------------------ shared config blocks
+#
+# Every route's config is made of these blocks (pydantic inheritance: the fields stay flat in YAML and on the
+# command line, but each is defined once, with one name and one help text, for every route).
+
+RENAMED_FIELDS: dict[str, str] = {
+    "limit": "eval_limit",
+    "split": "eval_split",
+    "test_limit": "eval_limit",
+    "extract_sample": "train_limit",
+    "teacher_base_url": "teacher.base_url",
+    "teacher_api_key_env": "teacher.api_key_env",
+    "teacher_max_concurrency": "teacher.max_concurrency",
+}
+"""Field names of earlier versions → the one name every route uses now."""
+
+
+class StillroomConfig(BaseModel):
+    """Base of every command's config: unknown fields are an error, and a field of an earlier version gets one
+    error naming the field that replaced it."""
 
     model_config = ConfigDict(extra="forbid")
 
+    renamed: ClassVar[dict[str, str]] = RENAMED_FIELDS
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_fields(cls, data):
+        if isinstance(data, dict):
+            old = [k for k in data if k in cls.renamed and k not in cls.model_fields]
+            if old:
+                raise ValueError("; ".join(f"'{k}' was renamed: use '{cls.renamed[k]}'" for k in old))
+        return data
+
+
+class SelectionBlock(StillroomConfig):
+    """Which examples a route uses: the task (with its seeded split) and deterministic samples of its splits.
+    The same values give the same examples to every route (`stillroom.route.select`)."""
+
     task: TaskConfig
+    train_limit: int | None = Field(None, ge=1, description="Build from a deterministic sample of N training "
+                                    "examples (all when omitted).")
+    val_limit: int | None = Field(None, ge=1, description="Validation examples used while building, e.g. PLD's "
+                                  "conflict loop (all when omitted).")
+    eval_split: Literal["train", "val", "test"] = Field("test", description="Split every condition is evaluated on.",
+                                                        json_schema_extra=EVALUATION_ONLY)
+    eval_limit: int | None = Field(None, ge=1, description="Evaluate on a deterministic sample of N examples of "
+                                   "eval_split (all when omitted).", json_schema_extra=EVALUATION_ONLY)
+
+
+class TrainingBlock(StillroomConfig):
+    """How a route trains its student (SeqKD, CoT data, logit and hint KD, healing): one name for each knob."""
+
+    lora: LoraSettings = Field(default_factory=LoraSettings,
+                               description="LoRA adapters (merged into the saved student); `false` = full fine-tuning.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training examples.")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate.")
+    batch_size: int = Field(8, ge=1, description="Examples per device per step.")
+    seed: int = Field(0, description="Training seed.")
+
+
+class BaselineBlock(StillroomConfig):
+    """The 'before' row of a training route."""
+
+    eval_before: bool = Field(True, description="Also evaluate the student before distillation (the 'no KD' row).",
+                              json_schema_extra=EVALUATION_ONLY)
+
+
+class EvalConfig(SelectionBlock):
+    """`stillroom eval`: score one model on one split of a task."""
+
     model: BackendConfig = Field(default_factory=BackendConfig)
-    split: Literal["train", "val", "test"] = Field("test", description="Which split to evaluate.")
-    limit: int | None = Field(None, ge=1, description="Evaluate at most this many examples (a deterministic sample).")
     shots: int = Field(0, ge=0, description="k solved training examples in the prompt (k-shot).")
     system_prompt_file: str | None = Field(None, description="A plain-text system prompt (e.g. an exported rulebook).")
     method: Literal["auto", "loglik", "generate", "cot"] = Field(
@@ -178,7 +280,7 @@ class EvalConfig(BaseModel):
     )
     max_new_tokens: int = Field(16, ge=1, description="Generation budget per answer ('generate').")
     cot_max_tokens: int = Field(256, ge=16, description="Reasoning-and-answer budget per answer ('cot').")
-    spend: SpendConfig = Field(default_factory=SpendConfig)
+    spend: SpendConfig = spend_field("Cap on the model's spend for this run.")
 
     @model_validator(mode="after")
     def _check(self):
@@ -206,34 +308,41 @@ def validate_config(model: type[BaseModel], data: dict, source: str = "config") 
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        lines = [f"{source}: field '{'.'.join(str(x) for x in e['loc'])}': {e['msg']}" for e in exc.errors()]
+        lines = []
+        for e in exc.errors():
+            where = ".".join(str(x) for x in e["loc"])
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: field '{where}': {msg}" if where else f"{source}: {msg}")
         raise ConfigError("\n".join(lines)) from None
 
 
 def deep_merge(base: dict, over: dict) -> dict:
-    """Recursively merge `over` into a copy of `base` (None values in `over` are ignored)."""
+    """Recursively merge `over` into a copy of `base` (None values in `over` are ignored, and so is a mapping of
+    nothing but None: an option left out never replaces the YAML's `student: hf:PATH`). A plain spec string in
+    `base` merged with a mapping becomes `{spec: ...}` first (a backend given as a string in YAML)."""
     out = dict(base)
     for k, v in over.items():
-        if v is None:
+        if v is None or (isinstance(v, dict) and not _has_value(v)):
             continue
         if isinstance(v, dict):
-            out[k] = deep_merge(out[k] if isinstance(out.get(k), dict) else {}, v)
+            b = out.get(k)
+            b = {"spec": b} if isinstance(b, str) else b
+            out[k] = deep_merge(b if isinstance(b, dict) else {}, v)
         else:
             out[k] = v
     return out
 
 
-class PLDConfig(BaseModel):
-    """`stillroom pld`: Prompt-Level Distillation, all four phases, plus the comparison on the test split."""
+def _has_value(d: dict) -> bool:
+    return any(_has_value(v) if isinstance(v, dict) else v is not None for v in d.values())
 
-    model_config = ConfigDict(extra="forbid")
 
-    task: TaskConfig
+class PLDConfig(SelectionBlock):
+    """`stillroom pld`: Prompt-Level Distillation, all four phases, plus the comparison on the test split.
+    `train_limit` is the sample the teacher extracts from, `val_limit` the conflict loop's validation sample."""
+
     teacher: BackendConfig = Field(default_factory=BackendConfig, description="Writes instructions, rules, revisions.")
     student: BackendConfig = Field(default_factory=BackendConfig, description="Answers with the rulebook as system prompt.")
-    extract_sample: int | None = Field(None, ge=1, description="Extract from a sample of N training examples (all when omitted).")
-    val_limit: int | None = Field(None, ge=1, description="Validation examples used by the conflict loop (all when omitted).")
-    test_limit: int | None = Field(None, ge=1, description="Test examples in the final comparison (all when omitted).")
     embedder: str = Field("minilm", description="'minilm' (bundled all-MiniLM-L6-v2), 'st:NAME_OR_PATH', 'openai:MODEL', or 'hash' (no model; dry runs).")
     eps: float = Field(
         0.3, gt=0, lt=2,
@@ -255,4 +364,4 @@ class PLDConfig(BaseModel):
     compare_baselines: bool = Field(
         True, description="Also evaluate zero-shot (and k-shot, chain-of-thought) on the test split next to PLD. "
         "`stillroom compare` turns it off: there the baselines are routes of their own.")
-    spend: SpendConfig = Field(default_factory=SpendConfig, description="Cap on the teacher's spend for this run.")
+    spend: SpendConfig = spend_field()

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import gc
 import hashlib
-from collections.abc import Sequence
+import json
 from pathlib import Path
 from typing import Any
 
+from stillroom.config import lora_config  # noqa: F401  (re-exported: the one builder lives in config)
 from stillroom.errors import ConfigError
 
 EMBEDDED_SPECS = ("gemma3-270m", "embedded")
@@ -60,9 +61,23 @@ def gguf_model_folder(file: str | Path) -> Path:
     return save_model_folder(model, tok, folder)  # atomic: a crash leaves no half-written folder
 
 
+def why_not_trainable(spec: str) -> str | None:
+    """Why the weights a spec names cannot be trained here as a transformers model (None when they can): API and
+    scripted models have no weights here; a GGUF file is served by llama.cpp, and a route that trains refuses it
+    when it is planned rather than failing inside. (A GGUF *teacher* does give logits: `resolve_model_path`
+    converts it once, `gguf_model_folder`, and logit KD reads it like any local model.)"""
+    kind = spec.partition(":")[0]
+    if kind in ("openai", "scripted"):
+        return "is an API model: it cannot be trained"
+    if kind == "gguf":
+        return ("is a GGUF file: llama.cpp serves it, but it cannot be trained here; give its transformers folder "
+                "(hf:PATH) instead")
+    return None
+
+
 def is_white_box(spec: str) -> bool:
-    """Whether a spec names weights this process can load and train (not an API or a scripted backend)."""
-    return spec.partition(":")[0] not in ("openai", "scripted")
+    """Whether a spec names weights this process can load and train as a transformers model."""
+    return why_not_trainable(spec) is None
 
 
 def model_fingerprint(path: Path) -> str:
@@ -101,18 +116,6 @@ def load_tokenizer(path: str | Path):
 def load_model_and_tokenizer(path: str | Path, *, dtype: str = "auto", device: str = "auto"):
     """`load_causal_lm` and `load_tokenizer` of one folder."""
     return load_causal_lm(path, dtype=dtype, device=device), load_tokenizer(path)
-
-
-def lora_config(r: int, alpha: int, dropout: float, target_modules: str | Sequence[str]):
-    """The one PEFT `LoraConfig` builder. `target_modules` is 'all-linear', a comma-separated string or a list."""
-    from peft import LoraConfig
-
-    if isinstance(target_modules, str) and target_modules != "all-linear":
-        target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
-    elif not isinstance(target_modules, str):
-        target_modules = list(target_modules)
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                      task_type="CAUSAL_LM", bias="none")
 
 
 def bf16_supported(dtype: str = "auto") -> bool:
@@ -162,3 +165,15 @@ def size_on_disk(folder: str | Path | None) -> int | None:
         return None
     files = [f for pat in ("*.safetensors", "*.bin", "*.gguf") for f in p.glob(pat)]
     return int(sum(f.stat().st_size for f in files)) if files else None
+
+
+def save_model(model: Any, tokenizer: Any, out_dir: str | Path, record: dict | None = None) -> Path:
+    """Save model + tokenizer atomically (temporary folder, then rename), plus `stillroom.json` with `record`."""
+    from stillroom.backends.embedded import save_model_folder
+
+    out = save_model_folder(model, tokenizer, Path(out_dir))
+    if record is not None:
+        from stillroom.runs import atomic_write_text
+
+        atomic_write_text(out / "stillroom.json", json.dumps(record, indent=2) + "\n")
+    return out

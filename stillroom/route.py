@@ -98,7 +98,8 @@ class Deployment:
     name: str
     """The condition's name in tables (e.g. 'PLD', 'student (KD)')."""
     backend: Any
-    """The backend that answers (a cached backend, or an in-memory `HFBackend` of a trained model)."""
+    """The backend that answers (a cached backend, or an in-memory `HFBackend` of a trained model); None with
+    `load`."""
     model: str
     """What a user serves: a model spec or a model folder."""
     system_prompt: str | None = None
@@ -109,6 +110,9 @@ class Deployment:
     """Generation budget per answer ('generate'); for 'cot', the whole reasoning-and-answer budget."""
     model_dir: Path | None = None
     """Folder (or file) of the served weights, for the size on disk; None for an API model."""
+    load: Any = None
+    """Instead of `backend`: a function that returns it, called only when this condition is evaluated and
+    dropped after (a baseline model is then never in memory next to the trained one)."""
 
 
 @dataclass
@@ -138,6 +142,8 @@ class BuildCost:
 
 def evaluate_deployment(sel: Selection, dep: Deployment, examples: Sequence[Example] | None = None) -> EvalResult:
     """Step 4 for every route: the one evaluator, on the shared test examples (or `examples`)."""
+    if dep.backend is None and dep.load is not None:
+        dep.backend = dep.load()
     return evaluate(sel.task, list(sel.test if examples is None else examples), dep.backend, shots=dep.shots,
                     system_prompt=dep.system_prompt, method=dep.method, max_new_tokens=dep.max_new_tokens,
                     cot_max_tokens=dep.max_new_tokens, description=dep.name)
@@ -208,12 +214,13 @@ def result_record(route: str, sel: Selection, dep: Deployment, res: EvalResult, 
 def record(run: RunFolder, sel: Selection, *, route: str, deployed: Deployment, results: Mapping[str, EvalResult],
            cost: BuildCost, config_dict: Mapping, title: str, metrics_extra: Mapping | None = None,
            notes: Sequence[str] = (), artifacts: Mapping[str, str] | None = None, usage: Mapping | None = None,
-           resumed: bool = False, report_html: str | None = None) -> dict:
+           resumed: bool = False, report_html: Any = None, deployments: Mapping[str, Deployment] | None = None) -> dict:
     """Step 5 for every route: predictions.jsonl (every condition), metrics.json, result.json (the deployed
     condition) and report.html. `results` holds every evaluated condition, the deployed one included.
 
     When `resumed` (nothing was rebuilt in this invocation), the build cost first recorded in this run folder
-    is kept, so a rerun reports what building really cost, not the seconds of a cache replay."""
+    is kept, so a rerun reports what building really cost, not the seconds of a cache replay. `report_html` is
+    the page, or a function of the metrics that writes it (a route's own report)."""
     from stillroom.report.html import eval_report
 
     previous = run.read_json(RESULT_FILE) or {}
@@ -224,15 +231,24 @@ def record(run: RunFolder, sel: Selection, *, route: str, deployed: Deployment, 
     metrics = {
         "task": sel.task.name, "route": route, "examples": len(sel.test),
         **dict(metrics_extra or {}),
-        "conditions": {n: {"method": r.method, **r.metrics} for n, r in results.items()},
+        "conditions": {n: {"method": r.method, **r.metrics, **_prompt_tokens((deployments or {}).get(n))}
+                       for n, r in results.items()},
         "build": asdict(cost), "notes": list(notes),
     }
     run.write_json("metrics.json", metrics)
     run.write_json(RESULT_FILE, result)
+    if callable(report_html):
+        report_html = report_html(metrics)
     html = report_html or eval_report(title, {n: r.metrics for n, r in results.items()}, config_dict, usage=usage,
                                       notes=list(notes))
     run.write_text("report.html", html)
     return metrics
+
+
+def _prompt_tokens(dep: Deployment | None) -> dict:
+    if dep is None or dep.backend is None:
+        return {}
+    return {"system_prompt_tokens": dep.backend.count_tokens(dep.system_prompt) if dep.system_prompt else 0}
 
 
 def read_result(run_dir: str | Path) -> dict | None:
@@ -252,3 +268,176 @@ class Timer:
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self.started
+
+
+# ------------------------------------------------------------------------------------------------ the sequence
+
+
+@dataclass
+class RouteContext:
+    """What `build` gets from `run_route`: the config, the selection, the held run folder, and the helpers every
+    route shares (its training pool, the teacher through the run's cache, the resume check)."""
+
+    cfg: Any
+    sel: Selection
+    run: RunFolder
+    prepared: Any = None
+    """What the route's `prepare` returned (resolved model paths, loaded backends), before the folder existed."""
+    notes: list[str] = field(default_factory=list)
+    teacher: Any = None
+    """The cached teacher, once `open_teacher` was called: its meter is the build's teacher cost."""
+    rebuilt: bool = False
+    """Whether a stage was (re)built in this invocation rather than found finished (see `finished`)."""
+
+    @property
+    def task(self) -> Task:
+        return self.sel.task
+
+    def shots(self, k: int) -> list[Example]:
+        """k solved training examples (the same k everywhere in the route: `Selection.shots`)."""
+        return self.sel.shots(k)
+
+    def train_pool(self, *shot_lists: Sequence[Example], labelled: bool = False) -> list[Example]:
+        """The selected training examples, without the ones shown as shots (and, with `labelled`, without the
+        unlabelled ones)."""
+        used = {ex.id for shots in shot_lists for ex in shots}
+        return [e for e in self.sel.train if e.id not in used and (not labelled or e.label is not None)]
+
+    def open_teacher(self, backend_cfg, backend=None, *, capped: bool = True):
+        """The teacher wrapped in the run's durable cache (every call paid once), with the config's spend cap."""
+        from stillroom.backends import open_cached_backend
+
+        spend = getattr(self.cfg, "spend", None) if capped else None
+        self.teacher = open_cached_backend(backend_cfg, self.run.cache_path, spend, backend=backend)
+        return self.teacher
+
+    def evaluate(self, dep: Deployment, examples: Sequence[Example]) -> EvalResult:
+        """The one evaluator on examples of the build's own choosing (model selection on the validation split);
+        the deployments `build` returns are evaluated by `run_route`, not here."""
+        return evaluate_deployment(self.sel, dep, examples)
+
+    def digest(self, leave_out: Sequence[str] = ("evaluation",)) -> str:
+        """The identity digest of what this route builds (`stillroom.runs.digest_of`, evaluation fields left out)."""
+        from stillroom.runs import digest_of
+
+        return digest_of(self.cfg, leave_out)
+
+    def finished(self, info: Mapping | None, *folders: str, leave_out: Sequence[str] = ("evaluation",),
+                 key: str = "config_digest") -> bool:
+        """The one resume check: a stage is finished when each of its model `folders` in the run folder is
+        complete and `info[key]` (what the stage recorded) equals the digest of the settings that shape it. A
+        stage found unfinished marks this invocation as rebuilding."""
+        from stillroom.backends.embedded import is_converted
+
+        done = (info or {}).get(key) == self.digest(leave_out) and all(is_converted(self.run.file(f)) for f in folders)
+        if not done:
+            self.rebuilt = True
+        return done
+
+
+@dataclass
+class Built:
+    """What a route's `build` returns: what to deploy (the deployed condition last, baselines before it, each
+    evaluated by `run_route` with the one evaluator) and what the build was."""
+
+    deployments: list[Deployment]
+    steps: int = 0
+    """Training steps of the build (as recorded by the stage, also when it was reused)."""
+    cost: BuildCost | None = None
+    """Set when the cost is not the teacher meter's (e.g. teacher tokens of a logit cache)."""
+    extra: dict = field(default_factory=dict)
+    """Route-specific entries of metrics.json."""
+    artifacts: dict = field(default_factory=dict)
+    usage: Any = None
+    """A function giving usage.json's content, written after evaluation (also when it fails)."""
+    report: Any = None
+    """The route's own report.html: a function of the metrics (default: the shared evaluation report)."""
+    after_eval: Any = None
+    """A function of the evaluated results returning notes about them."""
+    deployed: str | None = None
+    """The condition recorded in result.json (default: the last deployment)."""
+
+
+@dataclass
+class RouteResult:
+    """What `run_route` returns: metrics.json's content, every evaluated condition, and the run folder."""
+
+    metrics: dict
+    results: dict[str, EvalResult]
+    run: RunFolder
+
+
+def select_for(cfg, *, task: Task | None = None, need_labels: bool = False) -> Selection:
+    """`select` with a config's selection block (`stillroom.config.SelectionBlock`)."""
+    return select(cfg.task, split=cfg.eval_split, limit=cfg.eval_limit, train_limit=getattr(cfg, "train_limit", None),
+                  val_limit=getattr(cfg, "val_limit", None), task=task, need_labels=need_labels)
+
+
+def run_route(cfg, run_dir: str | Path, build, *, route: str, title, prepare=None, task: Task | None = None,
+              need_labels: bool = False, wait: bool = False) -> RouteResult:
+    """Every route's sequence: select → check (`prepare`, before any folder exists) → hold and open the run
+    folder → `build(ctx)` (the route's own step, resumable through `ctx.finished` and the durable cache) →
+    evaluate each returned `Deployment` with the one evaluator → build cost → record.
+
+    `prepare(cfg, sel)` does what can fail on the config or the data (model paths, prompts' fit) and may narrow
+    the selection; its result is `ctx.prepared`. `wait` queues behind a process that holds the folder. A rerun
+    with nothing changed rebuilds nothing: the build cost first recorded is kept (`record(resumed=True)`)."""
+    from stillroom.locking import run_folder_lock
+
+    sel = select_for(cfg, task=task, need_labels=need_labels)
+    prepared = prepare(cfg, sel) if prepare is not None else None
+    with run_folder_lock(run_dir, wait=wait):
+        run, config_dict = open_run(cfg, run_dir)
+        ctx = RouteContext(cfg=cfg, sel=sel, run=run, prepared=prepared)
+        timer = Timer()
+        built = build(ctx)
+        if built is None:  # another rank of a multi-process launch: the main process evaluates and records
+            return RouteResult({}, {}, run)
+        seconds = timer.seconds
+        results = evaluate_all(sel, built, run)
+        notes = ctx.notes + (list(built.after_eval(results)) if built.after_eval else [])
+        deployed = next(d for d in built.deployments if d.name == (built.deployed or built.deployments[-1].name))
+        cost = built.cost or BuildCost.from_meter(ctx.teacher.meter.summary() if ctx.teacher else None)
+        cost.seconds, cost.training_steps = cost.seconds or seconds, cost.training_steps or built.steps
+        resumed = not ctx.rebuilt and (ctx.teacher is None or ctx.teacher.meter.calls == 0)
+        usage = built.usage() if built.usage else None
+        metrics = record(run, sel, route=route, deployed=deployed, results=results, cost=cost, config_dict=config_dict,
+                         title=title(ctx) if callable(title) else title, metrics_extra=built.extra, notes=notes, artifacts=built.artifacts,
+                         usage=usage,
+                         resumed=resumed, report_html=built.report,
+                         deployments={d.name: d for d in built.deployments})
+    return RouteResult(metrics, results, run)
+
+
+def evaluate_all(sel: Selection, built: Built, run: RunFolder) -> dict[str, EvalResult]:
+    """Step 4: each deployment on the shared examples, in order; a lazily loaded baseline is freed after its
+    evaluation. usage.json is written even when a spend cap or Ctrl-C stops the evaluation."""
+    results: dict[str, EvalResult] = {}
+    last = built.deployed or built.deployments[-1].name
+    try:
+        for dep in built.deployments:
+            lazy = dep.backend is None
+            results[dep.name] = evaluate_deployment(sel, dep)
+            if lazy and dep.name != last:
+                dep.backend = None
+                from stillroom.models import release_memory
+
+                release_memory()
+    finally:
+        if built.usage:
+            run.write_json("usage.json", built.usage())
+    return results
+
+
+def evaluate_model_folder(folder: str | Path, sel: Selection, *, route: str, config: Mapping,
+                          cost: BuildCost | None = None) -> dict:
+    """Steps 3-5 for a model a compression command made outside a route (a merge, a healed model): deploy the
+    folder, evaluate it on `sel`'s test examples (`select`, taken before the model was built so a bad task fails
+    first), and record result.json, predictions, metrics and the report in the folder."""
+    from stillroom.backends.hf import HFBackend
+
+    folder = Path(folder)
+    dep = Deployment(name=route, backend=HFBackend(str(folder)), model=str(folder), model_dir=folder)
+    results = {route: evaluate_deployment(sel, dep)}
+    return record(RunFolder(folder), sel, route=route, deployed=dep, results=results, cost=cost or BuildCost(),
+                  config_dict=config, title=f"Stillroom {route}: {sel.task.name}")

@@ -26,45 +26,42 @@ def default_runs_root() -> Path:
     return runs_root()
 
 
-#: Fields that never define a run's work: spend caps, concurrency, timeouts, retries, the name of the key
-#: variable, prices and throughput knobs. Changing one of them resumes the same run folder instead of starting
-#: (and paying for) a new one. A config field may also opt out with `json_schema_extra={"identity": False}`.
-NON_IDENTITY_KEYS = frozenset({
-    "spend", "api_key_env", "max_concurrency", "timeout_s", "max_retries", "price_in_per_mtok",
-    "price_out_per_mtok", "wait",
-})
-
-
-def identity_of(config, exclude: Iterable[str] = ()) -> dict:
-    """The fields of a config (a pydantic model or its JSON dict) that define the work: task and splits, teacher
-    and student identities, method settings, seeds and sizes. Drops `NON_IDENTITY_KEYS` at every depth, fields
-    marked `identity: False`, and the top-level keys in `exclude` (e.g. evaluation-only fields for a training
-    digest)."""
+def identity_of(config, leave_out: Iterable[str] = ()) -> dict:
+    """The fields of a config that define the work: task and splits, teacher and student identities, method
+    settings, seeds and sizes. The one identity function: it reads what each field declares about itself
+    (`json_schema_extra`, see `stillroom.config.NOT_IDENTITY` and `EVALUATION_ONLY`): a field marked
+    `identity: False` is never part of it (caps, timeouts, concurrency, retries, the key variable's name, prices,
+    throughput knobs); a field marked `identity: "<scope>"` is left out when that scope is in `leave_out` (e.g.
+    `("evaluation",)`: what shapes a trained student, not how it is evaluated). A plain dict is taken as is."""
     from pydantic import BaseModel
 
-    def walk(obj, data):
+    drop = set(leave_out)
+
+    def walk(obj):
         if isinstance(obj, BaseModel):
             out = {}
             for name, field in type(obj).model_fields.items():
                 extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-                if name in NON_IDENTITY_KEYS or extra.get("identity") is False:
+                marker = extra.get("identity", True)
+                if marker is False or (isinstance(marker, str) and marker in drop):
                     continue
-                out[name] = walk(getattr(obj, name), data.get(name) if isinstance(data, dict) else None)
+                out[name] = walk(getattr(obj, name))
             return out
-        if isinstance(data, dict):
-            return {k: walk(None, v) for k, v in data.items() if k not in NON_IDENTITY_KEYS}
-        if isinstance(data, list):
-            return [walk(None, v) for v in data]
-        return data
+        if isinstance(obj, dict):
+            return {k: walk(v) for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return [walk(v) for v in obj]
+        if isinstance(obj, Path):
+            return str(obj)
+        return obj
 
-    data = config.model_dump(mode="json") if hasattr(config, "model_dump") else config
-    out = walk(config if hasattr(config, "model_dump") else None, data)
-    return {k: v for k, v in out.items() if k not in set(exclude)}
+    data = walk(config)
+    return json.loads(json.dumps(data, default=str))
 
 
-def digest_of(config, exclude: Iterable[str] = ()) -> str:
-    """A short hash of `identity_of(config, exclude)`: the same work gives the same digest."""
-    data = identity_of(config, exclude)
+def digest_of(config, leave_out: Iterable[str] = ()) -> str:
+    """A short hash of `identity_of(config, leave_out)`: the same work gives the same digest."""
+    data = identity_of(config, leave_out)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

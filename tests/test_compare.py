@@ -48,9 +48,9 @@ def _cfg(root, **over):
     data = {"task": {"spec": str(root / "task.jsonl")}, "teacher": {"spec": f"hf:{root / 'teacher'}"},
             "student": {"spec": f"hf:{root / 'student'}"},
             "routes": ["zero-shot", "k-shot", "kd-logits", "prune-heal-sft", "sft-gold"],
-            "test_limit": 12, "train_limit": 16, "shots": 2,
-            "budgets": {"kd-logits": {"max_steps": 2, "top_k": 8}, "prune-heal-sft": {"drop": 1, "steps": 2},
-                        "sft-gold": {"steps": 2}}}
+            "eval_limit": 12, "train_limit": 16, "shots": 2,
+            "budgets": {"kd-logits": {"max_steps": 2, "top_k": 8}, "prune-heal-sft": {"drop": 1, "max_steps": 2},
+                        "sft-gold": {"max_steps": 2}}}
     data.update(over)
     return CompareConfig.model_validate(data)
 
@@ -94,7 +94,7 @@ def test_compare_routes_side_by_side_rerun_free_and_a_failing_route(setup, tmp_p
     assert [r.get("macro_f1") for r in again["rows"]] == [r.get("macro_f1") for r in summary["rows"]]
 
     # Changing one route's budget reruns that route only.
-    cfg2 = _cfg(setup, budgets={**cfg.budgets, "sft-gold": {"steps": 3}})
+    cfg2 = _cfg(setup, budgets={**cfg.budgets, "sft-gold": {"max_steps": 3}})
     plans2 = [p for p in plan_routes(cfg2)]
     ran = []
     for p in plans2:
@@ -175,3 +175,14 @@ def test_recommendation_names_cheapest_within_two_points_of_the_teacher():
     assert "pld" in recommendation(rows) and "within 2 points" in recommendation(rows)
     rows[1]["quality"] = 0.70
     assert "kd-logits" in recommendation(rows)
+
+
+def test_gguf_student_is_refused_for_training_routes_when_planned():
+    # A GGUF file is served by llama.cpp but is no transformers folder: the routes that train it (or read its
+    # logits) are reported as not applicable, with the reason, instead of failing inside.
+    cfg = CompareConfig.model_validate({"task": {"spec": "x.jsonl"}, "teacher": {"spec": "gguf:big.gguf"},
+                                        "student": {"spec": "gguf:small.gguf"}})
+    plans = {p.name: p for p in plan_routes(cfg)}
+    assert plans["zero-shot"].skip_reason is None and plans["pld"].skip_reason is None
+    for name in ("seqkd", "kd-logits", "gad", "prune-heal-sft", "sft-gold"):
+        assert "GGUF" in plans[name].skip_reason and "hf:PATH" in plans[name].skip_reason

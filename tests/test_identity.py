@@ -17,8 +17,7 @@ except ImportError:  # pragma: no cover - depends on how pytest sets sys.path
 
 from stillroom.config import EvalConfig
 from stillroom.kd.data import KDDataConfig
-from stillroom.kd.trainer import training_digest
-from stillroom.runs import identity_of, run_dir_for
+from stillroom.runs import digest_of, identity_of, run_dir_for
 
 PACKAGE = Path(__file__).resolve().parents[1] / "stillroom"
 
@@ -33,6 +32,11 @@ def test_caps_timeouts_concurrency_and_key_name_do_not_change_the_run_folder():
     c = EvalConfig.model_validate({"task": {"spec": "d.jsonl"}, "shots": 3})
     d = EvalConfig.model_validate({"task": {"spec": "d.jsonl", "seed": 1}})
     assert len({run_dir_for("eval", x) for x in (a, c, d)}) == 3
+
+
+def training_digest(cfg) -> str:
+    """What a route's resume check compares: the digest without the evaluation-only fields."""
+    return digest_of(cfg, leave_out=("evaluation",))
 
 
 def test_training_digest_changes_with_training_fields_only():
@@ -101,8 +105,21 @@ def test_no_import_cycles():
         return name
 
     graph = {m: {resolve(i) for i in _imports(f, m)} - {m, "", "stillroom"} for m, f in modules.items()}
-    # Packages' __init__ re-exports are edges of their own; a module importing its own package is fine.
-    graph = {m: {d for d in deps if not m.startswith(d + ".")} for m, deps in graph.items()}
+
+    def with_packages(m, deps):
+        # Importing stillroom.a.b runs stillroom/a/__init__.py first: that package's __init__ is an edge too
+        # (config → models → backends/__init__ → config was a loop only through it). A module's own packages are
+        # already being imported when it runs, so those are not edges.
+        out = set()
+        for d in deps:
+            parts = d.split(".")
+            for i in range(2, len(parts) + 1):
+                p = ".".join(parts[:i])
+                if p in modules and not m.startswith(p + "."):
+                    out.add(p)
+        return out - {m}
+
+    graph = {m: with_packages(m, deps) for m, deps in graph.items()}
     state: dict[str, int] = {}
     stack: list[str] = []
     cycles = []
@@ -122,6 +139,39 @@ def test_no_import_cycles():
         if m not in state:
             visit(m)
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles[:10])
+
+
+#: design.md's layers, lowest first: a module imports only from its own layer or lower ones.
+LAYERS = [
+    {"errors", "paths"},
+    {"runs", "ui"},
+    {"config", "options"},
+    {"backends"},
+    {"tasks"},
+    {"models"},
+    {"evaluate", "train", "report", "locking"},
+    {"route"},
+    {"pld", "kd", "gad", "prune", "prompting", "integrations"},
+    {"compare"},
+    {"cli", "__main__", ""},
+]
+#: Imports allowed to run up a layer, each with its reason (at most one).
+UPWARD: dict[tuple[str, str], str] = {}
+
+
+def test_imports_run_in_one_direction():
+    level = {name: i for i, names in enumerate(LAYERS) for name in names}
+    up = []
+    for f in PACKAGE.rglob("*.py"):
+        rel = f.relative_to(PACKAGE.parent).with_suffix("")
+        module = ".".join(rel.parts).removesuffix(".__init__")
+        top = module.split(".")[1] if "." in module else ""
+        for dep in _imports(f, module):
+            dtop = dep.split(".")[1] if dep.count(".") else ""
+            if dtop and top != dtop and level[dtop] > level[top] and (top, dtop) not in UPWARD:
+                up.append(f"{module} -> {dep}")
+    assert len(UPWARD) <= 1
+    assert not up, "imports from a lower layer to a higher one:\n" + "\n".join(sorted(up))
 
 
 @pytest.mark.parametrize("module", ["stillroom.gad.cli", "stillroom.kd.cli", "stillroom.prune.cli", "stillroom.compare.cli"])

@@ -125,7 +125,7 @@ def test_pld_with_the_server_as_teacher_and_local_student(server, tmp_path):
     cfg = PLDConfig(task=TaskConfig(spec="bigbench:intent_recognition"),
                     teacher=BackendConfig(spec="openai:gemma-3-270m", base_url=server, max_concurrency=SLOTS,
                                           timeout_s=600, max_retries=0),
-                    student=BackendConfig(spec="gemma3-270m"), extract_sample=4, val_limit=3, test_limit=4,
+                    student=BackendConfig(spec="gemma3-270m"), train_limit=4, val_limit=3, eval_limit=4,
                     teacher_max_tokens=24, eps=0.3, min_samples=2, max_rounds=1, shots=1, cot=False)
     out = run_pld(cfg, tmp_path / "pld")
     assert out["extraction"]["instructions"] == 4

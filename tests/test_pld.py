@@ -204,7 +204,7 @@ def test_echoed_extraction_is_retried_and_teacher_calls_carry_stop_strings(tmp_p
         return teacher_fn()(prompt, params)
 
     teacher = ScriptedBackend(echo_first, "teacher")
-    m = run(tmp_path, "echo", teacher, max_rounds=0, extract_sample=12)
+    m = run(tmp_path, "echo", teacher, max_rounds=0, train_limit=12)
     rows = [json.loads(x) for x in (tmp_path / "echo" / "extractions.jsonl").read_text().splitlines()]
     assert m["extraction"]["failed"] == 0
     # Echoes and instructions leading to another label were retried; a 'tool' example keeps 'answer tool'.

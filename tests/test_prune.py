@@ -398,7 +398,7 @@ def test_cli_merge_specdec_heal(tok, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Input: fox {i}\nAnswer:", "completion": " plausible"}) + "\n"
                             for i in range(4)))
-    r = run(app, ["heal", "--model", str(pa), "--data", str(data), "--steps", "2", "--batch-size", "2",
+    r = run(app, ["heal", "--model", str(pa), "--data", str(data), "--max-steps", "2", "--batch-size", "2",
                   "--out", str(tmp_path / "h")])
     assert r.exit_code == 0, r.output
     healed = json.loads((tmp_path / "h" / "stillroom.json").read_text())

@@ -24,7 +24,7 @@ def test_pld_end_to_end_on_gemma_and_resume_repays_nothing(gemma, tmp_path):
     from stillroom.pld.pipeline import run_pld
 
     cfg = PLDConfig(task=TaskConfig(spec="bigbench:intent_recognition"), teacher=BackendConfig(spec="gemma3-270m"),
-                    student=BackendConfig(spec="gemma3-270m"), extract_sample=8, val_limit=6, test_limit=8,
+                    student=BackendConfig(spec="gemma3-270m"), train_limit=8, val_limit=6, eval_limit=8,
                     teacher_max_tokens=32, eps=0.3, min_samples=2, max_rounds=1, shots=2, cot=False)
     first = run_pld(cfg, tmp_path / "r")
     assert first["extraction"]["instructions"] == 8

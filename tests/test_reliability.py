@@ -24,8 +24,8 @@ from stillroom.backends.scripted import ScriptedBackend
 from stillroom.cli import app
 from stillroom.config import BackendConfig, EvalConfig, SpendConfig, TaskConfig, validate_config
 from stillroom.errors import BackendError, ConfigError, SpendCapReached, TaskDataError
-from stillroom.evaluate.job import run_eval
 from stillroom.locking import RunFolderBusy, run_folder_lock
+from stillroom.prompting.job import run_eval
 
 try:  # tests/ may or may not be a package
     from tests.helpers_fake_server import FakeOpenAIServer
@@ -59,7 +59,7 @@ def latin_task(tmp_path: Path, n: int = 24) -> Path:
 def eval_cfg(task: Path, srv: FakeOpenAIServer, **model) -> EvalConfig:
     # method 'generate': these tests count every request the server saw, and 'auto' would first probe the
     # server's scoring (a request of its own, tested in test_served_logprobs.py).
-    return EvalConfig(task=TaskConfig(spec=str(task), val_fraction=0.0, test_fraction=0.0), split="train",
+    return EvalConfig(task=TaskConfig(spec=str(task), val_fraction=0.0, test_fraction=0.0), eval_split="train",
                       method="generate", model=BackendConfig(spec="openai:fake", base_url=srv.base_url, **model))
 
 
@@ -210,7 +210,7 @@ def test_sigint_lets_in_flight_calls_finish_and_the_rerun_pays_nothing_twice(tmp
     task = latin_task(tmp_path, 24)
     run_dir = tmp_path / "run"
     cfg = tmp_path / "eval.yaml"
-    cfg.write_text(f"task: {{spec: {task}, val_fraction: 0.0, test_fraction: 0.0}}\nsplit: train\n"
+    cfg.write_text(f"task: {{spec: {task}, val_fraction: 0.0, test_fraction: 0.0}}\neval_split: train\n"
                    f"model: {{max_concurrency: {concurrency}}}\n", encoding="utf-8")
     with FakeOpenAIServer(gate=True) as srv:
         proc, log = start_eval(tmp_path, task, srv, run_dir, str(cfg))

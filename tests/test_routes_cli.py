@@ -94,7 +94,7 @@ def test_selfdistill_from_the_cli(dirs, tmp_path):
 
 def test_prune_heal_from_the_cli(dirs, tmp_path):
     r = CliRunner().invoke(app, ["prune-heal", "--task", str(dirs / "task.jsonl"), "--student", str(dirs / "student"),
-                                 "--drop", "1", "--steps", "2", "--train-limit", "8", "--eval-limit", "6",
+                                 "--drop", "1", "--max-steps", "2", "--train-limit", "8", "--eval-limit", "6",
                                  "--run-dir", str(tmp_path)])
     assert r.exit_code == 0, r.output
     res = _layout(tmp_path)
@@ -109,7 +109,7 @@ def test_prune_heal_from_the_cli(dirs, tmp_path):
 
 def test_eval_takes_its_config_as_the_first_argument(dirs, tmp_path):
     cfg = tmp_path / "eval.yaml"
-    cfg.write_text(f"task: {{spec: {dirs / 'task.jsonl'}}}\nmodel: {{spec: scripted:gold-teacher}}\nmethod: generate\nlimit: 5\n")
+    cfg.write_text(f"task: {{spec: {dirs / 'task.jsonl'}}}\nmodel: {{spec: scripted:gold-teacher}}\nmethod: generate\neval_limit: 5\n")
     r = CliRunner().invoke(app, ["eval", str(cfg), "--run-dir", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
     res = _layout(tmp_path / "run")
@@ -126,7 +126,7 @@ def test_merge_and_heal_evaluate_their_result_with_a_task(dirs, tmp_path):
     data = tmp_path / "heal.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Input: red {i}\nAnswer:", "completion": " colour"}) + "\n"
                             for i in range(4)))
-    r = CliRunner().invoke(app, ["heal", "--model", student, "--data", str(data), "--steps", "2", "--batch-size", "2",
+    r = CliRunner().invoke(app, ["heal", "--model", student, "--data", str(data), "--max-steps", "2", "--batch-size", "2",
                                  "--task", str(dirs / "task.jsonl"), "--eval-limit", "6", "--run-dir", str(tmp_path / "h")])
     assert r.exit_code == 0, r.output
     healed = _layout(tmp_path / "h")

@@ -138,14 +138,14 @@ def test_server_ignoring_echo_refuses_loglik_and_auto_falls_back(tok, model, tmp
 def test_auto_fallback_note_reaches_the_report(monkeypatch, tmp_path):
     # The fake server answers /completions without log-probabilities: auto evaluates by generation, and says why.
     from stillroom.config import BackendConfig, EvalConfig, TaskConfig
-    from stillroom.evaluate.job import run_eval
+    from stillroom.prompting.job import run_eval
 
     task = tmp_path / "t.jsonl"
     task.write_text("".join(json.dumps({"id": f"x{i}", "input": f"q {i}", "label": LABELS[i % 3]}) + "\n"
                             for i in range(6)))
     with FakeOpenAIServer() as srv:
         cfg = EvalConfig(task=TaskConfig(spec=str(task)), model=BackendConfig(spec="openai:m", base_url=srv.base_url,
-                                                                              max_retries=0), limit=3)
+                                                                              max_retries=0), eval_limit=3)
         res = run_eval(cfg, tmp_path / "run")
     (r,) = res.values()
     assert r.method == "generate" and "ignores `echo`" in r.extra["notes"][0]

@@ -31,7 +31,6 @@ from stillroom.kd.xtok_train import (  # noqa: E402
     encode_cross,
     shared_vocab_for,
     span_batch,
-    train_xtok,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -253,7 +252,7 @@ def test_cross_cache_resumes_without_rewriting_a_shard(examples, teacher, t_tok,
 
 @pytest.mark.parametrize("merge,hybrid", [("bayesian", False), ("observed", True)])
 def test_training_brings_the_loss_down(merge, hybrid, examples, s_tok, t_tok, teacher, tmp_path):
-    from stillroom.kd.trainer import KDConfig
+    from stillroom.kd.trainer import KDConfig, train_xtok
 
     cache, _ = build_logit_cache(teacher, [x.teacher for x in examples], tmp_path / "cache", teacher_id="t", k=16,
                                  pad_id=t_tok.pad_token_id, progress=False, xtok=True)
@@ -390,7 +389,7 @@ def test_compare_plans_kd_logits_for_every_teacher_with_logits(cross_dirs):
         p = plan(teacher)
         assert p.skip_reason is None, (teacher, p.skip_reason)
     served = plan({"spec": "openai:qwen", "base_url": "http://gpu-node:8000/v1"}).config
-    assert served.teacher_base_url == "http://gpu-node:8000/v1" and served.top_k <= 20
+    assert served.teacher.base_url == "http://gpu-node:8000/v1" and served.top_k <= 20
     for teacher in ({"spec": "openai:gpt-4o-mini"}, {"spec": "openai:gpt-4o", "base_url": "https://api.openai.com/v1"}):
         assert "chat-only API" in plan(teacher).skip_reason
 

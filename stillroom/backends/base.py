@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -218,3 +219,23 @@ class BackendBase:
 
     def count_tokens(self, text: str) -> int:
         return estimate_tokens(text)
+
+
+def chat_to_text(messages: Sequence[Message]) -> str:
+    """Plain-text rendering of chat messages for base models that have no chat template.
+
+    Ends with 'Answer:' for the model to complete, unless the last user message already ends with a cue of
+    its own (a line ending in ':', such as 'General instruction:'), which a base model then completes.
+    """
+    out = []
+    for m in messages:
+        role = m["role"]
+        if role == "system":
+            out.append(m["content"].strip() + "\n")
+        elif role == "user":
+            out.append(m["content"].strip())
+        else:
+            out.append("Answer: " + m["content"].strip() + "\n")
+    if messages and messages[-1]["role"] == "user" and messages[-1]["content"].rstrip().endswith(":"):
+        return "\n".join(out)
+    return "\n".join(out) + "\nAnswer:"

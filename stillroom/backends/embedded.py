@@ -16,7 +16,7 @@ Later calls see the finished folder and return it at once (it reloads in a few s
 `$STILLROOM_CACHE` or `~/.cache/stillroom`.
 
 Gemma-3 270M base has no chat template; `HFBackend` renders chat prompts with
-`stillroom.tasks.prompts.chat_to_text` in that case.
+`stillroom.backends.base.chat_to_text` in that case.
 """
 
 from __future__ import annotations

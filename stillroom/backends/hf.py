@@ -624,7 +624,7 @@ class HFBackend(BackendBase):
                 return str(text), True
             except Exception:  # e.g. a template that rejects a system role
                 pass
-        from stillroom.tasks.prompts import chat_to_text
+        from stillroom.backends.base import chat_to_text
 
         return chat_to_text(p), False
 

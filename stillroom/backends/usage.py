@@ -21,10 +21,17 @@ from pathlib import Path
 
 from stillroom.backends.base import Usage
 from stillroom.errors import SpendCapReached
-from stillroom.evaluate.metrics import percentile
 from stillroom.runs import atomic_write_text
 
 __all__ = ["Prices", "SpendCap", "UsageMeter", "percentile", "write_json_atomic"]
+
+
+def percentile(values, q: float) -> float:
+    """The q-th percentile (0-100), 0.0 for no values. Here, in the lowest layer that needs it (the usage meter's
+    latency figures); the evaluator's metrics import it from here."""
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else 0.0
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ def print_compare(summary: dict, out: Path) -> None:
 def compare(
     config: Annotated[Path, typer.Argument(help="YAML config: task, teacher, student, routes, budgets (CompareConfig).")],
     routes: Annotated[str | None, typer.Option(help="Comma-separated routes to run (overrides the config).")] = None,
-    test_limit: Annotated[int | None, typer.Option(help="Test examples, the same for every route.")] = None,
+    eval_limit: Annotated[int | None, typer.Option(help="Evaluated examples, the same for every route.")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Compare folder (default: runs/compare-<task>-<hash>; rerun resumes).")] = None,
 ) -> None:
     """Run every route that applies to one teacher → student pair on the same task and the same test examples,
@@ -55,7 +55,7 @@ def compare(
         from stillroom.runs import run_dir_for
 
         over = {"routes": [r.strip() for r in routes.split(",") if r.strip()] if routes else None,
-                "test_limit": test_limit}
+                "eval_limit": eval_limit}
         cfg = load_yaml_config(config, CompareConfig, over)
         out = run_dir or run_dir_for("compare", cfg)
         summary = run_compare(cfg, out)

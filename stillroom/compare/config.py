@@ -4,21 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from stillroom.config import BackendConfig, SpendConfig, TaskConfig
+from stillroom.config import BackendConfig, SelectionBlock, SpendConfig, spend_field
 
 ALL_ROUTES = ("zero-shot", "k-shot", "cot", "teacher", "pld", "seqkd", "cot-data", "kd-logits", "gad",
               "prune-heal-sft", "prune-heal-self-data", "sft-gold")
 """Every route `stillroom compare` knows, in report order. 'teacher' and 'sft-gold' are reference lines."""
 
 
-class CompareConfig(BaseModel):
-    """`stillroom compare`: every route that applies to one teacher → student pair, on the same examples."""
+class CompareConfig(SelectionBlock):
+    """`stillroom compare`: every route that applies to one teacher → student pair, on the same examples. The
+    selection block (task, train_limit, val_limit, eval_split, eval_limit), the teacher, the student, `shots` and
+    `spend` are handed to every route whose config has them (`stillroom.compare.routes`)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    task: TaskConfig
     teacher: BackendConfig = Field(default_factory=BackendConfig, description="The teacher (any backend).")
     student: BackendConfig = Field(
         default_factory=BackendConfig,
@@ -26,7 +25,7 @@ class CompareConfig(BaseModel):
         "gets the prompting routes only.",
     )
     routes: list[str] | None = Field(None, description=f"Routes to run (default: every one that applies): {', '.join(ALL_ROUTES)}.")
-    test_limit: int | None = Field(40, ge=1, description="Test examples every route is evaluated on (the same ones).")
+    eval_limit: int | None = Field(40, ge=1, description="Examples every route is evaluated on (the same ones).")
     train_limit: int | None = Field(32, ge=1, description="Training pool every route builds from (the same one).")
     val_limit: int | None = Field(16, ge=1, description="Validation examples (PLD's conflict loop).")
     shots: int = Field(5, ge=0, description="k for the k-shot baseline and the teacher reference.")
@@ -34,9 +33,9 @@ class CompareConfig(BaseModel):
     budgets: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Per-route overrides of the route's own config fields, e.g. {'kd-logits': {'max_steps': 16}, "
-        "'pld': {'extract_sample': 48}}. Each route's defaults are sized for the embedded model on 2 CPU cores.",
+        "'pld': {'train_limit': 48}}. Each route's defaults are sized for the embedded model on 2 CPU cores.",
     )
-    spend: SpendConfig = Field(default_factory=SpendConfig, description="Cap on each route's teacher spend.")
+    spend: SpendConfig = spend_field("Cap on each route's teacher spend.")
 
     @field_validator("routes")
     @classmethod

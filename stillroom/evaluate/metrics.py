@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from stillroom.backends.usage import percentile
+
 INVALID = "<invalid>"
 
 
@@ -46,11 +48,6 @@ def classification_metrics(gold: Sequence[str], pred: Sequence[str | None], labe
         "confusion": cm.tolist(),
         "confusion_columns": labels + [INVALID],
     }
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0-100), 0.0 for no values."""
-    return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else 0.0
 
 
 def cost_metrics(input_tokens: Sequence[int], output_tokens: Sequence[int], latencies: Sequence[float]) -> dict:

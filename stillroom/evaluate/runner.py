@@ -203,3 +203,12 @@ def summarise(task: Task, examples: Sequence[Example], preds: Sequence[dict]) ->
         [p["latency_s"] for p in preds if not p["cached"]] or [p["latency_s"] for p in preds],
     )
     return {**quality, **cost}
+
+
+def evaluate_model(task, examples, model, tokenizer, *, shots=(), name: str = "student") -> EvalResult:
+    """Evaluate an in-memory transformers model with the shared evaluator (log-likelihood over the options where
+    possible): for benches and notebooks; the routes deploy their models through `stillroom.route`."""
+    from stillroom.backends.hf import HFBackend
+
+    backend = HFBackend.from_objects(model, tokenizer, name=name)
+    return evaluate(task, examples, backend, shots=shots, description=name)

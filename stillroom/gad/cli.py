@@ -85,7 +85,7 @@ def gad_cmd(
         from stillroom.runs import run_dir_for
 
         over = {
-            "task": {"spec": task}, "student": student,
+            "task": {"spec": task}, "student": {"spec": student},
             "teacher": {"spec": teacher, "base_url": teacher_base_url, "api_key_env": teacher_api_key_env},
             "num_generations": num_generations, "temperature": temperature, "prompts_per_step": prompts_per_step,
             "adversarial_steps": adversarial_steps, "disc_warmup_steps": disc_warmup_steps,

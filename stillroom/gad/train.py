@@ -40,7 +40,7 @@ import torch
 from transformers import TrainerCallback
 
 from stillroom.errors import ConfigError
-from stillroom.gad.config import ADVERSARIAL_FIELDS, EVAL_FIELDS, GADConfig
+from stillroom.gad.config import GADConfig
 from stillroom.gad.discriminator import Discriminator, sample_completions
 from stillroom.models import bf16_supported
 
@@ -215,12 +215,6 @@ def adversarial(student: Any, tokenizer: Any, records: list[dict], disc: Discrim
 # ------------------------------------------------------------------------------------------------ the route
 
 
-def _digest(cfg: GADConfig, exclude: tuple[str, ...]) -> str:
-    from stillroom.runs import digest_of
-
-    return digest_of(cfg, exclude=exclude)
-
-
 def refuse_multi_process() -> None:
     """GAD is single-process: raise `ConfigError` when started by `accelerate launch` (or torchrun) with more than
     one process (WORLD_SIZE > 1)."""
@@ -244,94 +238,51 @@ def run_gad(cfg: GADConfig, run_dir: str | Path, *, teacher_backend=None) -> dic
     stage), train.json, predictions.jsonl, metrics.json, usage.json and report.html. Rerunning resumes: the
     teacher's answers come from the cache, and a finished stage (same settings) is loaded instead of retrained.
     """
+    from stillroom.models import resolve_model_path
+    from stillroom.route import run_route
+
     refuse_multi_process()
-    from stillroom.backends import open_cached_backend
-    from stillroom.backends.embedded import is_converted, save_model_folder
+    return run_route(cfg, run_dir, lambda ctx: build_gad(ctx, teacher_backend), route="gad",
+                     prepare=lambda cfg, sel: resolve_model_path(cfg.student.spec),
+                     title=lambda ctx: f"Stillroom GAD: {ctx.task.name}").metrics
+
+
+def build_gad(ctx, teacher_backend=None):
+    """GAD's build: the teacher's answers through the run's cache, the warm-up, the adversarial stage; deploys
+    the student (and the untouched student as the 'before' row)."""
     from stillroom.backends.hf import HFBackend
     from stillroom.kd.data import collect_and_record, sft_records
-    from stillroom.kd.trainer import evaluate_model
-    from stillroom.models import load_causal_lm, load_tokenizer, release_memory, resolve_model_path
-    from stillroom.route import BuildCost, Deployment, Timer, evaluate_deployment, open_run, record, select
+    from stillroom.models import load_causal_lm, load_tokenizer, release_memory
+    from stillroom.route import Built, Deployment
 
-    timer = Timer()
-    sel = select(cfg.task, split=cfg.eval_split, limit=cfg.eval_limit, train_limit=cfg.train_limit)
-    student_path = resolve_model_path(cfg.student)
-    run, config_dict = open_run(cfg, run_dir)
-    task, eval_examples = sel.task, sel.test
-    teacher_shots = sel.shots(cfg.teacher_shots)
-    student_shots = sel.shots(cfg.shots)
-    shot_ids = {s.id for s in teacher_shots} | {s.id for s in student_shots}
-    train = [e for e in sel.train if e.id not in shot_ids]
-    notes: list[str] = []
-
+    cfg: GADConfig = ctx.cfg
+    student_path = ctx.prepared
+    teacher_shots, student_shots = ctx.shots(cfg.teacher_shots), ctx.shots(cfg.shots)
+    train = ctx.train_pool(teacher_shots, student_shots)
     # The teacher is black-box: only its text is used, and every call goes through the run's durable cache.
-    teacher = open_cached_backend(cfg.teacher, run.cache_path, cfg.spend, backend=teacher_backend)
-    rows, data_stats = collect_and_record(run, task, train, teacher, mode="answers", shots=teacher_shots, samples=1,
-                                          temperature=cfg.teacher_temperature, max_tokens=cfg.teacher_max_tokens,
-                                          filter_correct=cfg.filter_correct)
+    teacher = ctx.open_teacher(cfg.teacher, teacher_backend)
+    rows, data_stats = collect_and_record(ctx.run, ctx.task, train, teacher, mode="answers", shots=teacher_shots,
+                                          samples=1, temperature=cfg.teacher_temperature,
+                                          max_tokens=cfg.teacher_max_tokens, filter_correct=cfg.filter_correct)
     if not data_stats["kept"]:
         raise ConfigError(f"the teacher produced no usable answer for {len(rows)} examples; nothing to distil")
-
     tok = load_tokenizer(student_path)
     student = load_causal_lm(student_path)
     render = HFBackend.from_objects(student, tok, name="render").render
-    records = sft_records(task, train, rows, mode="answers", render=lambda m: render(m)[0], shots=student_shots)
-    run.write_jsonl("gad_data.jsonl", records)
-    conditions: dict[str, Any] = {}
-    if cfg.eval_before:
-        conditions["student (no distillation)"] = evaluate_model(task, eval_examples, student, tok, shots=student_shots,
-                                                                 name="student-base")
-    disc_kw = {"learning_rate": cfg.disc_learning_rate, "max_length": cfg.max_length, "micro_batch": cfg.disc_micro_batch}
-    info = run.read_json("train.json") or {}
-
-    # Stage 1: warm-up.
-    warm_dir, disc_warm_dir = run.file("warmup"), run.file("discriminator_warmup")
-    w_digest = _digest(cfg, EVAL_FIELDS + ADVERSARIAL_FIELDS)
-    if is_converted(warm_dir) and is_converted(disc_warm_dir) and (info.get("warmup") or {}).get("digest") == w_digest:
-        notes.append("resumed: the warm-up was already finished in this run folder")
-    else:
-        disc = Discriminator.from_student(student, tok, **disc_kw)
-        res = warm_up(student, tok, records, disc, cfg, run.file("trainer-warmup"))
-        save_model_folder(res.model, tok, warm_dir)
-        disc.save(disc_warm_dir)
-        info = {"warmup": {**res.info, "digest": w_digest}}
-        run.write_json("train.json", info)
-        del disc, res
+    records = sft_records(ctx.task, train, rows, mode="answers", render=lambda m: render(m)[0], shots=student_shots)
+    ctx.run.write_jsonl("gad_data.jsonl", records)
+    info = warm_up_stage(ctx, student, tok, records)
     del student
     release_memory()
-
-    # Stage 2: adversarial.
-    student_dir, disc_dir = run.file("student"), run.file("discriminator")
-    a_digest = _digest(cfg, EVAL_FIELDS)
-    resumed = False
-    if is_converted(student_dir) and (info.get("adversarial") or {}).get("digest") == a_digest:
-        resumed = teacher.meter.calls == 0
-        notes.append("resumed: the adversarial stage was already finished in this run folder")
-        trained = load_causal_lm(student_dir)
-    else:
-        # Loaded from the warm-up folder, so that TRL's reference model (full fine-tuning, β > 0) is this folder.
-        student = load_causal_lm(warm_dir)
-        p = next(student.parameters())
-        disc = Discriminator.load(disc_warm_dir, tok, device=p.device, dtype=p.dtype, **disc_kw)
-        res = adversarial(student, tok, records, disc, cfg, run.file("trainer-grpo"))
-        trained = res.model
-        save_model_folder(trained, tok, student_dir)
-        disc.save(disc_dir)
-        info["adversarial"] = {**res.info, "digest": a_digest}
-        run.write_json("train.json", info)
-        del disc, res, student
+    trained, info = adversarial_stage(ctx, tok, records, info)
+    student_dir = ctx.run.file("student")
+    base = Deployment(name="student (no distillation)", backend=None, model=cfg.student.spec, shots=student_shots,
+                      model_dir=student_path,
+                      load=lambda: HFBackend.from_objects(load_causal_lm(student_path), tok, name="student-base"))
     deployed = Deployment(name="student (GAD)", backend=HFBackend.from_objects(trained, tok, name="student-gad"),
                           model=str(student_dir), shots=student_shots, model_dir=student_dir)
-    conditions[deployed.name] = evaluate_deployment(sel, deployed)
-    release_memory()
     adv = info.get("adversarial") or {}
-    if adv.get("log") and cfg.update_discriminator:
-        acc = [x["disc_accuracy"] for x in adv["log"] if "disc_accuracy" in x]
-        if acc and min(acc) >= 0.99:
-            notes.append("the discriminator separated teacher and student perfectly at every logged step: the "
-                         "student's reward carried little signal (try a lower disc_learning_rate)")
-    if not cfg.update_discriminator:
-        notes.append("frozen discriminator (update_discriminator: false): expect reward hacking, e.g. longer answers")
+    ctx.notes.extend(discriminator_notes(cfg, adv))
     extra = {
         "split": cfg.eval_split, "train_examples": len(records),
         "method": "GAD (warm-up: SeqKD + discriminator; adversarial: TRL GRPOTrainer, discriminator reward)",
@@ -340,8 +291,68 @@ def run_gad(cfg: GADConfig, run_dir: str | Path, *, teacher_backend=None) -> dic
         "adversarial": {k: v for k, v in adv.items() if k != "digest"},
     }
     steps = int(((info.get("warmup") or {}).get("seqkd") or {}).get("steps", 0)) + int(adv.get("steps", 0) or 0)
-    cost = BuildCost.from_meter(teacher.meter.summary(), seconds=timer.seconds, training_steps=steps)
-    artifacts = {k: str(run.file(k)) for k in ("student", "discriminator", "teacher_outputs.jsonl", "gad_data.jsonl")}
-    return record(run, sel, route="gad", deployed=deployed, results=conditions, cost=cost, config_dict=config_dict,
-                  title=f"Stillroom GAD: {task.name}", metrics_extra=extra, notes=notes, artifacts=artifacts,
-                  usage=teacher.meter.summary(), resumed=resumed)
+    artifacts = {k: str(ctx.run.file(k)) for k in ("student", "discriminator", "teacher_outputs.jsonl", "gad_data.jsonl")}
+    return Built(deployments=([base] if cfg.eval_before else []) + [deployed], steps=steps, extra=extra,
+                 artifacts=artifacts, usage=teacher.meter.summary)
+
+
+def _disc_kw(cfg: GADConfig) -> dict:
+    return {"learning_rate": cfg.disc_learning_rate, "max_length": cfg.max_length, "micro_batch": cfg.disc_micro_batch}
+
+
+def warm_up_stage(ctx, student, tok, records) -> dict:
+    """Stage 1, or its saved result when the run folder holds it with the same warm-up settings. Returns
+    train.json's content."""
+    from stillroom.backends.embedded import save_model_folder
+
+    cfg: GADConfig = ctx.cfg
+    info = ctx.run.read_json("train.json") or {}
+    scopes = ("evaluation", "adversarial")
+    if ctx.finished(info.get("warmup"), "warmup", "discriminator_warmup", leave_out=scopes, key="digest"):
+        ctx.notes.append("resumed: the warm-up was already finished in this run folder")
+        return info
+    disc = Discriminator.from_student(student, tok, **_disc_kw(cfg))
+    res = warm_up(student, tok, records, disc, cfg, ctx.run.file("trainer-warmup"))
+    save_model_folder(res.model, tok, ctx.run.file("warmup"))
+    disc.save(ctx.run.file("discriminator_warmup"))
+    info = {"warmup": {**res.info, "digest": ctx.digest(scopes)}}
+    ctx.run.write_json("train.json", info)
+    return info
+
+
+def adversarial_stage(ctx, tok, records, info: dict):
+    """Stage 2 from the warmed-up student, or its saved result (same settings). Returns (student, train.json)."""
+    from stillroom.backends.embedded import save_model_folder
+    from stillroom.models import load_causal_lm, release_memory
+
+    cfg: GADConfig = ctx.cfg
+    student_dir = ctx.run.file("student")
+    if ctx.finished(info.get("adversarial"), "student", key="digest"):
+        ctx.notes.append("resumed: the adversarial stage was already finished in this run folder")
+        return load_causal_lm(student_dir), info
+    # Loaded from the warm-up folder, so that TRL's reference model (full fine-tuning, β > 0) is this folder.
+    student = load_causal_lm(ctx.run.file("warmup"))
+    p = next(student.parameters())
+    disc = Discriminator.load(ctx.run.file("discriminator_warmup"), tok, device=p.device, dtype=p.dtype, **_disc_kw(cfg))
+    res = adversarial(student, tok, records, disc, cfg, ctx.run.file("trainer-grpo"))
+    save_model_folder(res.model, tok, student_dir)
+    disc.save(ctx.run.file("discriminator"))
+    info = {**info, "adversarial": {**res.info, "digest": ctx.digest()}}
+    ctx.run.write_json("train.json", info)
+    trained = res.model
+    del disc, res, student
+    release_memory()
+    return trained, info
+
+
+def discriminator_notes(cfg: GADConfig, adv: dict) -> list[str]:
+    """What the adversarial stage's log says about the reward signal."""
+    notes = []
+    if adv.get("log") and cfg.update_discriminator:
+        acc = [x["disc_accuracy"] for x in adv["log"] if "disc_accuracy" in x]
+        if acc and min(acc) >= 0.99:
+            notes.append("the discriminator separated teacher and student perfectly at every logged step: the "
+                         "student's reward carried little signal (try a lower disc_learning_rate)")
+    if not cfg.update_discriminator:
+        notes.append("frozen discriminator (update_discriminator: false): expect reward hacking, e.g. longer answers")
+    return notes

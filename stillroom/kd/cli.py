@@ -45,7 +45,7 @@ def _print(metrics: dict, run_dir: Path) -> None:
 def _logits_overrides(task, teacher, student, divergence, beta, alpha, temperature, ce_weight, top_k, online,
                       on_policy, lora, epochs, max_steps, lr, batch_size, train_limit, eval_limit, shots) -> dict:
     return {
-        "task": {"spec": task}, "teacher": teacher, "student": student, "divergence": divergence, "beta": beta,
+        "task": {"spec": task}, "teacher": {"spec": teacher}, "student": {"spec": student}, "divergence": divergence, "beta": beta,
         "alpha": alpha, "temperature": temperature, "ce_weight": ce_weight, "top_k": top_k,
         "teacher_mode": None if online is None else ("online" if online else "cached"), "on_policy": on_policy,
         "lora": None if lora is None else {"enabled": lora}, "epochs": epochs, "max_steps": max_steps, "learning_rate": lr, "batch_size": batch_size,
@@ -95,8 +95,8 @@ def logits_cmd(
         over = _logits_overrides(task, teacher, student, divergence, beta, alpha, temperature, ce_weight, top_k,
                                  online, on_policy, lora, epochs, max_steps, lr, batch_size, train_limit,
                                  eval_limit, shots)
-        over.update({"teacher_base_url": base_url, "teacher_api_key_env": api_key_env,
-                     "xtok": {"mode": tokenizers, "hybrid": hybrid}})
+        over["teacher"].update({"base_url": base_url, "api_key_env": api_key_env})
+        over["xtok"] = {"mode": tokenizers, "hybrid": hybrid}
         cfg = load_config(config, KDLogitsConfig, over, "--task and --student", bool(task and student))
         out = run_dir or run_dir_for("kd-logits", cfg)
         _print(distill_logits(cfg, out), out)
@@ -165,7 +165,7 @@ def data_cmd(
         from stillroom.runs import run_dir_for
 
         over = {
-            "task": {"spec": task}, "student": student, "mode": mode, "filter_correct": filter_correct,
+            "task": {"spec": task}, "student": {"spec": student}, "mode": mode, "filter_correct": filter_correct,
             "teacher": {"spec": teacher, "base_url": teacher_base_url, "api_key_env": teacher_api_key_env},
             "samples": samples, "temperature": temperature, "demos": demos, "shots": shots,
             "teacher_shots": teacher_shots, "lora": None if lora is None else {"enabled": lora}, "epochs": epochs,

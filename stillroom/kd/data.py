@@ -19,26 +19,31 @@ teacher is re-sampled for the examples it got wrong (rejection sampling). Fine-t
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from stillroom.config import BackendConfig, LoraSettings, SpendConfig, TaskConfig
+from stillroom.config import (
+    BackendConfig,
+    BaselineBlock,
+    SelectionBlock,
+    SpendConfig,
+    TrainingBlock,
+    spend_field,
+)
 from stillroom.errors import ConfigError
 
 Mode = Literal["answers", "cot", "demos"]
 
 
-class KDDataConfig(BaseModel):
+class KDDataConfig(SelectionBlock, TrainingBlock, BaselineBlock):
     """`stillroom kd data`: teacher outputs → filtered SFT set (or demonstrations) → student."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    task: TaskConfig
     teacher: BackendConfig = Field(default_factory=BackendConfig, description="Any backend: local, OpenAI-compatible, scripted.")
-    student: str = Field(..., description="Student: 'gemma3-270m', 'hf:PATH' or a local model folder.")
+    student: BackendConfig = Field(..., description="Student: 'gemma3-270m', 'hf:PATH' or a local model folder.")
     mode: Mode = Field("answers", description="'answers' (SeqKD), 'cot' (rationales + answers) or 'demos' (few-shot).")
     filter_correct: bool = Field(True, description="Keep a teacher output only if its answer matches the gold label (when there is one).")
     samples: int = Field(1, ge=1, description="Teacher attempts per example at most (re-sampled while wrong; needs temperature > 0).")
@@ -52,19 +57,9 @@ class KDDataConfig(BaseModel):
         "examples are the shots.",
     )
     demos: int = Field(5, ge=1, description="'demos' mode: teacher-labelled demonstrations in the student's prompt.")
-    train_limit: int | None = Field(None, ge=1, description="Use a deterministic sample of N training examples.")
-    eval_split: Literal["val", "test"] = Field("test", description="Split the student is evaluated on.")
-    eval_limit: int | None = Field(None, ge=1, description="Evaluate on a deterministic sample of N examples.")
-    eval_before: bool = Field(True, description="Also evaluate the student before distillation.")
-    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA (merged into the saved student); `false` = full fine-tuning.")
     lr_scheduler: str = Field("cosine", description="transformers scheduler name.")
-    epochs: float = Field(1.0, gt=0, description="SFT passes over the kept examples.")
-    max_steps: int = Field(-1, description="SFT optimizer steps (-1: use epochs).")
-    learning_rate: float = Field(1e-4, gt=0, description="SFT learning rate.")
-    batch_size: int = Field(8, ge=1, description="SFT batch size.")
     max_length: int = Field(1024, ge=8, description="SFT tokens per example.")
-    seed: int = Field(0, description="SFT seed.")
-    spend: SpendConfig = Field(default_factory=SpendConfig, description="Cap on the teacher's spend for this run.")
+    spend: SpendConfig = spend_field()
 
     @model_validator(mode="after")
     def _check(self):
@@ -173,96 +168,96 @@ def collect_and_record(run, task, examples, teacher, **kw) -> tuple[list[dict], 
 def distill_data(cfg: KDDataConfig, run_dir: str | Path, *, teacher_backend=None) -> dict:
     """The `kd data` route. Writes teacher_outputs.jsonl, sft_data.jsonl (or demos.jsonl), student/,
     train.json, predictions.jsonl, metrics.json, usage.json and report.html. Rerunning resumes from the cache."""
-    import dataclasses
+    from stillroom.models import resolve_model_path
+    from stillroom.route import run_route
 
-    from stillroom.backends import open_cached_backend
-    from stillroom.backends.embedded import is_converted, save_model_folder
+    return run_route(cfg, run_dir, lambda ctx: build_data(ctx, teacher_backend), route=f"kd-data-{cfg.mode}",
+                     prepare=lambda cfg, sel: resolve_model_path(cfg.student.spec),
+                     title=lambda ctx: f"Stillroom KD (data, {cfg.mode}): {ctx.task.name}").metrics
+
+
+def build_data(ctx, teacher_backend=None):
+    """Black-box KD's build: the teacher's outputs (through the run's cache), then the student fine-tuned on
+    them ('answers', 'cot') or given them as demonstrations ('demos')."""
     from stillroom.backends.hf import HFBackend
-    from stillroom.kd.trainer import training_digest
-    from stillroom.models import load_causal_lm, load_tokenizer, resolve_model_path
-    from stillroom.route import BuildCost, Deployment, Timer, evaluate_deployment, open_run, record, select
+    from stillroom.models import load_causal_lm, load_tokenizer
+    from stillroom.route import Built, Deployment
 
-    timer = Timer()
-    sel = select(cfg.task, split=cfg.eval_split, limit=cfg.eval_limit, train_limit=cfg.train_limit)
-    student_path = resolve_model_path(cfg.student)
-    run, config_dict = open_run(cfg, run_dir)
-    task = sel.task
-    teacher_shots = sel.shots(cfg.teacher_shots)
-    student_shots = sel.shots(cfg.shots) if cfg.mode != "demos" else []
-    shot_ids = {s.id for s in teacher_shots} | {s.id for s in student_shots}
-    train = [e for e in sel.train if e.id not in shot_ids]
-    max_tokens = cfg.teacher_max_tokens or (256 if cfg.mode == "cot" else 32)
-
-    teacher = open_cached_backend(cfg.teacher, run.cache_path, cfg.spend, backend=teacher_backend)
-    rows, data_stats = collect_and_record(run, task, train, teacher, mode=cfg.mode, shots=teacher_shots,
-                                          samples=cfg.samples, temperature=cfg.temperature, max_tokens=max_tokens,
-                                          filter_correct=cfg.filter_correct)
+    cfg: KDDataConfig = ctx.cfg
+    student_path = ctx.prepared
+    teacher_shots = ctx.shots(cfg.teacher_shots)
+    student_shots = ctx.shots(cfg.shots) if cfg.mode != "demos" else []
+    train = ctx.train_pool(teacher_shots, student_shots)
+    teacher = ctx.open_teacher(cfg.teacher, teacher_backend)
+    rows, data_stats = collect_and_record(
+        ctx.run, ctx.task, train, teacher, mode=cfg.mode, shots=teacher_shots, samples=cfg.samples,
+        temperature=cfg.temperature, max_tokens=cfg.teacher_max_tokens or (256 if cfg.mode == "cot" else 32),
+        filter_correct=cfg.filter_correct)
     if not data_stats["kept"]:
         raise ConfigError(f"the teacher produced no usable output for {len(rows)} examples (accuracy "
                           f"{data_stats['teacher_accuracy']}); nothing to distil. Try cot, more samples or another teacher")
-
     tok = load_tokenizer(student_path)
-    student = load_causal_lm(student_path)
-    conditions: dict[str, Any] = {}
-    method = "cot" if cfg.mode == "cot" else "auto"
-    budget = 256 if cfg.mode == "cot" else 16
-    if cfg.eval_before or cfg.mode == "demos":
-        base = HFBackend.from_objects(student, tok, name="student-base")
-        conditions["student (no KD)"] = evaluate_deployment(sel, Deployment(
-            name="student (no KD)", backend=base, model=cfg.student, shots=student_shots, method=method,
-            max_new_tokens=budget, model_dir=student_path))
-    notes: list[str] = []
-    resumed = False
-    train_info: dict[str, Any] = {"data": data_stats}
+    answer = {"method": "cot" if cfg.mode == "cot" else "auto", "max_new_tokens": 256 if cfg.mode == "cot" else 16}
+    base = Deployment(name="student (no KD)", backend=None, model=cfg.student.spec, shots=student_shots,
+                      model_dir=student_path, **answer,
+                      load=lambda: HFBackend.from_objects(load_causal_lm(student_path), tok, name="student-base"))
     if cfg.mode == "demos":
         kept = [r for r in rows if r["kept"]][: cfg.demos]
         by_id = {ex.id: ex for ex in train}
         demos = [dataclasses.replace(by_id[r["id"]], label=r["answer"]) for r in kept]
-        run.write_jsonl("demos.jsonl", [{"id": d.id, "input": d.input, "label": d.label} for d in demos])
-        deployed = Deployment(name=f"student + {len(demos)} teacher demos",
-                              backend=HFBackend.from_objects(student, tok, name="student-demos"), model=cfg.student,
-                              shots=demos, method=method, max_new_tokens=budget, model_dir=student_path)
-        conditions[deployed.name] = evaluate_deployment(sel, deployed)
-        notes.append("demos mode: no training; the teacher's labelled examples are the student's few-shot prompt")
+        ctx.run.write_jsonl("demos.jsonl", [{"id": d.id, "input": d.input, "label": d.label} for d in demos])
+        model = load_causal_lm(student_path)  # one copy in memory for both conditions
+        base.backend, base.load = HFBackend.from_objects(model, tok, name="student-base"), None
+        deployed = dataclasses.replace(base, name=f"student + {len(demos)} teacher demos", shots=demos,
+                                       backend=HFBackend.from_objects(model, tok, name="student-demos"))
+        ctx.notes.append("demos mode: no training; the teacher's labelled examples are the student's few-shot prompt")
+        train_info: dict[str, Any] = {"data": data_stats}
     else:
-        from stillroom.train.sft import SFTSettings, train_sft
-
-        render = HFBackend.from_objects(student, tok, name="render").render
-        records = sft_records(task, train, rows, mode=cfg.mode, render=lambda m: render(m)[0], shots=student_shots)
-        run.write_jsonl("sft_data.jsonl", records)
-        student_dir = run.file("student")
-        digest = training_digest(cfg)
-        if is_converted(student_dir) and (run.read_json("train.json") or {}).get("config_digest") == digest:
-            notes.append("resumed: the student was already fine-tuned in this run folder")
-            resumed = teacher.meter.calls == 0
-            trained = load_causal_lm(student_dir)
-            train_info = run.read_json("train.json")
-        else:
-            settings = SFTSettings.with_lora(cfg.lora, lr_scheduler_type=cfg.lr_scheduler,
-                                   epochs=cfg.epochs, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
-                                   batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed)
-            res = train_sft(student, tok, records, settings, output_dir=run.file("trainer"))
-            trained = res.model
-            from stillroom.kd.trainer import process_state
-
-            if not process_state().is_main_process:
-                return {}  # other ranks of a multi-process launch: every rank holds the same weights; one saves
-            save_model_folder(trained, tok, student_dir)
-            train_info = {"data": data_stats, "config_digest": digest,
-                          "sft": {"examples": len(records), "steps": res.steps, "seconds": round(res.seconds, 2),
-                                  "losses": res.losses, "trainable_parameters": res.trainable_parameters,
-                                  "settings": dataclasses.asdict(settings)}}
-            run.write_json("train.json", train_info)
+        trained, train_info = fine_tune_student(ctx, rows, train, tok, student_shots, data_stats)
+        if trained is None:
+            return None  # other ranks of a multi-process launch: every rank holds the same weights; one saves
+        student_dir = ctx.run.file("student")
         deployed = Deployment(name=f"student ({cfg.mode} KD)", backend=HFBackend.from_objects(trained, tok, name="student-kd"),
-                              model=str(student_dir), shots=student_shots, method=method, max_new_tokens=budget,
-                              model_dir=student_dir)
-        conditions[deployed.name] = evaluate_deployment(sel, deployed)
-    steps = int((train_info.get("sft") or {}).get("steps", 0))
-    cost = BuildCost.from_meter(teacher.meter.summary(), seconds=timer.seconds, training_steps=steps)
-    artifacts = {k: str(run.file(k)) for k in ("teacher_outputs.jsonl", "sft_data.jsonl", "demos.jsonl", "student")
-                 if run.file(k).exists()}
+                              model=str(student_dir), shots=student_shots, model_dir=student_dir, **answer)
+    artifacts = {k: str(ctx.run.file(k)) for k in ("teacher_outputs.jsonl", "sft_data.jsonl", "demos.jsonl", "student")
+                 if ctx.run.file(k).exists()}
     extra = {"split": cfg.eval_split, "mode": cfg.mode, "teacher": teacher.identity, "student": str(student_path),
              "data": data_stats, "train": {k: v for k, v in train_info.items() if k != "data"}}
-    return record(run, sel, route=f"kd-data-{cfg.mode}", deployed=deployed, results=conditions, cost=cost,
-                  config_dict=config_dict, title=f"Stillroom KD (data, {cfg.mode}): {task.name}", metrics_extra=extra,
-                  notes=notes, artifacts=artifacts, usage=teacher.meter.summary(), resumed=resumed)
+    return Built(deployments=([base] if cfg.eval_before or cfg.mode == "demos" else []) + [deployed],
+                 steps=int((train_info.get("sft") or {}).get("steps", 0)), extra=extra, artifacts=artifacts,
+                 usage=teacher.meter.summary)
+
+
+def fine_tune_student(ctx, rows, train, tok, student_shots, data_stats):
+    """SFT of the student on the kept teacher outputs (reused when the run folder holds it, same settings).
+    Returns (the trained model, train.json's content); (None, {}) on a secondary rank of a multi-process launch."""
+    from stillroom.backends.embedded import save_model_folder
+    from stillroom.backends.hf import HFBackend
+    from stillroom.kd.trainer import process_state
+    from stillroom.models import load_causal_lm
+    from stillroom.train.sft import SFTSettings, train_sft
+
+    cfg: KDDataConfig = ctx.cfg
+    student_path = ctx.prepared
+    student_dir = ctx.run.file("student")
+    student = load_causal_lm(student_path)
+    render = HFBackend.from_objects(student, tok, name="render").render
+    records = sft_records(ctx.task, train, rows, mode=cfg.mode, render=lambda m: render(m)[0], shots=student_shots)
+    ctx.run.write_jsonl("sft_data.jsonl", records)
+    info = ctx.run.read_json("train.json")
+    if ctx.finished(info, "student"):
+        ctx.notes.append("resumed: the student was already fine-tuned in this run folder")
+        return load_causal_lm(student_dir), info
+    settings = SFTSettings.with_lora(cfg.lora, lr_scheduler_type=cfg.lr_scheduler, epochs=cfg.epochs,
+                                     max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
+                                     batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed)
+    res = train_sft(student, tok, records, settings, output_dir=ctx.run.file("trainer"))
+    if not process_state().is_main_process:
+        return None, {}
+    save_model_folder(res.model, tok, student_dir)
+    info = {"data": data_stats, "config_digest": ctx.digest(),
+            "sft": {"examples": len(records), "steps": res.steps, "seconds": round(res.seconds, 2),
+                    "losses": res.losses, "trainable_parameters": res.trainable_parameters,
+                    "settings": dataclasses.asdict(settings)}}
+    ctx.run.write_json("train.json", info)
+    return res.model, info

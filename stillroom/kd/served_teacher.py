@@ -179,15 +179,16 @@ def _fixed_width(top: list[tuple[int, float]], k: int, vocab: int) -> tuple[list
 
 
 def served_teacher_for(cfg: Any) -> ServedTeacher:
-    """The served teacher a `KDLogitsConfig` names (`teacher: openai:MODEL`, `teacher_base_url`), or a
+    """The served teacher a `KDLogitsConfig` names (`teacher.spec: openai:MODEL`, `teacher.base_url`), or a
     `ConfigError` saying why it cannot teach this way."""
     from stillroom.backends.openai_compat import OpenAIBackend
 
-    model = cfg.teacher.partition(":")[2]
-    url = cfg.teacher_base_url
+    spec = cfg.teacher.spec
+    model = spec.partition(":")[2]
+    url = cfg.teacher.base_url
     if not url or is_openai_api(url):
         raise ConfigError(
-            f"{cfg.teacher!r}: a served teacher fills the logit cache through vLLM's prompt_logprobs; give --base-url "
+            f"{spec!r}: a served teacher fills the logit cache through vLLM's prompt_logprobs; give --base-url "
             "of a vLLM server (e.g. http://gpu-node:8000/v1). OpenAI's API and servers without prompt "
             "log-probabilities can only teach through text (`stillroom kd data`)."
         )
@@ -199,7 +200,7 @@ def served_teacher_for(cfg: Any) -> ServedTeacher:
         (cfg.top_k == 0, "top_k 0 (the full distribution) is more than a server returns; use top_k <= its max_logprobs"),
     ):
         if bad:
-            raise ConfigError(f"{cfg.teacher!r} is a served teacher: {why}")
-    backend = OpenAIBackend(model, base_url=url, api_key_env=cfg.teacher_api_key_env,
-                            max_concurrency=cfg.teacher_max_concurrency)
+            raise ConfigError(f"{spec!r} is a served teacher: {why}")
+    backend = OpenAIBackend(model, base_url=url, api_key_env=cfg.teacher.api_key_env,
+                            max_concurrency=cfg.teacher.max_concurrency)
     return ServedTeacher(backend)

@@ -35,7 +35,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import Trainer, TrainingArguments
 
-from stillroom.config import LoraSettings, TaskConfig
+from stillroom.config import EVALUATION_ONLY, BackendConfig, BaselineBlock, SelectionBlock, TrainingBlock
 from stillroom.errors import ConfigError
 from stillroom.kd.hints import HintProjector, hint_loss, parse_layer_map
 from stillroom.kd.logit_cache import (
@@ -56,12 +56,19 @@ from stillroom.kd.losses import (
     sparse_divergence,
     topk_targets,
 )
+from stillroom.kd.uld import SharedVocab
+from stillroom.kd.xtok import TokenBytes
 from stillroom.kd.xtok_train import (
+    CrossCollator,
+    CrossDataset,
+    CrossExample,
     XTokConfig,
+    XTokTrainer,
     check_cross_settings,
     choose_path,
     choose_served_path,
-    distill_cross,
+    encode_cross,
+    shared_vocab_for,
 )
 from stillroom.models import (
     bf16_supported,
@@ -100,10 +107,9 @@ class HintConfig(BaseModel):
     )
 
 
-class KDConfig(BaseModel):
-    """Loss and optimisation settings of white-box KD (used by `kd logits`, `kd hints`, the tests and benches)."""
-
-    model_config = ConfigDict(extra="forbid")
+class KDConfig(TrainingBlock):
+    """Loss and optimisation settings of white-box KD (used by `kd logits`, `kd hints`, the tests and benches).
+    The training knobs (lora, epochs, max_steps, learning_rate, batch_size, seed) are the shared training block."""
 
     divergence: Divergence = Field(
         "fkl",
@@ -125,11 +131,7 @@ class KDConfig(BaseModel):
     teacher_mode: Literal["cached", "online"] = Field(
         "cached", description="'cached': precompute the teacher once to disk, train without it; 'online': keep it resident."
     )
-    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters (merged into the saved student); `false` = full fine-tuning.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the training examples.")
-    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
     learning_rate: float = Field(2e-4, gt=0, description="AdamW learning rate (2e-4 suits LoRA; use ~2e-5 for full).")
-    batch_size: int = Field(8, ge=1, description="Examples per device per step.")
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -137,33 +139,23 @@ class KDConfig(BaseModel):
     append_eos: bool = Field(True, description="End each answer with EOS, so the student learns to stop.")
     shard_size: int = Field(256, ge=1, description="Examples per cache shard (the unit of resumption).")
     teacher_batch_size: int = Field(8, ge=1, description="Batch size of the teacher while it fills the cache.")
-    seed: int = Field(0, description="Training seed.")
     logging_steps: int = Field(10, ge=1, description="Log losses every N steps.")
     dtype: str = Field("auto", description="'auto' (float32 on CPU, bfloat16 on CUDA), 'float32', 'bfloat16'.")
     hints: HintConfig = Field(default_factory=HintConfig, description="Hint KD (hidden-state matching).")
 
 
-class KDLogitsConfig(KDConfig):
+class KDLogitsConfig(KDConfig, SelectionBlock, BaselineBlock):
     """`stillroom kd logits` / `kd hints`: one task, one teacher, one student."""
 
-    task: TaskConfig
-    teacher: str = Field(
-        "gemma3-270m", description="Teacher: 'gemma3-270m', 'hf:PATH', a local model folder, or 'openai:MODEL' "
-        "served by vLLM at teacher_base_url (its top-k fill the cache through prompt_logprobs; see "
-        "stillroom.kd.served_teacher).",
+    teacher: BackendConfig = Field(
+        default_factory=BackendConfig,
+        description="Teacher: 'gemma3-270m', 'hf:PATH', a local model folder, or 'openai:MODEL' served by vLLM at "
+        "base_url (its top-k fill the cache through prompt_logprobs; see stillroom.kd.served_teacher).",
     )
-    teacher_base_url: str | None = Field(None, description="A served teacher's vLLM URL, e.g. http://gpu-node:8000/v1.")
-    teacher_api_key_env: str = Field("OPENAI_API_KEY", description="NAME of the variable holding the served teacher's key.",
-                                     json_schema_extra={"identity": False})
-    teacher_max_concurrency: int = Field(8, ge=1, description="A served teacher's requests in flight.",
-                                         json_schema_extra={"identity": False})
-    student: str = Field(..., description="Student: 'hf:PATH' or a local model folder (same vocabulary family).")
+    student: BackendConfig = Field(..., description="Student: 'hf:PATH' or a local model folder (same vocabulary family).")
     shots: int = Field(0, ge=0, description="k solved training examples in every prompt (training and evaluation).")
-    train_limit: int | None = Field(None, ge=1, description="Train on a deterministic sample of N training examples.")
-    eval_split: Literal["val", "test"] = Field("test", description="Split the student is evaluated on.")
-    eval_limit: int | None = Field(None, ge=1, description="Evaluate on a deterministic sample of N examples.")
-    eval_before: bool = Field(True, description="Also evaluate the student before distillation (the 'no KD' row).")
-    eval_teacher: bool = Field(False, description="Also evaluate the teacher on the same examples.")
+    eval_teacher: bool = Field(False, description="Also evaluate the teacher on the same examples.",
+                               json_schema_extra=EVALUATION_ONLY)
     on_policy: bool = Field(
         False, description="On-policy KD through TRL's DistillationTrainer (student samples, resident teacher scores)."
     )
@@ -473,6 +465,81 @@ def train_kd(
     )
 
 
+# ---------------------------------------------------------------------------------------------- across tokenizers
+
+
+def train_xtok(
+    student: Any,
+    student_tok: Any,
+    examples: Sequence[CrossExample],
+    cfg: Any,
+    xtok: XTokConfig,
+    *,
+    cache: LogitCache,
+    output_dir: str | Path,
+    shared: SharedVocab | None = None,
+    callbacks: Sequence[Any] = (),
+) -> TrainResult:
+    """Distil into `student` from a finished cross-tokenizer `cache` (`cfg` is a `KDConfig`: optimisation,
+    `ce_weight`, `beta`, LoRA). `shared` is needed when `xtok.hybrid`."""
+    if xtok.hybrid and shared is None:
+        raise ConfigError("the hybrid term needs the shared vocabulary (shared_vocab_for)")
+    if abs(cache.temperature - cfg.temperature) > 1e-9:
+        raise ConfigError(f"the cache was built at temperature {cache.temperature}, training asks for {cfg.temperature}")
+    if cfg.lora.enabled and not hasattr(student, "peft_config"):
+        student = apply_lora(student, cfg)
+    student.train()
+    trainer = XTokTrainer(
+        model=student, args=training_arguments(cfg, output_dir), train_dataset=CrossDataset(examples, cache),
+        data_collator=CrossCollator(pad_id=student_tok.pad_token_id if student_tok.pad_token_id is not None else 0,
+                                    merge=xtok.merge),
+        kd=cfg, xtok=xtok, shared=shared if xtok.hybrid else None, callbacks=list(callbacks) or None,
+    )
+    t0 = time.perf_counter()
+    out = trainer.train()
+    seconds = time.perf_counter() - t0
+    spans = sum(len(x.plan) for x in examples)
+    tokens = sum(len(x.student.answer_ids) for x in examples)
+    notes = [f"cross-tokenizer ULD ({xtok.merge} merge{', hybrid' if xtok.hybrid else ''}): {spans} aligned spans "
+             f"over {tokens} student answer tokens, teacher top-{cache.k} + tail in its own vocabulary"]
+    return TrainResult(
+        model=trainer.model, steps=int(out.global_step), seconds=seconds, tokens=trainer.tokens_seen,
+        answer_tokens=trainer.answer_tokens_seen, tokens_per_s=trainer.tokens_seen / max(seconds, 1e-9),
+        log_history=[h for h in trainer.state.log_history if "loss" in h or "train_loss" in h], notes=notes,
+    )
+
+
+def distill_cross(cfg: Any, pairs: Sequence[tuple[str, str, str]], *, student: Any, student_tok: Any,
+                  teacher_tok: Any, load_teacher: Any, teacher_id: str, teacher_logits: int | None,
+                  cache_root: Path, output_dir: Path, progress: bool = True) -> tuple[TrainResult, dict]:
+    """The cross-tokenizer body of `kd logits`: encode both sides, fill (or reuse) the teacher cache in the
+    teacher's vocabulary (the teacher is loaded only for missing shards, then freed), train. Returns the training
+    result and the cache summary for train.json."""
+    sb = TokenBytes(student_tok)
+    xs = encode_cross(student_tok, teacher_tok, pairs, max_length=cfg.max_length, append_eos=cfg.append_eos,
+                      student_bytes=sb)
+    t_pad = getattr(teacher_tok, "pad_token_id", None)
+    t0 = time.perf_counter()
+    with process_state().main_process_first():
+        cache, stats = build_logit_cache(
+            load_teacher, [x.teacher for x in xs], cache_root, teacher_id=teacher_id, k=cfg.top_k,
+            temperature=cfg.temperature, shard_size=cfg.shard_size, batch_size=cfg.teacher_batch_size,
+            pad_id=t_pad if t_pad is not None else 0, progress=progress, xtok=True,
+        )
+    release_memory()
+    info = {"folder": str(cache.folder), "computed_shards": stats.computed, "reused_shards": stats.skipped,
+            "seconds": round(time.perf_counter() - t0, 2), "teacher_tokens": stats.teacher_tokens, "k": cache.k,
+            "cross_tokenizer": True, "aligned_spans": sum(len(x.plan) for x in xs),
+            "student_answer_tokens": sum(len(x.student.answer_ids) for x in xs)}
+    shared = None
+    if cfg.xtok.hybrid:
+        shared = shared_vocab_for(student_tok, teacher_tok, student_bytes=sb,
+                                  student_vocab=int(student.config.get_text_config().vocab_size),
+                                  teacher_vocab=int(teacher_logits or cache.vocab_size))
+    result = train_xtok(student, student_tok, xs, cfg, cfg.xtok, cache=cache, output_dir=output_dir, shared=shared)
+    return result, info
+
+
 def train_on_policy(
     student: Any,
     teacher: Any,
@@ -524,26 +591,6 @@ def train_on_policy(
 # ---------------------------------------------------------------------------------------------- the route
 
 
-def evaluate_model(task, examples, model, tokenizer, *, shots=(), name: str = "student") -> Any:
-    """Evaluate an in-memory model with the shared evaluator (log-likelihood over the options where possible)."""
-    from stillroom.backends.hf import HFBackend
-    from stillroom.evaluate.runner import evaluate
-
-    backend = HFBackend.from_objects(model, tokenizer, name=name)
-    return evaluate(task, examples, backend, shots=shots, description=name)
-
-
-EVAL_ONLY_FIELDS = ("eval_split", "eval_limit", "eval_before", "eval_teacher")
-
-
-def training_digest(cfg: BaseModel) -> str:
-    """Hash of the settings that shape the trained student (not the evaluation ones): a run folder's student is
-    reused on a rerun only when this matches."""
-    from stillroom.runs import digest_of
-
-    return digest_of(cfg, exclude=EVAL_ONLY_FIELDS)
-
-
 def process_state():
     """accelerate's `PartialState`, created so that CPU processes of a multi-process launch form one (gloo) group.
 
@@ -560,6 +607,31 @@ def process_state():
     return PartialState(cpu=forced or not torch.cuda.is_available())
 
 
+@dataclass
+class KDModels:
+    """The teacher and student a KD config names, resolved before the run folder exists."""
+
+    student_path: Path
+    teacher_path: Path | None
+    served: Any = None
+    """A `ServedTeacher` (vLLM) instead of a local teacher folder."""
+
+
+def resolve_kd_models(cfg: KDLogitsConfig, sel) -> KDModels:
+    """The checks `kd logits` makes before it creates its run folder: a labelled training pool, the teacher
+    (a local folder, or a vLLM server that can fill the cache) and the student."""
+    shot_ids = {s.id for s in sel.shots(cfg.shots)}
+    if not any(e.label is not None and e.id not in shot_ids for e in sel.train):
+        raise ConfigError(f"task {sel.task.name!r}: no labelled training examples")
+    served = None
+    if cfg.teacher.spec.partition(":")[0] == "openai":  # a teacher behind vLLM: never loaded here
+        from stillroom.kd.served_teacher import served_teacher_for
+
+        served = served_teacher_for(cfg)
+    return KDModels(student_path=resolve_model_path(cfg.student.spec), served=served,
+                    teacher_path=None if served else resolve_model_path(cfg.teacher.spec))
+
+
 def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool = True) -> dict:
     """The `kd logits` / `kd hints` route. Rerunning the same command resumes: a finished teacher cache is reused
     without loading the teacher, and a finished student is re-evaluated without retraining.
@@ -567,150 +639,175 @@ def distill_logits(cfg: KDLogitsConfig, run_dir: str | Path, *, progress: bool =
     Writes config.yaml, teacher_logits/<key>/ (the cache), student/ (the distilled student, LoRA merged),
     train.json, predictions.jsonl, metrics.json and report.html.
     """
-    from stillroom.backends.embedded import is_converted, save_model_folder
-    from stillroom.backends.hf import HFBackend
-    from stillroom.route import BuildCost, Deployment, Timer, evaluate_deployment, open_run, record, select
-    from stillroom.tasks.prompts import continuation, render_prompt
+    from stillroom.route import run_route
 
-    timer = Timer()
-    sel = select(cfg.task, split=cfg.eval_split, limit=cfg.eval_limit, train_limit=cfg.train_limit)
-    task, eval_examples = sel.task, sel.test
-    shots = sel.shots(cfg.shots)
-    shot_ids = {s.id for s in shots}
-    train = [e for e in sel.train if e.label is not None and e.id not in shot_ids]
-    if not train:
-        raise ConfigError(f"task {task.name!r}: no labelled training examples")
-    served = None
-    if cfg.teacher.partition(":")[0] == "openai":  # a teacher behind vLLM: never loaded here
-        from stillroom.kd.served_teacher import served_teacher_for
+    return run_route(cfg, run_dir, lambda ctx: build_logits(ctx, progress), prepare=resolve_kd_models,
+                     route="kd-hints" if cfg.hints.enabled else "kd-logits",
+                     title=lambda ctx: f"Stillroom KD: {ctx.task.name}").metrics
 
-        served = served_teacher_for(cfg)
-    teacher_path = None if served else resolve_model_path(cfg.teacher)
-    student_path = resolve_model_path(cfg.student)
-    run, config_dict = open_run(cfg, run_dir)
+
+def build_logits(ctx, progress: bool = True):
+    """White-box KD's build: the prompts encoded with the student's tokenizer, the teacher's targets (cached
+    top-k, a resident teacher, or on-policy), the trained and merged student; the teacher and the untouched
+    student as optional baselines."""
     from transformers import AutoConfig
 
-    s_tok = load_tokenizer(student_path)
-    s_cfg = AutoConfig.from_pretrained(str(student_path)).get_text_config()
-    cross, xnote = False, ""
-    if served:
-        t_cfg = None
-        plan = VocabPlan(size=int(s_cfg.vocab_size))  # one tokenizer, checked against the server's before use
-        cross, xnote = choose_served_path(cfg.xtok.mode, served, s_tok, int(s_cfg.vocab_size))
-        if cross:
-            t_tok = served.tokenizer()  # ids and token bytes through the server's /tokenize
-    else:
-        t_tok = s_tok if teacher_path.resolve() == student_path.resolve() else load_tokenizer(teacher_path)
-        t_cfg = AutoConfig.from_pretrained(str(teacher_path)).get_text_config()
-        cross, same_plan, xnote = choose_path(cfg.xtok.mode, s_tok, t_tok, int(s_cfg.vocab_size), int(t_cfg.vocab_size))
-        plan = same_plan or VocabPlan(size=int(s_cfg.vocab_size))
-    if cross:
-        check_cross_settings(cfg, served=bool(served))
-    prompts = [render_prompt(task, ex, shots) for ex in train]
+    from stillroom.backends.hf import HFBackend
+    from stillroom.route import BuildCost, Built, Deployment
+    from stillroom.tasks.prompts import continuation, render_prompt
+
+    cfg: KDLogitsConfig = ctx.cfg
+    m: KDModels = ctx.prepared
+    shots = ctx.shots(cfg.shots)
+    train = ctx.train_pool(shots, labelled=True)
+    s_tok = load_tokenizer(m.student_path)
+    s_cfg = AutoConfig.from_pretrained(str(m.student_path)).get_text_config()
+    t_tok, t_cfg, plan, cross = pair_tokenizers(ctx, s_tok, s_cfg)
+    prompts = [render_prompt(ctx.task, ex, shots) for ex in train]
     pairs = [(ex.id, p, continuation(str(ex.label))) for ex, p in zip(train, prompts, strict=True)]
+    # Across tokenizers each side encodes its own ids (`distill_cross`); here, the student's ids are the teacher's.
     encoded = [] if cross else encode_examples(s_tok, pairs, max_length=cfg.max_length, append_eos=cfg.append_eos)
-    if not cross:
-        check_ids_in_range(encoded, plan.size)
-    notes = [n for n in (plan.note, xnote) if n]
-    conditions: dict[str, Any] = {}
-
-    def load_teacher():
-        if served:
-            if not cross:
-                served.check_tokenizer(s_tok)
-            return served
-        return load_causal_lm(teacher_path, dtype=cfg.dtype)
-
+    check_ids_in_range(encoded, plan.size)
+    load_teacher = teacher_loader(m, s_tok, cfg.dtype, same_tokenizer=not cross)
+    deps = []
     if cfg.eval_teacher:
-        teacher = load_teacher()
-        conditions["teacher"] = evaluate_model(task, eval_examples, teacher, t_tok, shots=shots, name="teacher")
-        del teacher
-        release_memory()
+        deps.append(Deployment(name="teacher", backend=None, model=str(m.teacher_path), shots=shots,
+                               load=lambda: HFBackend.from_objects(load_teacher(), t_tok, name="teacher")))
+    if cfg.eval_before:
+        deps.append(Deployment(name="student (no KD)", backend=None, model=str(m.student_path), shots=shots,
+                               load=lambda: HFBackend.from_objects(load_causal_lm(m.student_path, dtype=cfg.dtype),
+                                                                   s_tok, name="student-base")))
+    trained, info = train_or_reuse(ctx, s_tok, encoded, prompts, plan, s_cfg, t_cfg, load_teacher, progress,
+                                   cross=(pairs, t_tok) if cross else None)
+    if trained is None:
+        return None  # other ranks of a multi-GPU run: the main process saves and evaluates
+    student_dir = ctx.run.file("student")
+    deps.append(Deployment(name="student (KD)", backend=HFBackend.from_objects(trained, s_tok, name="student-kd"),
+                           model=str(student_dir), shots=shots, model_dir=student_dir))
+    method = kd_method(cfg, cross)
+    ctx.notes.append(f"method: {method}")
+    extra = {"split": cfg.eval_split, "train_examples": len(pairs), "method": method,
+             "teacher": m.served.identity if m.served else str(m.teacher_path), "student": str(m.student_path),
+             "train": {k: v for k, v in info.items() if k != "log_history"}}
+    cost = BuildCost(teacher_input_tokens=int((info.get("cache") or {}).get("teacher_tokens", 0) or 0),
+                     training_steps=int(info.get("steps", 0)))
+    return Built(deployments=deps, cost=cost, extra=extra,
+                 artifacts={"student": str(student_dir), "teacher_logits": str(ctx.run.file("teacher_logits"))})
 
-    student_dir = run.file("student")
-    train_info = run.read_json("train.json")
-    cache_info: dict[str, Any] = {}
-    digest = training_digest(cfg)
-    resumed = False
-    if is_converted(student_dir) and train_info is not None and train_info.get("config_digest") == digest:
-        resumed = True
-        notes.append("resumed: the distilled student was already trained in this run folder")
-        if cfg.eval_before:
-            base = load_causal_lm(student_path, dtype=cfg.dtype)
-            conditions["student (no KD)"] = evaluate_model(task, eval_examples, base, s_tok, shots=shots, name="student-base")
-            del base
-            release_memory()
-        trained = load_causal_lm(student_dir, dtype=cfg.dtype)
+
+def pair_tokenizers(ctx, s_tok, s_cfg):
+    """(teacher tokenizer, teacher text config, same-vocabulary plan, cross): whether teacher and student tokenize
+    differently, and so take the cross-tokenizer path (`stillroom.kd.xtok_train`; `xtok.mode` can force either)."""
+    from transformers import AutoConfig
+
+    cfg: KDLogitsConfig = ctx.cfg
+    m: KDModels = ctx.prepared
+    t_tok, t_cfg = s_tok, None
+    plan = VocabPlan(size=int(s_cfg.vocab_size))
+    if m.served:
+        cross, note = choose_served_path(cfg.xtok.mode, m.served, s_tok, int(s_cfg.vocab_size))
+        t_tok = m.served.tokenizer() if cross else s_tok  # ids and token bytes through the server's /tokenize
     else:
-        student = load_causal_lm(student_path, dtype=cfg.dtype)
-        if cfg.eval_before:
-            conditions["student (no KD)"] = evaluate_model(task, eval_examples, student, s_tok, shots=shots, name="student-base")
-        teacher = None
-        cache = None
-        if cfg.on_policy:
-            teacher = load_teacher()
-            result = train_on_policy(student, teacher, s_tok, prompts, cfg, output_dir=run.file("trainer"),
-                                     max_completion_length=cfg.max_completion_length)
-        else:
-            hint_kw: dict[str, Any] = {}
-            layer_map: list[tuple[int, int]] = []
-            if cfg.hints.enabled:
-                layer_map = parse_layer_map(cfg.hints.layer_map, int(s_cfg.num_hidden_layers), int(t_cfg.num_hidden_layers))
-                hint_kw = {"hint_layers": [t for _, t in layer_map], "hint_positions": cfg.hints.positions,
-                           "extra_meta": hint_meta(layer_map, t_cfg)}
-            if cross:
-                result, cache_info = distill_cross(
-                    cfg, pairs, student=student, student_tok=s_tok, teacher_tok=t_tok, load_teacher=load_teacher,
-                    teacher_id=served.identity if served else model_fingerprint(teacher_path),
-                    teacher_logits=None if served else int(t_cfg.vocab_size), cache_root=run.file("teacher_logits"),
-                    output_dir=run.file("trainer"), progress=progress,
-                )
-            elif cfg.teacher_mode == "cached":
-                t0 = time.perf_counter()
-                # Under `accelerate launch` the main process fills the cache; the others then find every shard
-                # done and open it without loading the teacher.
-                with process_state().main_process_first():
-                    cache, stats = build_logit_cache(
-                        load_teacher, encoded, run.file("teacher_logits"),
-                        teacher_id=served.identity if served else model_fingerprint(teacher_path),
-                        k=cfg.top_k, temperature=cfg.temperature, vocab_size=plan.size,
-                        shard_size=cfg.shard_size, batch_size=cfg.teacher_batch_size, pad_id=s_tok.pad_token_id or 0,
-                        progress=progress, **hint_kw,
-                    )
-                release_memory()  # the teacher loaded inside build_logit_cache is unreachable now
-                cache_info = {"folder": str(cache.folder), "computed_shards": stats.computed,
-                              "reused_shards": stats.skipped, "seconds": round(time.perf_counter() - t0, 2),
-                              "teacher_tokens": stats.teacher_tokens, "k": cache.k}
-            else:
-                teacher = load_teacher()
-            if not cross:
-                result = train_kd(student, s_tok, encoded, cfg, output_dir=run.file("trainer"), cache=cache,
-                                  teacher=teacher, vocab_size=plan.size)
-        trained = merged(result.model)
-        train_info = {**result.summary(), "cache": cache_info, "examples": len(pairs), "config_digest": digest}
-        del teacher, result
-        release_memory()
-        if not process_state().is_main_process:
-            return {}  # other ranks of a multi-GPU run: the main process saves and evaluates
-        save_model_folder(trained, s_tok, student_dir)
-        run.write_json("train.json", train_info)
-    deployed = Deployment(name="student (KD)", backend=HFBackend.from_objects(trained, s_tok, name="student-kd"),
-                          model=str(student_dir), shots=shots, model_dir=student_dir)
-    conditions[deployed.name] = evaluate_deployment(sel, deployed)
-    method = "on-policy GKD (TRL)" if cfg.on_policy else f"{cfg.divergence} ({cfg.teacher_mode} teacher, top-{cfg.top_k})"
+        if m.teacher_path.resolve() != m.student_path.resolve():
+            t_tok = load_tokenizer(m.teacher_path)
+        t_cfg = AutoConfig.from_pretrained(str(m.teacher_path)).get_text_config()
+        cross, same, note = choose_path(cfg.xtok.mode, s_tok, t_tok, int(s_cfg.vocab_size), int(t_cfg.vocab_size))
+        plan = same or plan
     if cross:
-        method = (f"ULD across tokenizers ({cfg.xtok.merge} merge{', hybrid' if cfg.xtok.hybrid else ''}, cached "
-                  f"teacher top-{cfg.top_k} + tail)")
-    cache_meta = train_info.get("cache") or {}
-    cost = BuildCost(teacher_input_tokens=int(cache_meta.get("teacher_tokens", 0) or 0), seconds=timer.seconds,
-                     training_steps=int(train_info.get("steps", 0)))
-    extra = {"split": cfg.eval_split, "train_examples": len(pairs), "teacher": served.identity if served else str(teacher_path),
-             "student": str(student_path), "method": method,
-             "train": {k: v for k, v in train_info.items() if k != "log_history"}}
-    artifacts = {"student": str(student_dir), "teacher_logits": str(run.file("teacher_logits"))}
-    return record(run, sel, route="kd-hints" if cfg.hints.enabled else "kd-logits", deployed=deployed,
-                  results=conditions, cost=cost, config_dict=config_dict, title=f"Stillroom KD: {task.name}",
-                  metrics_extra=extra, notes=notes + [f"method: {method}"], artifacts=artifacts, resumed=resumed)
+        check_cross_settings(cfg, served=bool(m.served))
+    ctx.notes.extend(n for n in (plan.note, note) if n)
+    return t_tok, t_cfg, plan, cross
+
+
+def kd_method(cfg: KDLogitsConfig, cross: bool) -> str:
+    """The method line of a KD report."""
+    if cross:
+        return (f"ULD across tokenizers ({cfg.xtok.merge} merge{', hybrid' if cfg.xtok.hybrid else ''}, cached "
+                f"teacher top-{cfg.top_k} + tail)")
+    return "on-policy GKD (TRL)" if cfg.on_policy else f"{cfg.divergence} ({cfg.teacher_mode} teacher, top-{cfg.top_k})"
+
+
+def teacher_loader(m: KDModels, s_tok, dtype: str, *, same_tokenizer: bool = True):
+    """A function that loads the teacher when it is needed (a served one sharing the student's tokenizer: after
+    checking it)."""
+
+    def load():
+        if m.served:
+            if same_tokenizer:
+                m.served.check_tokenizer(s_tok)
+            return m.served
+        return load_causal_lm(m.teacher_path, dtype=dtype)
+
+    return load
+
+
+def train_or_reuse(ctx, s_tok, encoded, prompts, plan, s_cfg, t_cfg, load_teacher, progress, cross=None):
+    """The trained student: reloaded when the run folder holds it (same training settings), else trained and
+    saved with train.json. `cross` = (pairs, teacher tokenizer) takes the cross-tokenizer path. Returns (model,
+    train.json's content); (None, {}) on a secondary rank."""
+    from stillroom.backends.embedded import save_model_folder
+
+    cfg: KDLogitsConfig = ctx.cfg
+    student_dir = ctx.run.file("student")
+    info = ctx.run.read_json("train.json")
+    if ctx.finished(info, "student"):
+        ctx.notes.append("resumed: the distilled student was already trained in this run folder")
+        return load_causal_lm(student_dir, dtype=cfg.dtype), info
+    student = load_causal_lm(ctx.prepared.student_path, dtype=cfg.dtype)
+    cache, cache_info, teacher = None, {}, None
+    if cfg.on_policy:
+        teacher = load_teacher()
+        result = train_on_policy(student, teacher, s_tok, prompts, cfg, output_dir=ctx.run.file("trainer"),
+                                 max_completion_length=cfg.max_completion_length)
+    elif cross is not None:
+        m: KDModels = ctx.prepared
+        result, cache_info = distill_cross(
+            cfg, cross[0], student=student, student_tok=s_tok, teacher_tok=cross[1], load_teacher=load_teacher,
+            teacher_id=m.served.identity if m.served else model_fingerprint(m.teacher_path),
+            teacher_logits=None if m.served else int(t_cfg.vocab_size), cache_root=ctx.run.file("teacher_logits"),
+            output_dir=ctx.run.file("trainer"), progress=progress,
+        )
+    else:
+        cache, cache_info, teacher = teacher_targets(ctx, encoded, plan, s_tok, s_cfg, t_cfg, load_teacher, progress)
+        result = train_kd(student, s_tok, encoded, cfg, output_dir=ctx.run.file("trainer"), cache=cache,
+                          teacher=teacher, vocab_size=plan.size)
+    trained = merged(result.model)
+    info = {**result.summary(), "cache": cache_info, "examples": len(prompts), "config_digest": ctx.digest()}
+    del teacher, result
+    release_memory()
+    if not process_state().is_main_process:
+        return None, {}
+    save_model_folder(trained, s_tok, student_dir)
+    ctx.run.write_json("train.json", info)
+    return trained, info
+
+
+def teacher_targets(ctx, encoded, plan, s_tok, s_cfg, t_cfg, load_teacher, progress):
+    """The teacher's side of KD: the on-disk top-k cache (filled once, by the main process of a launch), or the
+    resident teacher (online mode). Returns (cache, cache summary, teacher)."""
+    cfg: KDLogitsConfig = ctx.cfg
+    m: KDModels = ctx.prepared
+    if cfg.teacher_mode != "cached":
+        return None, {}, load_teacher()
+    hint_kw: dict[str, Any] = {}
+    if cfg.hints.enabled:
+        layer_map = parse_layer_map(cfg.hints.layer_map, int(s_cfg.num_hidden_layers), int(t_cfg.num_hidden_layers))
+        hint_kw = {"hint_layers": [t for _, t in layer_map], "hint_positions": cfg.hints.positions,
+                   "extra_meta": hint_meta(layer_map, t_cfg)}
+    t0 = time.perf_counter()
+    # Under `accelerate launch` the main process fills the cache; the others then find every shard done and open
+    # it without loading the teacher.
+    with process_state().main_process_first():
+        cache, stats = build_logit_cache(
+            load_teacher, encoded, ctx.run.file("teacher_logits"),
+            teacher_id=m.served.identity if m.served else model_fingerprint(m.teacher_path),
+            k=cfg.top_k, temperature=cfg.temperature, vocab_size=plan.size, shard_size=cfg.shard_size,
+            batch_size=cfg.teacher_batch_size, pad_id=s_tok.pad_token_id or 0, progress=progress, **hint_kw,
+        )
+    release_memory()  # the teacher loaded inside build_logit_cache is unreachable now
+    info = {"folder": str(cache.folder), "computed_shards": stats.computed, "reused_shards": stats.skipped,
+            "seconds": round(time.perf_counter() - t0, 2), "teacher_tokens": stats.teacher_tokens, "k": cache.k}
+    return cache, info, None
 
 
 def hint_meta(layer_map: Sequence[tuple[int, int]], teacher_config: Any) -> dict:

@@ -6,7 +6,7 @@
 2. The teacher fills a cache in its *own* vocabulary (`build_logit_cache(..., xtok=True)`): top-k + tail per
    answer position, the log-probability of each actual answer token (the merge factor) and the byte offsets; the
    teacher is then freed, and a killed build resumes at the first missing shard.
-3. `XTokTrainer` (a plain `transformers.Trainer`): one student forward over the answer positions, then per span
+3. `XTokTrainer` (a plain `transformers.Trainer`; `stillroom.kd.trainer.train_xtok` and `distill_cross` run it): one student forward over the answer positions, then per span
    the ULD distance (`stillroom.kd.uld`, optionally GOLD's hybrid term) between the merged student and teacher
    distributions, plus cross-entropy on the gold answer tokens:
 
@@ -18,11 +18,9 @@
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -253,68 +251,6 @@ def shared_vocab_for(student_tok: Any, teacher_tok: Any, *, student_vocab: int, 
     return SharedVocab.build(shared_vocabulary(sb, tb), teacher_vocab, student_vocab)
 
 
-@dataclass
-class XTrainResult:
-    """What a cross-tokenizer training run did."""
-
-    model: Any
-    steps: int = 0
-    seconds: float = 0.0
-    tokens: int = 0
-    answer_tokens: int = 0
-    tokens_per_s: float = 0.0
-    log_history: list[dict] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def summary(self) -> dict:
-        return {"steps": self.steps, "seconds": round(self.seconds, 3), "tokens": self.tokens,
-                "answer_tokens": self.answer_tokens, "tokens_per_s": round(self.tokens_per_s, 2),
-                "log_history": self.log_history, "notes": self.notes}
-
-
-def train_xtok(
-    student: Any,
-    student_tok: Any,
-    examples: Sequence[CrossExample],
-    cfg: Any,
-    xtok: XTokConfig,
-    *,
-    cache: LogitCache,
-    output_dir: str | Path,
-    shared: SharedVocab | None = None,
-    callbacks: Sequence[Any] = (),
-) -> XTrainResult:
-    """Distil into `student` from a finished cross-tokenizer `cache` (`cfg` is a `KDConfig`: optimisation,
-    `ce_weight`, `beta`, LoRA). `shared` is needed when `xtok.hybrid`."""
-    from stillroom.kd.trainer import apply_lora, training_arguments
-
-    if xtok.hybrid and shared is None:
-        raise ConfigError("the hybrid term needs the shared vocabulary (shared_vocab_for)")
-    if abs(cache.temperature - cfg.temperature) > 1e-9:
-        raise ConfigError(f"the cache was built at temperature {cache.temperature}, training asks for {cfg.temperature}")
-    if cfg.lora.enabled and not hasattr(student, "peft_config"):
-        student = apply_lora(student, cfg)
-    student.train()
-    trainer = XTokTrainer(
-        model=student, args=training_arguments(cfg, output_dir), train_dataset=CrossDataset(examples, cache),
-        data_collator=CrossCollator(pad_id=student_tok.pad_token_id if student_tok.pad_token_id is not None else 0,
-                                    merge=xtok.merge),
-        kd=cfg, xtok=xtok, shared=shared if xtok.hybrid else None, callbacks=list(callbacks) or None,
-    )
-    t0 = time.perf_counter()
-    out = trainer.train()
-    seconds = time.perf_counter() - t0
-    spans = sum(len(x.plan) for x in examples)
-    tokens = sum(len(x.student.answer_ids) for x in examples)
-    notes = [f"cross-tokenizer ULD ({xtok.merge} merge{', hybrid' if xtok.hybrid else ''}): {spans} aligned spans "
-             f"over {tokens} student answer tokens, teacher top-{cache.k} + tail in its own vocabulary"]
-    return XTrainResult(
-        model=trainer.model, steps=int(out.global_step), seconds=seconds, tokens=trainer.tokens_seen,
-        answer_tokens=trainer.answer_tokens_seen, tokens_per_s=trainer.tokens_seen / max(seconds, 1e-9),
-        log_history=[h for h in trainer.state.log_history if "loss" in h or "train_loss" in h], notes=notes,
-    )
-
-
 # ---------------------------------------------------------------------------------------------- the route's choice
 
 
@@ -372,38 +308,3 @@ def check_cross_settings(cfg: Any, *, served: bool) -> None:
     ):
         if bad:
             raise ConfigError(f"teacher and student tokenize differently: {why}")
-
-
-def distill_cross(cfg: Any, pairs: Sequence[tuple[str, str, str]], *, student: Any, student_tok: Any,
-                  teacher_tok: Any, load_teacher: Any, teacher_id: str, teacher_logits: int | None,
-                  cache_root: Path, output_dir: Path, progress: bool = True) -> tuple[XTrainResult, dict]:
-    """The cross-tokenizer body of `kd logits`: encode both sides, fill (or reuse) the teacher cache in the
-    teacher's vocabulary (the teacher is loaded only for missing shards, then freed), train. Returns the training
-    result and the cache summary for train.json."""
-    from stillroom.kd.logit_cache import build_logit_cache
-    from stillroom.kd.trainer import process_state
-    from stillroom.models import release_memory
-
-    sb = TokenBytes(student_tok)
-    xs = encode_cross(student_tok, teacher_tok, pairs, max_length=cfg.max_length, append_eos=cfg.append_eos,
-                      student_bytes=sb)
-    t_pad = getattr(teacher_tok, "pad_token_id", None)
-    t0 = time.perf_counter()
-    with process_state().main_process_first():
-        cache, stats = build_logit_cache(
-            load_teacher, [x.teacher for x in xs], cache_root, teacher_id=teacher_id, k=cfg.top_k,
-            temperature=cfg.temperature, shard_size=cfg.shard_size, batch_size=cfg.teacher_batch_size,
-            pad_id=t_pad if t_pad is not None else 0, progress=progress, xtok=True,
-        )
-    release_memory()
-    info = {"folder": str(cache.folder), "computed_shards": stats.computed, "reused_shards": stats.skipped,
-            "seconds": round(time.perf_counter() - t0, 2), "teacher_tokens": stats.teacher_tokens, "k": cache.k,
-            "cross_tokenizer": True, "aligned_spans": sum(len(x.plan) for x in xs),
-            "student_answer_tokens": sum(len(x.student.answer_ids) for x in xs)}
-    shared = None
-    if cfg.xtok.hybrid:
-        shared = shared_vocab_for(student_tok, teacher_tok, student_bytes=sb,
-                                  student_vocab=int(student.config.get_text_config().vocab_size),
-                                  teacher_vocab=int(teacher_logits or cache.vocab_size))
-    result = train_xtok(student, student_tok, xs, cfg, cfg.xtok, cache=cache, output_dir=output_dir, shared=shared)
-    return result, info

@@ -48,7 +48,7 @@ def _selection(task: str | None, limit: int | None):
 
 def _evaluate(folder: Path, sel, route: str, config: dict, cost=None) -> None:
     """Evaluate a model a command made on `sel` and record it in its folder."""
-    from stillroom.prune.route import evaluate_model_folder
+    from stillroom.route import evaluate_model_folder
 
     m = evaluate_model_folder(folder, sel, route=route, config=config, cost=cost)
     print_results(m["conditions"])
@@ -235,7 +235,7 @@ def heal_cmd(
     model: ModelArg,
     data: Annotated[Path, typer.Option(help="Prompt/completion JSONL (e.g. sft_self_data.jsonl).")],
     lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters (q_proj,v_proj r=8) or full fine-tuning.")] = True,
-    steps: Annotated[int, typer.Option(help="Optimizer steps (> 0 overrides --epochs).")] = -1,
+    max_steps: Annotated[int, typer.Option(help="Optimizer steps (> 0 overrides --epochs).")] = -1,
     epochs: Annotated[float, typer.Option(help="Passes over the data.")] = 1.0,
     lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 1e-4,
     batch_size: Annotated[int, typer.Option(help="Examples per micro-batch.")] = 8,
@@ -256,12 +256,12 @@ def heal_cmd(
 
         sel = _selection(task, eval_limit)
         folder = model_folder(model)
-        settings = SFTSettings(lora=lora, max_steps=steps, epochs=epochs, learning_rate=lr, batch_size=batch_size,
+        settings = SFTSettings(lora=lora, max_steps=max_steps, epochs=epochs, learning_rate=lr, batch_size=batch_size,
                                grad_accum=grad_accum, lora_r=lora_r, max_length=max_length, seed=seed)
         dest = run_dir or _default_out("healed", {"model": str(folder), "data": str(data), "lora": lora,
-                                              "steps": steps, "epochs": epochs, "lr": lr, "seed": seed})
+                                              "steps": max_steps, "epochs": epochs, "lr": lr, "seed": seed})
         rec = heal(folder, data, dest, settings)
-        _save_config(dest, "heal", {"model": model, "data": data, "lora": lora, "steps": steps, "epochs": epochs,
+        _save_config(dest, "heal", {"model": model, "data": data, "lora": lora, "max_steps": max_steps, "epochs": epochs,
                                     "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum, "lora_r": lora_r,
                                     "max_length": max_length, "seed": seed})
         console.print(f"{rec['steps']} steps in {rec['seconds']:.0f} s, loss {rec['first_loss']:.4f} -> "
@@ -269,7 +269,7 @@ def heal_cmd(
         if task:
             from stillroom.route import BuildCost
 
-            _evaluate(dest, sel, "heal", {"model": model, "data": str(data), "steps": steps, "task": task,
+            _evaluate(dest, sel, "heal", {"model": model, "data": str(data), "max_steps": max_steps, "task": task,
                                           "eval_limit": eval_limit},
                       BuildCost(seconds=rec["seconds"], training_steps=rec["steps"]))
 
@@ -354,7 +354,7 @@ def prune_heal_cmd(
     drop: Annotated[int | None, typer.Option(help="Layers to remove (the contiguous block with the smallest angular distance).")] = None,
     block: Annotated[str | None, typer.Option(help="Remove this block instead, START:END (0-based, end exclusive).")] = None,
     healing: Annotated[str | None, typer.Option(help="sft (gold answers), self-data (selected rewrites) or none.")] = None,
-    steps: Annotated[int | None, typer.Option(help="Healing optimizer steps.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Healing optimizer steps.")] = None,
     train_limit: Annotated[int | None, typer.Option(help="Heal on a deterministic sample of N training examples.")] = None,
     eval_limit: Annotated[int | None, typer.Option(help="Evaluate on a deterministic sample of N test examples.")] = None,
     run_dir: RunDirOpt = None,
@@ -369,8 +369,8 @@ def prune_heal_cmd(
         from stillroom.prune.route import PruneHealConfig, run_prune_heal
         from stillroom.runs import run_dir_for
 
-        over = {"task": {"spec": task}, "student": student, "drop": drop, "block": block, "healing": healing,
-                "steps": steps, "train_limit": train_limit, "eval_limit": eval_limit}
+        over = {"task": {"spec": task}, "student": {"spec": student}, "drop": drop, "block": block,
+                "healing": healing, "max_steps": max_steps, "train_limit": train_limit, "eval_limit": eval_limit}
         cfg = load_config(config, PruneHealConfig, over, "--task", bool(task))
         out = run_dir or run_dir_for("prune-heal", cfg)
         m = run_prune_heal(cfg, out)

@@ -20,11 +20,11 @@ missing; since the sliced `layer_types` is saved explicitly, they are left as th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from stillroom.errors import ConfigError
+from stillroom.models import save_model  # noqa: F401  (re-exported; it lives below train/, which uses it too)
 from stillroom.prune.angular import _text_config, decoder_layers
 
 # Config lists that may happen to be as long as the layer count without being per-layer.
@@ -99,18 +99,6 @@ def load_causal_lm(path: str | Path, dtype: str = "float32"):
     from stillroom.models import load_model_and_tokenizer
 
     return load_model_and_tokenizer(path, dtype=dtype, device="cpu")
-
-
-def save_model(model: Any, tokenizer: Any, out_dir: str | Path, record: dict | None = None) -> Path:
-    """Save model + tokenizer atomically (temporary folder, then rename), plus `stillroom.json` with `record`."""
-    from stillroom.backends.embedded import save_model_folder
-
-    out = save_model_folder(model, tokenizer, Path(out_dir))
-    if record is not None:
-        from stillroom.runs import atomic_write_text
-
-        atomic_write_text(out / "stillroom.json", json.dumps(record, indent=2) + "\n")
-    return out
 
 
 def prune_model_folder(model_path: str | Path, start: int, end: int, out_dir: str | Path,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from stillroom.backends.base import Message
+from stillroom.backends.base import Message, chat_to_text  # noqa: F401  (lives with the backends that use it)
 from stillroom.tasks.task import Example, Task
 
 
@@ -66,23 +66,3 @@ def render_chat(
         messages.append({"role": "assistant", "content": str(s.label)})
     messages.append({"role": "user", "content": render_input(task, ex)})
     return messages
-
-
-def chat_to_text(messages: Sequence[Message]) -> str:
-    """Plain-text rendering of chat messages for base models that have no chat template.
-
-    Ends with 'Answer:' for the model to complete, unless the last user message already ends with a cue of
-    its own (a line ending in ':', such as 'General instruction:'), which a base model then completes.
-    """
-    out = []
-    for m in messages:
-        role = m["role"]
-        if role == "system":
-            out.append(m["content"].strip() + "\n")
-        elif role == "user":
-            out.append(m["content"].strip())
-        else:
-            out.append("Answer: " + m["content"].strip() + "\n")
-    if messages and messages[-1]["role"] == "user" and messages[-1]["content"].rstrip().endswith(":"):
-        return "\n".join(out)
-    return "\n".join(out) + "\nAnswer:"

@@ -348,11 +348,11 @@ def heal(model_path: str | Path, data: str | Path | list[dict], out_dir: str | P
     Writes the model (LoRA folded in) to `out_dir` and `out_dir/stillroom.json` with the settings, steps, time and
     loss curve.
     """
-    from stillroom.prune.surgery import load_causal_lm, save_model
+    from stillroom.models import load_model_and_tokenizer, save_model
 
     settings = settings or SFTSettings()
     records = load_records(data) if not isinstance(data, list) else data
-    model, tok = load_causal_lm(model_path)
+    model, tok = load_model_and_tokenizer(model_path, dtype="float32", device="cpu")
     out = Path(out_dir)
     scratch = out.parent / f".{out.name}-trainer"
     try:

@@ -1,6 +1,6 @@
 """`stillroom eval` and the prompting baselines (zero-shot, k-shot, chain-of-thought, a fixed system prompt) as
 routes of the skeleton (`stillroom.route`): nothing to build; deploy the model with a prompt; evaluate; record.
-The CLI, `stillroom compare` and the PLD route's comparison all call this."""
+The CLI and `stillroom compare` call this; PLD deploys its own baselines through the same skeleton."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from stillroom.backends import load_backend, open_cached_backend
 from stillroom.config import EvalConfig
 from stillroom.errors import ConfigError
 from stillroom.evaluate.runner import EvalResult
-from stillroom.locking import run_folder_lock
-from stillroom.route import BuildCost, Deployment, Selection, evaluate_deployment, open_run, record, select
+from stillroom.route import Built, Deployment, RouteContext, Selection, run_route
 from stillroom.tasks.fit import fit_examples
 from stillroom.tasks.prompts import continuation, render_chat, render_prompt
 from stillroom.tasks.task import Example, Task
@@ -46,12 +45,52 @@ def run_eval(cfg: EvalConfig, run_dir: Path, conditions: list[Condition] | None 
     Task, model spec, system prompt and every prompt's fit in the context window are checked before the run
     folder is created; the folder is held (`stillroom.locking`) while it is written; `wait` queues behind a
     process that holds it instead of failing."""
-    sel = select(cfg.task, split=cfg.split, limit=cfg.limit, task=task)
     conditions = conditions or [default_condition(cfg)]
-    backend = backend or load_backend(cfg.model)
-    sel.test, overlong = fit_eval_examples(sel, backend, conditions, cfg)
-    with run_folder_lock(run_dir, wait=wait):
-        return _run_eval(cfg, run_dir, conditions, backend, sel, route, overlong)
+
+    def prepare(cfg: EvalConfig, sel: Selection):
+        model = backend or load_backend(cfg.model)
+        sel.test, overlong = fit_eval_examples(sel, model, conditions, cfg)
+        return model, overlong
+
+    def build(ctx: RouteContext) -> Built:
+        model, overlong = ctx.prepared
+        cached = open_cached_backend(cfg.model, ctx.run.cache_path, cfg.spend, backend=model)
+        deps = [Deployment(name=c.name, backend=cached, model=cfg.model.spec, system_prompt=c.system_prompt,
+                           shots=ctx.shots(c.shots), method=c.method,
+                           max_new_tokens=cfg.cot_max_tokens if c.method == "cot" else cfg.max_new_tokens,
+                           model_dir=_local_weights(cfg.model.spec)) for c in conditions]
+        return Built(deployments=deps, deployed=conditions[0].name, usage=cached.meter.summary,
+                     extra={"split": cfg.eval_split, "model": cached.identity,
+                            "overlong": {"policy": cfg.task.overlong, **overlong}},
+                     after_eval=lambda results: eval_notes(ctx.sel, results, overlong))
+
+    return run_route(cfg, run_dir, build, route=route, prepare=prepare, task=task, wait=wait,
+                     title=lambda ctx: f"Stillroom eval: {ctx.task.name} on {getattr(ctx.prepared[0], 'model', cfg.model.spec)}").results
+
+
+CONDITION_NAMES = {"zero-shot": "zero-shot", "cot": "chain-of-thought"}
+
+
+def run_condition(route: str):
+    """The run function of a prompting route of `stillroom compare` (zero-shot, k-shot, cot, teacher): one
+    condition of `stillroom eval`, named as the report shows it."""
+
+    def run(cfg: EvalConfig, out: Path):
+        name = CONDITION_NAMES.get(route) or (f"teacher ({cfg.shots}-shot)" if route == "teacher" else f"{cfg.shots}-shot")
+        return run_eval(cfg, out, conditions=[Condition(name=name, shots=cfg.shots, method=cfg.method)], route=name)
+
+    return run
+
+
+def eval_notes(sel: Selection, results: dict[str, EvalResult], overlong: dict) -> list[str]:
+    """The evaluator's notes, the overlong counts, and how multiple-choice figures read."""
+    notes = list(dict.fromkeys(n for r in results.values() for n in r.extra.get("notes", [])))
+    if overlong["overlong"]:
+        notes.append(f"{overlong['overlong']} example(s) did not fit the model's context window: "
+                     f"{overlong['truncated']} truncated, {overlong['skipped']} skipped.")
+    if sel.task.kind == "multiple_choice":
+        notes.append("Options differ per example: per-class figures are over option positions (A, B, ...).")
+    return notes
 
 
 def fit_eval_examples(sel: Selection, backend, conditions: list[Condition], cfg: EvalConfig):
@@ -75,36 +114,6 @@ def fit_eval_examples(sel: Selection, backend, conditions: list[Condition], cfg:
         return out
 
     return fit_examples(task, sel.test, backend, prompts_of, policy=cfg.task.overlong)
-
-
-def _run_eval(cfg: EvalConfig, run_dir: Path, conditions: list[Condition], backend, sel: Selection, route: str,
-              overlong: dict) -> dict[str, EvalResult]:
-    run, config_dict = open_run(cfg, run_dir)
-    cached = open_cached_backend(cfg.model, run.cache_path, cfg.spend, backend=backend)
-    results: dict[str, EvalResult] = {}
-    deployments: dict[str, Deployment] = {}
-    try:
-        for cond in conditions:
-            budget = cfg.cot_max_tokens if cond.method == "cot" else cfg.max_new_tokens
-            dep = Deployment(name=cond.name, backend=cached, model=cfg.model.spec, system_prompt=cond.system_prompt,
-                             shots=sel.shots(cond.shots), method=cond.method, max_new_tokens=budget,
-                             model_dir=_local_weights(cfg.model.spec))
-            deployments[cond.name] = dep
-            results[cond.name] = evaluate_deployment(sel, dep)
-    finally:
-        # Usage is written even when a spend cap or Ctrl-C stops the run, so the user sees what was spent.
-        run.write_json("usage.json", cached.meter.summary())
-    notes = list(dict.fromkeys(n for r in results.values() for n in r.extra.get("notes", [])))
-    if overlong["overlong"]:
-        notes.append(f"{overlong['overlong']} example(s) did not fit the model's context window: "
-                     f"{overlong['truncated']} truncated, {overlong['skipped']} skipped.")
-    if sel.task.kind == "multiple_choice":
-        notes.append("Options differ per example: per-class figures are over option positions (A, B, ...).")
-    record(run, sel, route=route, deployed=deployments[conditions[0].name], results=results, cost=BuildCost(),
-           config_dict=config_dict, title=f"Stillroom eval: {sel.task.name} on {cached.model}",
-           metrics_extra={"split": cfg.split, "model": cached.identity,
-                          "overlong": {"policy": cfg.task.overlong, **overlong}}, notes=notes, usage=cached.meter.summary())
-    return results
 
 
 def _local_weights(spec: str) -> Path | None:

@@ -46,14 +46,14 @@ def eval_cmd(
 
     def body():
         from stillroom.config import EvalConfig
-        from stillroom.evaluate.job import run_eval
         from stillroom.options import load_config
-        from stillroom.runs import run_dir_for
+        from stillroom.prompting.job import run_eval
+        from stillroom.runs import identity_of, run_dir_for
 
         overrides = {
             "task": {"spec": task, "seed": seed, "labels": labels},
             "model": {"spec": model, "base_url": base_url, "api_key_env": api_key_env},
-            "split": split, "limit": limit, "shots": shots, "method": method,
+            "eval_split": split, "eval_limit": limit, "shots": shots, "method": method,
             "system_prompt_file": str(system_prompt) if system_prompt else None,
             "spend": {"max_cost_usd": max_cost, "max_tokens": max_spend_tokens},
         }
@@ -64,13 +64,13 @@ def eval_cmd(
             raise ConfigError(f"{cfg.system_prompt_file}: system prompt file does not exist")
         conditions = None
         if rulebook:
-            from stillroom.evaluate.job import Condition, default_condition
             from stillroom.pld.rulebook import load_rulebook
+            from stillroom.prompting.job import Condition, default_condition
 
             if cfg.system_prompt_file:
                 raise typer.BadParameter("give --rulebook or --system-prompt, not both")
             rb = load_rulebook(rulebook)
-            out = run_dir or run_dir_for("eval", {**cfg.model_dump(mode="json"), "rulebook": rb.to_json()})
+            out = run_dir or run_dir_for("eval", {**identity_of(cfg), "rulebook": rb.to_json()})
             base = default_condition(cfg)
             # The rulebook goes in as the condition's system prompt: nothing is written before the run's inputs
             # are checked (a failed first run leaves no folder); its system_prompt.txt is written after.
