@@ -438,3 +438,29 @@ def test_real_pair_qwen_teacher_gemma_student(tmp_path):
     again = distill_logits(cfg, tmp_path / "run", progress=False)
     assert again["train"]["cache"]["computed_shards"] == [0]  # train.json kept: nothing retrained or recomputed
     assert any("resumed" in n for n in again["notes"])
+
+
+def test_kd_logits_with_a_served_teacher_of_another_tokenizer(cross_dirs, teacher, t_tok, tmp_path, monkeypatch):
+    """A vLLM-shaped teacher whose tokenizer differs from the student's: the probe finds the difference, the
+    cache fills through prompt_logprobs and /tokenize, the student trains."""
+    import json
+
+    from helpers_vllm_server import VLLMShapedServer
+
+    from stillroom.kd.trainer import KDLogitsConfig, distill_logits
+
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    with VLLMShapedServer(teacher, t_tok) as srv:
+        cfg = KDLogitsConfig.model_validate({
+            "task": {"spec": str(cross_dirs / "task.jsonl")}, "student": f"hf:{cross_dirs / 'student'}",
+            "teacher": {"spec": "openai:served-model", "base_url": srv.base_url, "max_retries": 0},
+            "top_k": 6, "lora": False, "max_steps": 2, "batch_size": 4, "eval_limit": 4, "eval_before": False})
+        m = distill_logits(cfg, tmp_path / "run", progress=False)
+        sent = [body for path, body in srv.requests if path == "/v1/completions"]
+    assert "ULD across tokenizers" in m["method"] and m["train"]["steps"] == 2
+    assert any("served teacher tokenizes differently" in n for n in m["notes"])
+    assert sent and all(s["prompt_logprobs"] == 6 for s in sent)
+    meta = json.loads(next((tmp_path / "run" / "teacher_logits").glob("*/meta.json")).read_text())
+    assert meta["xtok"] and meta["teacher"].startswith("served:")
