@@ -8,7 +8,17 @@ from typing import Annotated
 
 import typer
 
-from stillroom.options import LabelsOpt
+from stillroom.options import (
+    FreeTextOpt,
+    IdFieldOpt,
+    InputFieldOpt,
+    InstructionFileOpt,
+    InstructionOpt,
+    LabelFieldOpt,
+    LabelsOpt,
+    WaitOpt,
+    task_overrides,
+)
 from stillroom.ui import console, run_guarded
 
 RunDirOpt = Annotated[Path | None, typer.Option(help="Run folder (default: runs/<command>-<task>-<hash of what defines the work>; rerun resumes).")]
@@ -30,13 +40,14 @@ app.add_typer(tasks_app, name="tasks")
 def demo(
     config: Annotated[Path | None, typer.Option(help="Compare config (default: the packaged stillroom/configs/compare_demo.yaml).")] = None,
     run_dir: RunDirOpt = None,
+    wait: WaitOpt = False,
 ) -> None:
     """The offline demo (what `make demo` runs): `stillroom compare` with the embedded Gemma-3 270M as teacher
     and student on a BIG-bench task: zero-shot, k-shot, PLD, SeqKD, logit KD and prune + heal on the same test
     examples, in one report."""
     from stillroom.compare.cli import compare
 
-    compare(config=config or Path(__file__).parent / "configs" / "compare_demo.yaml", run_dir=run_dir)
+    compare(config=config or Path(__file__).parent / "configs" / "compare_demo.yaml", run_dir=run_dir, wait=wait)
 
 
 @tasks_app.command("show")
@@ -44,21 +55,46 @@ def tasks_show(
     task: Annotated[str, typer.Argument(help="A .jsonl/.csv file, 'bigbench:NAME' or 'hf:LOCAL_DATASET'.")],
     seed: int = 0,
     labels: LabelsOpt = None,
+    input_field: InputFieldOpt = None,
+    label_field: LabelFieldOpt = None,
+    id_field: IdFieldOpt = None,
+    free_text: FreeTextOpt = None,
+    instruction: InstructionOpt = None,
+    instruction_file: InstructionFileOpt = None,
 ) -> None:
-    """Load a task (validating every line) and print its kind, labels and split sizes."""
+    """Load a task (validating every line) and print its kind, columns, labels, instruction and split sizes."""
 
     def body():
-        from stillroom.tasks import load_task
+        from stillroom.config import TaskConfig, deep_merge, validate_config
+        from stillroom.route import load_task_config
 
-        t = load_task(task, labels=[x.strip() for x in labels.split(",") if x.strip()] if labels else None)
+        over = task_overrides(task, labels=labels, input_field=input_field, label_field=label_field,
+                              id_field=id_field, free_text=free_text, instruction=instruction,
+                              instruction_file=instruction_file, seed=seed)
+        cfg = validate_config(TaskConfig, deep_merge({}, over), source="command line")
+        t = load_task_config(cfg)
         s = t.splits(seed=seed)
-        console.print(f"[bold]{t.name}[/] ({t.kind}) from {t.source}")
-        console.print(f"instruction: {t.instruction[:200]}")
+        console.print(f"[bold]{t.name}[/] ({t.kind}) from {t.source}", soft_wrap=True)
+        if not t.source.startswith("bigbench:"):
+            console.print(f"columns: input '{cfg.input_field}', label '{cfg.label_field}', id '{cfg.id_field}'")
+        console.print(f"instruction: {instruction_line(t.instruction, cfg)}", soft_wrap=True)
         if t.labels:
             console.print(f"labels: {', '.join(t.labels)}")
+        elif t.kind == "free_text" and all(ex.label is None for ex in t.examples):
+            console.print("[yellow]no gold labels[/]: no quality can be measured and no route is recommended")
         console.print(f"examples: {len(t.examples)}  train {len(s.train)} / val {len(s.val)} / test {len(s.test)}")
 
     run_guarded(body)
+
+
+def instruction_line(text: str, cfg) -> str:
+    """The task instruction as `tasks show` prints it: the text, where it comes from, and how to set it."""
+    source = cfg.instruction_source()
+    if source == "none":
+        source = "the task's own (BIG-bench)" if text else "none set"
+    shown = f"{text[:200]!r}{'...' if len(text) > 200 else ''}" if text else "(empty)"
+    return (f"{shown} (from: {source}; set it with --instruction TEXT or --instruction-file FILE, "
+            "or task.instruction / task.instruction_file in YAML)")
 
 
 @tasks_app.command("bigbench")

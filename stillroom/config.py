@@ -171,7 +171,20 @@ class TaskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     spec: str = Field(..., description="Task: a .jsonl/.csv file, 'bigbench:NAME', or 'hf:LOCAL_DATASET'.")
-    instruction: str | None = Field(None, description="Task instruction (overrides the file's or BIG-bench's).")
+    input_field: str = Field("input", description="The column (CSV) or field (JSONL, dataset) holding each "
+                             "example's text (command line: --input-field). Not used for BIG-bench.")
+    label_field: str = Field("label", description="The column or field holding the gold answer (--label-field). "
+                             "A file without it stops at load, naming its columns, unless free_text is set.")
+    id_field: str = Field("id", description="The column or field holding a stable example id (--id-field); ids "
+                          "are generated from the input text when it is absent.")
+    free_text: bool = Field(False, description="The task is free text (open answers, no label set; --free-text). "
+                            "A file with no label column loads only when this is set; without gold answers no "
+                            "quality is reported and no route is recommended.")
+    instruction: str | None = Field(None, description="Task instruction, written before the examples in every "
+                                    "prompt (--instruction; overrides BIG-bench's own). Empty when neither this nor "
+                                    "instruction_file is set.")
+    instruction_file: str | None = Field(None, description="A plain-text file holding the task instruction "
+                                         "(--instruction-file); give this or instruction, not both.")
     labels: list[str] | None = Field(None, description="Label set for classification (inferred when omitted). Quote "
                                      "yes/no/true/false/on/off in YAML: unquoted, YAML reads them as booleans.")
     overlong: Literal["error", "truncate", "skip"] = Field(
@@ -194,6 +207,35 @@ class TaskConfig(BaseModel):
     seed: int = Field(0, description="Seed for the deterministic train/val/test split and for sampling.")
     val_fraction: float = Field(0.2, ge=0, lt=1, description="Share of examples in the validation split.")
     test_fraction: float = Field(0.3, ge=0, lt=1, description="Share of examples in the test split.")
+
+    @model_validator(mode="after")
+    def _one_instruction(self):
+        if self.instruction_file is not None:
+            path = Path(self.instruction_file).expanduser()
+            if not path.is_file():
+                raise ValueError(f"instruction file {self.instruction_file} does not exist")
+            text = path.read_text(encoding="utf-8").strip()
+            # The file's text is held in `instruction` too, so it is part of the run's identity (editing the file
+            # starts a new run) and a re-validated dump of this config still agrees with itself.
+            if self.instruction is not None and self.instruction != text:
+                raise ValueError("give instruction or instruction_file, not both")
+            self.instruction = text
+        if self.free_text and self.labels:
+            raise ValueError("free_text and labels exclude each other: a free-text task has no label set")
+        return self
+
+    def instruction_source(self) -> str:
+        """Where this config's instruction comes from: 'instruction_file PATH', 'instruction' or 'none'."""
+        if self.instruction_file is not None:
+            return f"instruction_file {self.instruction_file}"
+        return "instruction" if self.instruction is not None else "none"
+
+    def load_options(self) -> dict:
+        """Keyword arguments for `stillroom.tasks.load_task`: the column names, the kind, the labels and the
+        instruction this config sets (one place, so every route loads a task the same way)."""
+        return {"instruction": self.instruction, "labels": self.labels,
+                "input_field": self.input_field, "label_field": self.label_field, "id_field": self.id_field,
+                "kind": "free_text" if self.free_text else None}
 
 
 # ------------------------------------------------------------------------------------ shared config blocks

@@ -27,9 +27,25 @@ class BackendError(StillroomError):
     """A model backend failed in a way retrying cannot fix (bad key, bad request, missing model)."""
 
 
+class BadReply(BackendError):
+    """A server's reply that is not what was asked for (not JSON, cut off, NaN or infinite log-probabilities, a
+    wrong number of tokens or choices). Raised before anything of the reply is cached or scored. `transient`
+    replies (cut off, not JSON: a proxy or a restarting server) are retried by the backend's retry loop; garbage
+    inside well-formed JSON is not (the server would send it again)."""
+
+    def __init__(self, message: str, *, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+        self.reason = "a malformed reply" if transient else "a bad reply"
+
+
 class SpendCapReached(StillroomError):
     """The run stopped before exceeding its spend cap. Everything done so far is cached: rerun to resume."""
 
 
 class ConfigError(StillroomError):
     """A config file or command-line option is invalid."""
+
+
+class RunFolderRefused(ConfigError):
+    """A run folder Stillroom will not write into: not its own (a symlink, another program's files) or unwritable."""

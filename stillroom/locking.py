@@ -27,6 +27,14 @@ OWNER_NAME = ".lock.owner"
 """Holds the holder's PID: a separate file, because taking the lock may truncate the lock file itself."""
 
 _held: dict[Path, list] = {}  # resolved folder -> [FileLock, depth]
+_wait_default = [False]
+
+
+def wait_for_holders(wait: bool) -> None:
+    """Whether this process queues behind another process holding a run folder whenever a caller does not say
+    (`wait=None`). Each command's `--wait` sets it once, so the folders a command opens through its routes (a
+    compare's route folders, a route's `open_run`) wait too, without every layer passing the flag down."""
+    _wait_default[0] = bool(wait)
 _held_lock = threading.Lock()
 
 
@@ -51,14 +59,17 @@ def _secondary_rank() -> bool:
 
 
 @contextlib.contextmanager
-def run_folder_lock(path: str | Path, wait: bool = False) -> Iterator[Path]:
-    """Hold the run folder `path` (created if missing) for this process.
+def run_folder_lock(path: str | Path, wait: bool | None = None) -> Iterator[Path]:
+    """Hold the run folder `path` (created if missing, refused if not Stillroom's: `claim_run_folder`) for this
+    process.
 
     Raises `RunFolderBusy` (naming the folder and the holder's PID) when another process holds it, unless
-    `wait`, in which case it waits until that process is done.
+    `wait` (None: what `wait_for_holders` set, else False), in which case it waits until that process is done.
     """
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
+    wait = _wait_default[0] if wait is None else wait
+    from stillroom.runs import claim_run_folder
+
+    folder = claim_run_folder(path)  # refuses a folder that is not Stillroom's before anything is written
     if _secondary_rank():
         # The other processes of one `accelerate launch` / torchrun job share the run with its main process,
         # which holds the lock (and makes every teacher call); they must not be refused as a second run.
@@ -79,6 +90,11 @@ def run_folder_lock(path: str | Path, wait: bool = False) -> Iterator[Path]:
     lock = FileLock(str(folder / LOCK_NAME))
     try:
         lock.acquire(timeout=0)
+    except PermissionError as exc:
+        from stillroom.errors import RunFolderRefused
+
+        raise RunFolderRefused(f"run folder {folder} cannot be written ({exc.strerror}): choose a --run-dir you can "
+                               "write to, or fix its permissions") from None
     except Timeout:
         if not wait:
             pid = lock_holder(folder)
@@ -113,7 +129,7 @@ def run_folder_lock(path: str | Path, wait: bool = False) -> Iterator[Path]:
 _kept = contextlib.ExitStack()
 
 
-def hold_run_folder(path: str | Path, wait: bool = False) -> Path:
+def hold_run_folder(path: str | Path, wait: bool | None = None) -> Path:
     """Take the run folder's lock for the rest of this process (routes that open a folder and write it until
     they exit; the OS releases the lock when the process ends). A folder this process already holds is left
     to the scope that holds it."""

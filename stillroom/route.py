@@ -13,9 +13,12 @@ config and test limit are evaluated on exactly the same examples: `stillroom com
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +56,7 @@ def load_task_config(task_cfg: TaskConfig) -> Task:
     """Load the task a config names (file, BIG-bench or local dataset), validating every example."""
     from stillroom.tasks import load_task
 
-    return load_task(task_cfg.spec, instruction=task_cfg.instruction, labels=task_cfg.labels)
+    return load_task(task_cfg.spec, **task_cfg.load_options())
 
 
 def select(task_cfg: TaskConfig, *, split: str = "test", limit: int | None = None, train_limit: int | None = None,
@@ -85,7 +88,87 @@ def open_run(cfg, run_dir: str | Path) -> tuple[RunFolder, dict]:
     run = RunFolder(run_dir)
     config_dict = cfg.model_dump(mode="json")
     run.save_config(config_dict)
+    start_clock(run)
     return run, config_dict
+
+
+# ------------------------------------------------------------------------------------------------ build clock
+CLOCK_FILE = "build_clock.json"
+CLOCK_BEAT_S = 2.0
+"""How often an open run folder's clock is written: the most wall time a kill -9 can leave uncounted."""
+_clocks: dict[Path, _Clock] = {}
+_clocks_lock = threading.Lock()
+
+
+class _Clock:
+    """Wall seconds of every invocation that worked in a run folder, kept in `build_clock.json` and rewritten
+    every `CLOCK_BEAT_S` seconds (so even a kill -9 leaves its invocation's time behind). `record` adds the time
+    of earlier invocations that never finished to the build's seconds: a build's cost does not shrink because it
+    was interrupted and resumed from the cache."""
+
+    def __init__(self, run: RunFolder):
+        self.run = run
+        self.earlier = list((run.read_json(CLOCK_FILE) or {}).get("invocations") or [])
+        self.started = time.monotonic()
+        self._stop = threading.Event()
+        self._write()
+        threading.Thread(target=self._beat, daemon=True, name="stillroom-build-clock").start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(CLOCK_BEAT_S):
+            self._write()
+
+    def _write(self, recorded: bool = False) -> None:
+        mine = {"seconds": round(time.monotonic() - self.started, 3), "recorded": recorded}
+        earlier = [{**e, "recorded": True} for e in self.earlier] if recorded else self.earlier
+        try:
+            self.run.write_json(CLOCK_FILE, {"invocations": [*earlier, mine]})
+        except OSError:  # the clock is a report figure: never let it stop a run
+            pass
+
+    def unrecorded_earlier_seconds(self) -> float:
+        """Wall seconds of earlier invocations whose build never reached `record` (interrupted ones)."""
+        return sum(float(e.get("seconds") or 0.0) for e in self.earlier if not e.get("recorded"))
+
+    def stop(self, recorded: bool = False) -> None:
+        self._stop.set()
+        self._write(recorded)
+
+
+@atexit.register
+def _write_clocks_at_exit() -> None:
+    # Ctrl-C and errors end the process through here: their invocation's time is written exactly.
+    with _clocks_lock:
+        clocks = list(_clocks.values())
+    for clock in clocks:
+        clock._write()
+
+
+def start_clock(run: RunFolder) -> None:
+    """Start the run folder's build clock for this invocation (once per folder and process)."""
+    key = run.path.resolve()
+    with _clocks_lock:
+        if key not in _clocks:
+            _clocks[key] = _Clock(run)
+
+
+@contextlib.contextmanager
+def clock_stopped_after(folder: str | Path):
+    """Stop the folder's build clock when the block ends, however it ends (an error or Ctrl-C writes the
+    invocation's exact time; after `record` it is already stopped)."""
+    try:
+        yield
+    finally:
+        stop_clock(folder)
+
+
+def stop_clock(folder: str | Path, recorded: bool = False) -> _Clock | None:
+    """Stop a run folder's clock (a route finished, or failed inside a longer command such as a compare)."""
+    with _clocks_lock:
+        clock = _clocks.pop(Path(folder).resolve(), None)
+    if clock is not None:
+        clock.stop(recorded)
+    return clock
 
 
 # ------------------------------------------------------------------------------------------------ 3. deploy
@@ -117,8 +200,13 @@ class Deployment:
 
 @dataclass
 class BuildCost:
-    """What building a route cost: teacher calls, tokens and USD (from the teacher's usage meter, earlier
-    invocations of the run included), wall seconds and training steps."""
+    """What building a route cost: teacher calls, tokens and USD, wall seconds and training steps.
+
+    Calls, tokens and USD are the build's whole cost, read from the run folder's durable cache through the
+    teacher's usage meter: the same on every rerun however many times the build was interrupted (a kill -9 loses
+    no paid call, and the calls an earlier invocation paid for are counted, not replayed for free). The `resumed_*`
+    fields show separately the part an earlier, interrupted invocation paid for (0 for an uninterrupted build);
+    `seconds` includes the wall time of those invocations (`resumed_seconds`, kept by the run folder's build clock)."""
 
     teacher_calls: int = 0
     teacher_input_tokens: int = 0
@@ -126,27 +214,38 @@ class BuildCost:
     teacher_cost_usd: float = 0.0
     seconds: float = 0.0
     training_steps: int = 0
+    resumed_calls: int = 0
+    resumed_tokens: int = 0
+    resumed_cost_usd: float = 0.0
+    resumed_seconds: float = 0.0
 
     @classmethod
     def from_meter(cls, summary: Mapping | None, *, seconds: float = 0.0, training_steps: int = 0) -> BuildCost:
+        """The build cost from a teacher meter's `summary()`: the run's totals (earlier invocations included)."""
         s = summary or {}
-        return cls(teacher_calls=int(s.get("run_calls", s.get("calls", 0)) or 0),
-                   teacher_input_tokens=int(s.get("input_tokens", 0) or 0),
-                   teacher_output_tokens=int(s.get("output_tokens", 0) or 0),
-                   teacher_cost_usd=float(s.get("run_cost_usd", s.get("cost_usd", 0.0)) or 0.0),
-                   seconds=float(seconds), training_steps=int(training_steps))
+
+        def run(key: str, cast):
+            return cast(s.get(f"run_{key}", s.get(key, 0)) or 0)
+
+        return cls(teacher_calls=run("calls", int), teacher_input_tokens=run("input_tokens", int),
+                   teacher_output_tokens=run("output_tokens", int), teacher_cost_usd=run("cost_usd", float),
+                   seconds=float(seconds), training_steps=int(training_steps),
+                   resumed_calls=int(s.get("earlier_calls", 0) or 0), resumed_tokens=int(s.get("earlier_tokens", 0) or 0),
+                   resumed_cost_usd=float(s.get("earlier_cost_usd", 0.0) or 0.0))
 
 
 # ------------------------------------------------------------------------------------------------ 4. evaluate
 
 
-def evaluate_deployment(sel: Selection, dep: Deployment, examples: Sequence[Example] | None = None) -> EvalResult:
-    """Step 4 for every route: the one evaluator, on the shared test examples (or `examples`)."""
+def evaluate_deployment(sel: Selection, dep: Deployment, examples: Sequence[Example] | None = None, *,
+                        timed: bool = True) -> EvalResult:
+    """Step 4 for every route: the one evaluator, on the shared test examples (or `examples`). `timed`: latency
+    measured (`stillroom.evaluate.latency`); off for model selection, where only quality counts."""
     if dep.backend is None and dep.load is not None:
         dep.backend = dep.load()
     return evaluate(sel.task, list(sel.test if examples is None else examples), dep.backend, shots=dep.shots,
                     system_prompt=dep.system_prompt, method=dep.method, max_new_tokens=dep.max_new_tokens,
-                    cot_max_tokens=dep.max_new_tokens, description=dep.name)
+                    cot_max_tokens=dep.max_new_tokens, description=dep.name, timed=timed)
 
 
 # ------------------------------------------------------------------------------------------------ 5. record
@@ -181,6 +280,9 @@ def quality_record(sel: Selection, res: EvalResult, *, seed: int = 0) -> dict:
         by_id = {ex.id: ex for ex in sel.task.examples}
         gold = [metric_labels(sel.task, by_id[p["id"]], p["gold"]) for p in res.predictions]
         pred = [metric_labels(sel.task, by_id[p["id"]], p["pred"]) for p in res.predictions]
+    if m.get("gold_labels") is False:  # free text with no gold answers: nothing to measure quality against
+        return {"n": m["n"], "accuracy": None, "accuracy_ci95": None, "macro_f1": None, "macro_f1_ci95": None,
+                "invalid_rate": m["invalid_rate"], "per_class_f1": {}, "gold_labels": False}
     ci = bootstrap_ci(gold, pred, _labels(sel.task, res) if m.get("macro_f1") is not None else None, seed=seed)
     return {
         "n": m["n"], "accuracy": m["accuracy"], "accuracy_ci95": ci["accuracy"], "macro_f1": m.get("macro_f1"),
@@ -200,9 +302,10 @@ def result_record(route: str, sel: Selection, dep: Deployment, res: EvalResult, 
         "task": sel.task.name,
         "examples": [ex.id for ex in sel.test],
         "deployment": {"model": dep.model, "method": res.method, "shots": len(dep.shots),
+                       "instruction": sel.task.instruction,
                        "system_prompt_tokens": sp_tokens, **served_size(dep)},
         "quality": quality_record(sel, res, seed=sel.seed),
-        "latency": {"p50_s": m.get("latency_p50_s"), "p95_s": m.get("latency_p95_s")},
+        "latency": {"p50_s": m.get("latency_p50_s"), "p95_s": m.get("latency_p95_s"), "method": m.get("latency_method")},
         "tokens": {"input_per_answer": m.get("input_tokens_mean"), "output_per_answer": m.get("output_tokens_mean")},
         "build": asdict(cost),
         "artifacts": dict(artifacts or {}),
@@ -224,10 +327,18 @@ def record(run: RunFolder, sel: Selection, *, route: str, deployed: Deployment, 
     from stillroom.report.html import eval_report
 
     previous = run.read_json(RESULT_FILE) or {}
+    clock = stop_clock(run.path, recorded=True)
     if resumed and previous.get("build"):
         cost = BuildCost(**{k: previous["build"].get(k, v) for k, v in asdict(cost).items()})
+    elif clock is not None and cost.seconds > 0:
+        # Built here, perhaps resumed after interruptions: their wall time belongs to the build too.
+        earlier = clock.unrecorded_earlier_seconds()
+        cost = replace(cost, seconds=cost.seconds + earlier, resumed_seconds=earlier)
     run.write_jsonl("predictions.jsonl", [{"condition": n, **p} for n, r in results.items() for p in r.predictions])
+    warnings = {n: w for n, r in results.items() if (w := doubtful_result(sel.task, r, n))}
+    notes = list(dict.fromkeys([*warnings.values(), *notes]))
     result = result_record(route, sel, deployed, results[deployed.name], cost, artifacts=artifacts, notes=notes)
+    result["warnings"] = [warnings[deployed.name]] if deployed.name in warnings else []
     metrics = {
         "task": sel.task.name, "route": route, "examples": len(sel.test),
         **dict(metrics_extra or {}),
@@ -249,6 +360,20 @@ def _prompt_tokens(dep: Deployment | None) -> dict:
     if dep is None or dep.backend is None:
         return {}
     return {"system_prompt_tokens": dep.backend.count_tokens(dep.system_prompt) if dep.system_prompt else 0}
+
+
+def doubtful_result(task: Task, res: EvalResult, name: str) -> str | None:
+    """A warning when an evaluated condition's answers are (nearly) one class (`one_class_warning`); options
+    that differ per example are compared by position (A, B, ...)."""
+    from stillroom.evaluate.metrics import one_class_warning
+    from stillroom.evaluate.runner import metric_labels
+
+    if task.kind == "free_text":
+        return None
+    by_id = {ex.id: ex for ex in task.examples}
+    gold = [metric_labels(task, by_id[p["id"]], p["gold"]) if p["id"] in by_id else p["gold"] for p in res.predictions]
+    pred = [metric_labels(task, by_id[p["id"]], p["pred"]) if p["id"] in by_id else p["pred"] for p in res.predictions]
+    return one_class_warning(gold, pred, name=name)
 
 
 def read_result(run_dir: str | Path) -> dict | None:
@@ -314,7 +439,7 @@ class RouteContext:
     def evaluate(self, dep: Deployment, examples: Sequence[Example]) -> EvalResult:
         """The one evaluator on examples of the build's own choosing (model selection on the validation split);
         the deployments `build` returns are evaluated by `run_route`, not here."""
-        return evaluate_deployment(self.sel, dep, examples)
+        return evaluate_deployment(self.sel, dep, examples, timed=False)
 
     def digest(self, leave_out: Sequence[str] = ("evaluation",)) -> str:
         """The identity digest of what this route builds (`stillroom.runs.digest_of`, evaluation fields left out)."""
@@ -374,7 +499,7 @@ def select_for(cfg, *, task: Task | None = None, need_labels: bool = False) -> S
 
 
 def run_route(cfg, run_dir: str | Path, build, *, route: str, title, prepare=None, task: Task | None = None,
-              need_labels: bool = False, wait: bool = False) -> RouteResult:
+              need_labels: bool = False, wait: bool | None = None) -> RouteResult:
     """Every route's sequence: select → check (`prepare`, before any folder exists) → hold and open the run
     folder → `build(ctx)` (the route's own step, resumable through `ctx.finished` and the durable cache) →
     evaluate each returned `Deployment` with the one evaluator → build cost → record.
@@ -386,7 +511,7 @@ def run_route(cfg, run_dir: str | Path, build, *, route: str, title, prepare=Non
 
     sel = select_for(cfg, task=task, need_labels=need_labels)
     prepared = prepare(cfg, sel) if prepare is not None else None
-    with run_folder_lock(run_dir, wait=wait):
+    with run_folder_lock(run_dir, wait=wait), clock_stopped_after(run_dir):
         run, config_dict = open_run(cfg, run_dir)
         ctx = RouteContext(cfg=cfg, sel=sel, run=run, prepared=prepared)
         timer = Timer()

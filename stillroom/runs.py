@@ -15,7 +15,17 @@ import yaml
 
 from stillroom.paths import atomic_write_text, cache_root, runs_root, slug
 
-__all__ = ["RunFolder", "atomic_write_text", "cache_root", "digest_of", "identity_of", "redact", "run_dir_for", "slug"]
+__all__ = ["MARKER", "RunFolder", "atomic_write_text", "cache_root", "claim_run_folder", "digest_of", "identity_of",
+           "redact", "run_dir_for", "slug"]
+
+MARKER = ".stillroom-run"
+"""The file that makes a folder Stillroom's: written when Stillroom creates a run folder (or adopts an empty one)."""
+LEGACY_SIGNS = (".lock", "cache.sqlite", "result.json", "route.json", "compare.json", "usage.json", "angular.json",
+               "specdec.json", "selfdistill.json")
+"""Run folders made before the marker existed are recognised by their layout: a `config.yaml` next to one of
+these files (every earlier route wrote config.yaml and took `.lock` or wrote one of the others as it ran; the last
+three are `prune analyze`, `specdec` and `selfdistill`). They get the marker on first use. A folder with only a
+`config.yaml` and a `report.html` could be anybody's: refused."""
 
 SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD)", re.IGNORECASE)
 REDACTED = "***"
@@ -94,6 +104,83 @@ def redact(obj):
         return x
 
     return walk(obj)
+
+
+def _holds(folder: Path) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    shown = ", ".join(names[:6]) + (f", ... ({len(names)} entries)" if len(names) > 6 else "")
+    return shown
+
+
+def claim_run_folder(path: str | Path) -> Path:
+    """Make sure `path` is a run folder of Stillroom's before anything is written into it, and return it.
+
+    A folder is Stillroom's when it carries `MARKER`, or has the layout of a run folder from an earlier version
+    (`LEGACY_SIGNS`). A missing folder is created with the marker; an existing empty one gets it. Anything else
+    is refused with `RunFolderRefused` naming the folder and what it holds, before anything is written: a
+    symbolic link (whatever it points at), a file, a folder with other files. An unwritable folder is one clear
+    error too, not a PermissionError traceback.
+    """
+    from stillroom.errors import RunFolderRefused
+
+    folder = Path(path)
+    if folder.is_symlink():
+        raise RunFolderRefused(
+            f"run folder {folder} is a symbolic link (to {os.readlink(folder)}): Stillroom writes only into folders "
+            "it created, so it will not follow it. Pass the real folder, or a new --run-dir")
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderRefused(f"run folder {folder} is a file, not a folder: choose another --run-dir")
+
+    def unwritable(exc: OSError) -> RunFolderRefused:
+        return RunFolderRefused(
+            f"run folder {folder} cannot be written ({exc.strerror or exc}): choose a --run-dir you can write to, or "
+            "fix its permissions")
+
+    if folder.is_dir():
+        if (folder / MARKER).is_file():
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise unwritable(PermissionError(13, "permission denied"))
+            return folder
+        try:
+            names = {p.name for p in folder.iterdir()}
+        except OSError as exc:
+            raise unwritable(exc) from None
+        legacy = "config.yaml" in names and any(n in names for n in LEGACY_SIGNS)
+        if names and not legacy:
+            raise RunFolderRefused(
+                f"run folder {folder} is not a Stillroom run folder: it holds {_holds(folder)} and no {MARKER} file. "
+                "Stillroom writes only into an empty folder or one it created, so nothing was written there. "
+                "Choose a new or empty --run-dir")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / MARKER).write_text(json.dumps({"stillroom_run_folder": 1}) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise unwritable(exc) from None
+    return folder
+
+
+MODEL_DONE = ".stillroom-complete"
+"""Written into every model folder Stillroom saves (`stillroom.backends.embedded.save_model_folder`)."""
+
+
+def check_model_destination(path: str | Path) -> Path:
+    """Refuse, before any work, a model destination (`--out` of prune apply, heal, merge) that saving would
+    destroy: saving replaces the folder whole, so it must be new, empty, or a model folder Stillroom saved."""
+    from stillroom.errors import RunFolderRefused
+
+    dest = Path(path)
+    if dest.is_symlink():
+        raise RunFolderRefused(f"output folder {dest} is a symbolic link (to {os.readlink(dest)}): saving replaces the "
+                               "folder whole, so Stillroom will not follow it. Pass a new --out")
+    if dest.exists() and not dest.is_dir():
+        raise RunFolderRefused(f"output folder {dest} is a file, not a folder: choose another --out")
+    if dest.is_dir():
+        names = {p.name for p in dest.iterdir()}
+        if names and MODEL_DONE not in names and MARKER not in names:
+            raise RunFolderRefused(
+                f"output folder {dest} is not a model folder Stillroom saved: it holds {_holds(dest)}. Saving would "
+                "replace it whole, so nothing was written. Choose a new or empty --out")
+    return dest
 
 
 class RunFolder:

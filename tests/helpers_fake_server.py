@@ -7,6 +7,12 @@ Each misbehaviour is a switch: `delay_s` (every answer late), `script` (429s, 50
 answer), `gate` (hold every answer until the test calls `srv.open_gate()`), `count_tokens` (the server's own
 token count of each prompt, instead of the fixed `prompt_tokens`), and `n_ctx` (a llama.cpp-like context
 window: served at `GET /props`, and a prompt over it is refused with HTTP 400 as llama.cpp does).
+
+`scoring=True` makes it a vLLM-shaped scorer without a model: `POST /tokenize` splits text into characters (id
+= 2 + code point mod 500, after a BOS id 1), and `/completions` with `echo` + `logprobs` or `prompt_logprobs`
+returns fixed, finite log-probabilities per token id (`fake_logprob`). `corrupt(path, body, payload)` may
+replace any 200 reply: return a dict (sent as JSON, NaN and Infinity written as the bare literals a careless
+server sends), `(content_type, bytes)` (sent raw: HTML, cut-off JSON, nothing), or None to leave it.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ class FakeOpenAIServer:
         count_tokens=None,
         n_ctx: int | None = None,
         error_messages: dict[int, str] | None = None,
+        scoring: bool = False,
+        corrupt=None,
     ):
         self.script = list(script or [])
         self.delay_s = delay_s
@@ -46,6 +54,8 @@ class FakeOpenAIServer:
         self.count_tokens = count_tokens
         self.n_ctx = n_ctx
         self.error_messages = dict(error_messages or {})
+        self.scoring = scoring
+        self.corrupt = corrupt
         self._gate = threading.Event()
         if not gate:
             self._gate.set()
@@ -103,7 +113,13 @@ class FakeOpenAIServer:
                         server.in_flight -= 1
                 if code == 200:
                     with server._lock:
-                        server.answered.append({"body": body, "usage": payload["usage"]})
+                        if "usage" in payload:
+                            server.answered.append({"body": body, "usage": payload["usage"]})
+                    bad = server.corrupt(self.path, body, payload) if server.corrupt else None
+                    if isinstance(bad, tuple):
+                        self._send_raw(200, bad[0], bad[1])
+                        return
+                    payload = payload if bad is None else bad
                 self._send(code, payload)
 
             def do_GET(self) -> None:
@@ -115,9 +131,11 @@ class FakeOpenAIServer:
                     self._send(404, {"error": {"message": f"no route {self.path}", "type": "error"}})
 
             def _send(self, code: int, payload: dict) -> None:
-                data = json.dumps(payload).encode()
+                self._send_raw(code, "application/json", json.dumps(payload).encode())
+
+            def _send_raw(self, code: int, content_type: str, data: bytes) -> None:
                 self.send_response(code)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
                 if code >= 400:
                     self.send_header("retry-after-ms", "10")
@@ -166,6 +184,10 @@ class FakeOpenAIServer:
             }.get(status, "Internal server error")
             message = self.error_messages.get(status, message)
             return status, {"error": {"message": message, "type": "error", "param": None, "code": None}}
+        if self.scoring and path == "/tokenize":
+            return 200, {"count": len(fake_tokenize(body["prompt"])), "tokens": fake_tokenize(body["prompt"])}
+        if self.scoring and path.endswith("/completions") and (body.get("echo") or body.get("prompt_logprobs")):
+            return 200, fake_scoring_reply(body)
         text = body.get("prompt") if "prompt" in body else [m["content"] for m in body.get("messages", [])]
         prompt_tokens = self.count_tokens(text) if self.count_tokens else self.prompt_tokens
         if self.n_ctx and prompt_tokens > self.n_ctx:
@@ -195,3 +217,42 @@ class FakeOpenAIServer:
             }
             return 200, {**common, "object": "text_completion", "choices": [choice]}
         return 404, {"error": {"message": f"no route {path}", "type": "error", "param": None, "code": None}}
+
+
+def fake_tokenize(text: str) -> list[int]:
+    """The scoring fake's tokenizer: BOS (1), then one id per character."""
+    return [1] + [2 + ord(c) % 500 for c in text]
+
+
+def fake_logprob(token: int) -> float:
+    """The scoring fake's log-probability of `token` wherever it appears (finite, below 0)."""
+    return -(0.1 + (token % 13) / 10)
+
+
+def fake_scoring_reply(body: dict) -> dict:
+    """vLLM's shape for echo + logprobs (and `prompt_logprobs: k` when asked) over one prompt or a batch."""
+    prompts = body["prompt"]
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    k = body.get("prompt_logprobs")
+    choices, n_tokens = [], 0
+    for i, p in enumerate(prompts):
+        ids = fake_tokenize(p) if isinstance(p, str) else list(p)
+        n_tokens += len(ids)
+        texts = ["" if t == 1 else chr((t - 2) % 500) for t in ids]
+        choice = {"index": i, "text": "".join(texts) + "x", "finish_reason": "length"}
+        if body.get("echo"):
+            choice["logprobs"] = {"tokens": texts + ["x"], "token_logprobs": [None] + [fake_logprob(t) for t in ids[1:]]
+                                  + [-0.5], "top_logprobs": None, "text_offset": None}
+        if k:
+            plp: list = [None]
+            for t in ids[1:]:
+                entry = {str(t): {"logprob": fake_logprob(t), "rank": 1, "decoded_token": "t"}}
+                for r in range(1, int(k)):
+                    entry[str(600 + r)] = {"logprob": fake_logprob(t) - r, "rank": r + 1, "decoded_token": "o"}
+                plp.append(entry)
+            choice["prompt_logprobs"] = plp
+        choices.append(choice)
+    usage = {"prompt_tokens": n_tokens, "completion_tokens": len(prompts), "total_tokens": n_tokens + len(prompts)}
+    return {"id": "s-1", "object": "text_completion", "created": 0, "model": body.get("model", ""),
+            "choices": choices, "usage": usage}

@@ -186,3 +186,65 @@ def test_gguf_student_is_refused_for_training_routes_when_planned():
     assert plans["zero-shot"].skip_reason is None and plans["pld"].skip_reason is None
     for name in ("seqkd", "kd-logits", "gad", "prune-heal-sft", "sft-gold"):
         assert "GGUF" in plans[name].skip_reason and "hf:PATH" in plans[name].skip_reason
+
+
+def test_default_folder_is_task_teacher_student_and_selection_one_budget_reruns_one_route(setup, tmp_path, monkeypatch):
+    """Under the default compare folder (no --run-dir), changing one route's budget reruns that route only."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from stillroom.cli import app
+    from stillroom.compare.run import compare_dir_for
+
+    monkeypatch.setenv("STILLROOM_RUNS", str(tmp_path / "runs"))
+    data = {"task": {"spec": str(setup / "task.jsonl")}, "teacher": {"spec": f"hf:{setup / 'teacher'}"},
+            "student": {"spec": f"hf:{setup / 'student'}"}, "routes": ["zero-shot", "k-shot"], "eval_limit": 8,
+            "train_limit": 8, "shots": 2, "budgets": {"k-shot": {"max_new_tokens": 8}}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    first = CliRunner().invoke(app, ["compare", str(path)])
+    assert first.exit_code == 0, first.output
+    folders = list((tmp_path / "runs").iterdir())
+    assert len(folders) == 1 and folders[0] == compare_dir_for(CompareConfig.model_validate(data))
+
+    data["budgets"] = {"k-shot": {"max_new_tokens": 12}}
+    path.write_text(yaml.safe_dump(data))
+    second = CliRunner().invoke(app, ["compare", str(path)])
+    assert second.exit_code == 0, second.output
+    assert list((tmp_path / "runs").iterdir()) == folders  # the same compare folder
+    rows = {r["route"]: r for r in json.loads((folders[0] / "compare.json").read_text())["rows"]}
+    assert rows["zero-shot"]["reused"] is True and rows["k-shot"]["reused"] is False
+    assert "zero-shot[/]: unchanged" in second.output or "zero-shot: unchanged" in second.output
+    # ... while another selection (more test examples) is another compare
+    other = CompareConfig.model_validate({**data, "eval_limit": 9})
+    assert compare_dir_for(other) != folders[0]
+
+
+def test_planted_one_class_route_is_flagged_in_report_and_terminal_and_not_recommended(setup, tmp_path):
+    from stillroom.backends.scripted import ScriptedBackend
+    from stillroom.compare.cli import print_compare
+    from stillroom.prompting.job import Condition, run_eval
+    from stillroom.ui import console
+
+    cfg = _cfg(setup, routes=["zero-shot", "k-shot"], eval_limit=12)
+    plans = plan_routes(cfg)
+
+    def always_fruit(c, out):  # a planted route: every answer 'fruit'
+        backend = ScriptedBackend(lambda prompt, params: "fruit", "always-fruit")
+        return run_eval(c, out, conditions=[Condition(name="always fruit", method="generate")], backend=backend,
+                        route="k-shot")
+
+    plans[1] = RoutePlan("k-shot", plans[1].config, always_fruit)
+    out = tmp_path / "cmp"
+    summary = run_compare(cfg, out, plans=plans)
+    rows = {r["route"]: r for r in summary["rows"]}
+    warned = rows["k-shot"]["warnings"]
+    assert len(warned) == 1 and "predicted 'fruit' for 12 of 12" in warned[0] and "90%" in warned[0]
+    assert "k-shot" not in summary["recommendation"].split("Not considered")[0]
+    assert "Not considered (flagged as doubtful): k-shot" in summary["recommendation"]
+    html = (out / "report.html").read_text()
+    assert "Warning (route k-shot)" in html and "predicted &#x27;fruit&#x27; for 12 of 12" in html
+    assert "measured the same way for every route" in html or "measured differently" in html
+    with console.capture() as cap:
+        print_compare(summary, out)
+    assert "warning" in cap.get() and "predicted 'fruit' for 12 of 12" in cap.get()

@@ -99,9 +99,28 @@ def test_pipeline_finds_rule_clusters_drops_noise_and_loop_raises_f1(tmp_path):
     assert rounds[0]["accepted"] and rounds[0]["val_macro_f1_after"] > rounds[0]["val_macro_f1_before"]
     assert any("tool" in r["text"] for r in rb["rules"])
     assert m["conditions"]["PLD"]["macro_f1"] == 1.0 > m["conditions"]["zero-shot"]["macro_f1"]
-    assert "Coverage: no rule speaks for label(s) tool" in (tmp_path / "r" / "report.html").read_text()
+    # Coverage is read from the deployed rules: the resolver's rulebook names tool too, so nothing is missing.
+    assert m["rulebook"]["labels_not_named"] == [] and "Coverage:" not in " ".join(m["notes"])
+    assert "labels no rule names</td><td>none" in (tmp_path / "r" / "report.html").read_text()
     prompt = (tmp_path / "r" / "system_prompt.txt").read_text()
     assert all(RULE[lab] in prompt for lab in RULE)
+
+
+def test_coverage_counts_the_labels_the_rules_name_not_their_clusters(tmp_path):
+    """Every synthesised rule speaks of fruit only, though one cluster holds the vehicle examples: vehicle (and tool,
+    which no cluster holds) are reported as named by no rule."""
+    base = teacher_fn()
+
+    def fn(prompt, params):
+        if prompt[0]["content"] == SYNTH_SYSTEM:
+            return json.dumps({"rule": RULE["fruit"]})
+        return base(prompt, params)
+
+    m = run(tmp_path, "c", ScriptedBackend(fn, "teacher"), max_rounds=0)
+    assert m["clustering"]["uncovered_labels"] == ["tool"]  # by cluster provenance, vehicle looks covered
+    assert m["rulebook"]["labels_named"] == ["fruit"] and m["rulebook"]["labels_not_named"] == ["vehicle", "tool"]
+    report = (tmp_path / "c" / "report.html").read_text()
+    assert "no rule names vehicle, tool" in report and "labels no rule names</td><td>vehicle, tool" in report
 
 
 class Interrupt(ScriptedBackend):

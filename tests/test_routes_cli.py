@@ -118,7 +118,7 @@ def test_eval_takes_its_config_as_the_first_argument(dirs, tmp_path):
 
 def test_merge_and_heal_evaluate_their_result_with_a_task(dirs, tmp_path):
     student = str(dirs / "student")
-    r = CliRunner().invoke(app, ["merge", "slerp", student, student, "--t", "0.5", "--task", str(dirs / "task.jsonl"),
+    r = CliRunner().invoke(app, ["merge", "slerp", student, student, "--factor", "0.5", "--task", str(dirs / "task.jsonl"),
                                  "--eval-limit", "6", "--run-dir", str(tmp_path / "m")])
     assert r.exit_code == 0, r.output
     merged = _layout(tmp_path / "m")

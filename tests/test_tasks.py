@@ -133,8 +133,11 @@ def test_kind_inference(tmp_path):
     t = load_task(str(write_jsonl(tmp_path / "free.jsonl", rows)))
     assert t.kind == "free_text" and t.labels is None and t.answer_pattern
 
-    # unlabelled inputs are free text
-    t = load_task(str(write_jsonl(tmp_path / "unl.jsonl", [{"input": "a"}, {"input": "b"}])))
+    # unlabelled inputs are free text only when chosen explicitly; otherwise the load stops and says how
+    unl = str(write_jsonl(tmp_path / "unl.jsonl", [{"input": "a"}, {"input": "b"}]))
+    with pytest.raises(TaskDataError, match="--free-text"):
+        load_task(unl)
+    t = load_task(unl, kind="free_text")
     assert t.kind == "free_text" and all(e.label is None for e in t.examples)
 
     # an explicit kind wins

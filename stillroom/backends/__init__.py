@@ -47,6 +47,7 @@ def load_backend(cfg: BackendConfig | str) -> Backend:
     if kind == "hf" and rest:
         from stillroom.backends.hf import HFBackend
 
+        check_local_path(spec, rest)
         return _local(HFBackend(rest, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size))
     if kind == "gguf" and rest:
         from stillroom.backends.hf import HFBackend
@@ -84,6 +85,23 @@ def load_backend(cfg: BackendConfig | str) -> Backend:
     )
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether an 'hf:' name is meant as a folder (./x, ../x, /x, ~/x, a Windows drive, or a/b/c), not a hub name
+    like 'org/model'."""
+    return (name.startswith((".", "/", "~", "\\")) or (len(name) > 1 and name[1] == ":")
+            or name.count("/") > 1 or "\\" in name)
+
+
+def check_local_path(spec: str, name: str) -> None:
+    """A spec naming a folder that does not exist is refused as such (before transformers reads it as a hub
+    repo id and answers with its naming rules)."""
+    path = Path(name).expanduser()
+    if looks_like_path(name) and not path.exists():
+        raise ConfigError(f"{spec!r}: no such folder {name} (resolved: {path.resolve()}); expected a local "
+                          "transformers model folder, or a hub name like 'org/model' already in the local Hugging "
+                          "Face cache")
+
+
 def _local(backend):
     # A local model counts tokens with its own tokenizer, so its counts bound what a prompt really costs.
     backend.exact_tokens = True
@@ -96,13 +114,22 @@ def open_cached_backend(cfg: BackendConfig, cache_path: Path, spend: SpendConfig
     Every route goes through this, so a completed call is never paid for twice.
     """
     from stillroom.backends.cache import CachedBackend, ResponseCache
-    from stillroom.backends.usage import Prices, SpendCap, UsageMeter
+    from stillroom.backends.usage import Prices, SpendCap, UsageMeter, active_ledger
 
     backend = backend or load_backend(cfg)
     cache = ResponseCache(cache_path)
     prices = {backend.model: Prices(input_per_mtok=cfg.price_in_per_mtok, output_per_mtok=cfg.price_out_per_mtok)}
     cap = SpendCap(max_tokens=spend.max_tokens, max_cost_usd=spend.max_cost_usd) if spend else None
-    # The cap covers this backend's spend in the run folder, earlier invocations included (not the other
-    # models sharing the cache file, e.g. a local student next to a paid teacher).
-    meter = UsageMeter(prices=prices, cap=cap, prior=cache.total_usage(identity=backend.identity))
+    prior = cache.total_usage(identity=backend.identity)
+    ledger = active_ledger()
+    if ledger is not None and (spend is not None or getattr(backend, "max_concurrency", None) is not None):
+        # Inside a command with one ledger (`stillroom compare`): the command's cap covers this backend, with
+        # every other route's spend, instead of this folder's own. What counts is what a single route caps
+        # (the meters opened with a spend config: teachers, evaluated models) plus any API model (PLD's student).
+        meter = UsageMeter(prices=prices, prior=prior, ledger=ledger,
+                           ledger_key=(Path(cache_path).parent.name, backend.identity), cache_path=cache_path)
+    else:
+        # The cap covers this backend's spend in the run folder, earlier invocations included (not the other
+        # models sharing the cache file, e.g. a local student next to a paid teacher).
+        meter = UsageMeter(prices=prices, cap=cap, prior=prior)
     return CachedBackend(backend, cache, meter)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sqlite3
 import threading
@@ -35,7 +36,7 @@ from stillroom.backends.base import (
     request_key,
 )
 from stillroom.backends.usage import UsageMeter
-from stillroom.errors import SpendCapReached
+from stillroom.errors import BackendError, SpendCapReached
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -156,6 +157,19 @@ class ResponseCache:
             ),
         )
 
+    def put_spend(self, *, identity: str, model: str, what: str, input_tokens: int, output_tokens: int,
+                  cost_usd: float) -> None:
+        """Record spend that has no answer to cache (a server's scoring, top-k or probe request) as its own row,
+        so the run's totals (`total_usage`, the spend cap of a rerun) count it. Its key never matches a request."""
+        import uuid
+
+        self._query(
+            "INSERT INTO responses (key, identity, model, request, text, finish_reason, input_tokens, output_tokens, "
+            "latency_s, cost_usd, created_at) VALUES (?, ?, ?, ?, '', 'billed', ?, ?, 0, ?, ?)",
+            (f"billed:{uuid.uuid4().hex}", identity, model, json.dumps({"billed": what}), int(input_tokens),
+             int(output_tokens), float(cost_usd), time.time()),
+        )
+
     def get_score(self, key: str) -> tuple[list[float], float] | None:
         """Cached log-likelihoods for a score request key and the latency they took, or None."""
         rows = self._query("SELECT loglik, latency_s FROM scores WHERE key = ?", (key,))
@@ -227,6 +241,14 @@ class CachedBackend:
         self.score_calls = 0
         self.last_score_latencies: list[float] = []
         self._lock = threading.Lock()
+        if hasattr(backend, "usage_listener"):
+            backend.usage_listener = self._billed  # a server's scoring requests are paid for too
+
+    def _billed(self, input_tokens: int, output_tokens: int) -> None:
+        """A scoring, top-k or probe request the server billed: charged to the meter and kept in the cache."""
+        cost = self.meter.charge(input_tokens, output_tokens, self.model)
+        self.cache.put_spend(identity=self.identity, model=self.model, what="scoring", input_tokens=input_tokens,
+                             output_tokens=output_tokens, cost_usd=cost)
 
     # --- delegated interface -------------------------------------------------------------------------------
     @property
@@ -239,7 +261,32 @@ class CachedBackend:
 
     @property
     def supports_score(self) -> bool:
+        """Whether the backend scores. A server's answer comes from one probe (billed, so held against the cap
+        and charged) whose result is kept in the cache: a rerun does not probe, and pays nothing, again."""
+        scorer = getattr(self.backend, "scorer", None) if self._remote else None
+        if scorer is not None and getattr(scorer, "_capability", None) is None:
+            self._probe_once(scorer)
         return self.backend.supports_score
+
+    def _probe_once(self, scorer) -> None:
+        from dataclasses import asdict
+
+        from stillroom.backends.openai_logprobs import PROBE_TEXT, ServerCapability
+
+        key = "capability:" + hashlib.sha256(self.identity.encode("utf-8")).hexdigest()
+        hit = self.cache.get(key)
+        if hit is not None:
+            scorer._capability = ServerCapability(**json.loads(hit.text))
+            return
+        # Worst case of the probe: the probe text sent twice (token ids, then text), a token back each time.
+        reservation = self.meter.reserve(2 * self._estimate_input(PROBE_TEXT), 2, self.model)
+        try:
+            capability = scorer.capability
+        finally:
+            self.meter.cancel(reservation)
+        self.cache.put(key, identity=self.identity, model=self.model, request=json.dumps({"probe": "capability"}),
+                       generation=Generation(text=json.dumps(asdict(capability)), usage=Usage(0, 0, 0.0),
+                                             finish_reason="capability"))
 
     @property
     def supports_chat(self) -> bool:
@@ -258,8 +305,8 @@ class CachedBackend:
     def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
         """Log-likelihoods, cached like completions: a resumed run re-scores nothing.
 
-        Scoring only exists on local backends, so it is never charged against the spend cap, but the meter
-        counts the requests and their tokens. Misses go to the backend in one call, so requests that share a
+        A local backend's scoring is free (the meter counts its requests and tokens); a server's is charged like
+        completions (its worst case held against the cap while it runs, what the server billed charged after). Misses go to the backend in one call, so requests that share a
         prefix still share its forward pass. `last_score_latencies` holds each request's share of the time it
         took when it was scored (also for cache hits), so reports keep the real latency after a resume.
         """
@@ -278,8 +325,27 @@ class CachedBackend:
         todo = [i for i, o in enumerate(out) if o is None]
         if todo:
             t0 = time.perf_counter()
-            scored = self.backend.score([requests[i] for i in todo])
+            reservation = None
+            if self._remote:
+                # A server bills scoring: hold its worst case (every continuation's prompt, one token out each)
+                # against the cap while it runs; what it billed is charged through `_billed` as replies arrive.
+                n = sum(len(requests[i].continuations) for i in todo)
+                bound = sum(self._estimate_input(requests[i].context + c) for i in todo for c in requests[i].continuations)
+                reservation = self.meter.reserve(bound, n, self.model)
+            try:
+                scored = self.backend.score([requests[i] for i in todo])
+            finally:
+                if reservation is not None:
+                    self.meter.cancel(reservation)
             share = (time.perf_counter() - t0) / len(todo)
+            for i, sc in zip(todo, scored, strict=True):
+                # Whatever the backend, a NaN or a positive infinity is never cached: a rerun would replay it.
+                # (-inf stays: a continuation a local model gives probability 0 is a real, if extreme, answer.)
+                if len(sc) != len(requests[i].continuations) or any(math.isnan(float(x)) or float(x) == math.inf
+                                                                   for x in sc):
+                    raise BackendError(
+                        f"{self.identity}: scoring {requests[i].context[:40]!r} gave {list(sc)!r}: expected "
+                        f"{len(requests[i].continuations)} log-likelihoods, none NaN. Nothing of it was cached")
             tokens = 0
             for i, sc in zip(todo, scored, strict=True):
                 n = self.backend.count_tokens(requests[i].context)
@@ -347,8 +413,9 @@ class CachedBackend:
         return results  # type: ignore[return-value]
 
     def _estimate_input(self, prompt: Prompt) -> int:
-        # Only a cap needs the bound; skip the tokenizer otherwise.
-        if self.meter.cap is None:
+        # Only a cap (the run's, or the command's ledger's) needs the bound; skip the tokenizer otherwise.
+        ledger = getattr(self.meter, "ledger", None)
+        if self.meter.cap is None and (ledger is None or ledger.cap is None):
             return 0
         return input_token_bound(self.backend, prompt)
 

@@ -35,7 +35,7 @@ MODEL_SUBDIR = Path("models") / "gemma-3-270m"
 HF_SUBDIR = "hf"
 """Sub-folder (of the model folder) holding the converted transformers model."""
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
-_DONE_MARKER = ".stillroom-complete"
+_DONE_MARKER = ".stillroom-complete"  # stillroom.runs.MODEL_DONE
 
 
 def stillroom_cache_dir() -> Path:

@@ -33,7 +33,7 @@ from stillroom.backends.base import (
     notify,
     prompt_text,
 )
-from stillroom.errors import BackendError
+from stillroom.errors import BackendError, BadReply
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 PLACEHOLDER_KEY = "not-needed"
@@ -100,10 +100,22 @@ OPENAI_CONTEXT = (
 )
 """Context windows of OpenAI's models by name prefix (first match), for api.openai.com, which does not say."""
 
+DEFAULT_CONTEXT_TOKENS = 4096
+"""The context window assumed for a server that states none (no `max_input_tokens` in the config, no llama.cpp
+`/props`, no vLLM `max_model_len`, not one of OpenAI's listed models). Conservative on purpose: llama.cpp's
+default, and below every current hosted model's window, so an oversized example is caught before it is paid for
+(the task's `overlong` policy decides what happens to it, as with a stated window). A server with a larger
+window: set `max_input_tokens`."""
+
 _RETRY_STATUS = {408, 409, 429}
 """HTTP statuses worth retrying besides 5xx (what the official client retries too)."""
 MAX_BACKOFF_S = 30.0
 """Longest wait between two attempts, whatever the server's Retry-After says."""
+
+
+def _backoff(attempt: int) -> float:
+    """Seconds before retry `attempt + 1`: exponential from 0.5 s, capped, with ±25% jitter."""
+    return min(MAX_BACKOFF_S, 0.5 * 2 ** min(attempt, 6)) * (0.75 + 0.5 * random.random())
 
 
 def tiktoken_encoding(model: str):
@@ -189,6 +201,8 @@ class OpenAIBackend(BackendBase):
         self._encoding = tiktoken_encoding(model)
         self.exact_tokens = self._encoding is not None
         self._context_tokens = max_input_tokens
+        self.context_source = "stated"
+        """'stated' (config, server or OpenAI's list) or 'default' (`DEFAULT_CONTEXT_TOKENS`: the server said nothing)."""
         self._probed = max_input_tokens is not None
         self._probe_lock = threading.Lock()
         if max_tokens_param not in MAX_TOKENS_PARAMS:
@@ -199,6 +213,10 @@ class OpenAIBackend(BackendBase):
         self._param_lock = threading.Lock()
         self._tokenizer_spec = tokenizer
         self._scorer = None
+        self.usage_listener = None
+        """Called with (input tokens, output tokens) of every scoring, top-k or probe request the server bills
+        (set by `CachedBackend`, which charges them to the run's meter and cache: completions are charged there
+        already)."""
         key = os.environ.get(api_key_env) or None
         if key is None:
             if not is_local_url(self.base_url):
@@ -218,10 +236,11 @@ class OpenAIBackend(BackendBase):
         return estimate_tokens(text)
 
     @property
-    def context_tokens(self) -> int | None:
+    def context_tokens(self) -> int:
         """The server's context window (prompt + generation): the config's `max_input_tokens`, else probed once
         from llama.cpp's `GET /props` (per-slot `n_ctx`) or vLLM's `GET /v1/models` (`max_model_len`), else
-        OpenAI's published window for its own models (`OPENAI_CONTEXT`)."""
+        OpenAI's published window for its own models (`OPENAI_CONTEXT`), else `DEFAULT_CONTEXT_TOKENS`
+        (`context_source` says which)."""
         with self._probe_lock:
             if not self._probed:
                 self._probed = True
@@ -229,6 +248,9 @@ class OpenAIBackend(BackendBase):
                     self._context_tokens = self._probe_context()
                 else:
                     self._context_tokens = next((n for p, n in OPENAI_CONTEXT if self.model.startswith(p)), None)
+                if self._context_tokens is None:
+                    self._context_tokens = DEFAULT_CONTEXT_TOKENS
+                    self.context_source = "default"
         return self._context_tokens
 
     def _probe_context(self) -> int | None:
@@ -262,6 +284,10 @@ class OpenAIBackend(BackendBase):
     def __repr__(self) -> str:
         return f"OpenAIBackend({self.identity!r}, max_concurrency={self.max_concurrency})"
 
+    def redact_text(self, text: str) -> str:
+        """`text` with this backend's key and anything key-shaped replaced by `***`."""
+        return redact(text, self._secret)
+
     def close(self) -> None:
         """Close the HTTP connection pool."""
         self._client.close()
@@ -289,9 +315,16 @@ class OpenAIBackend(BackendBase):
 
         def send(timeout: float):
             if isinstance(prompt, str):
-                return self._client.completions.create(model=self.model, prompt=prompt, timeout=timeout, **kwargs)
-            return self._client.chat.completions.create(model=self.model, messages=normalise_prompt(prompt),
-                                                        timeout=timeout, **kwargs)
+                resp = self._client.completions.create(model=self.model, prompt=prompt, timeout=timeout, **kwargs)
+            else:
+                resp = self._client.chat.completions.create(model=self.model, messages=normalise_prompt(prompt),
+                                                            timeout=timeout, **kwargs)
+            if isinstance(resp, str):  # the client hands back a non-JSON body (an HTML error page) as text
+                start = resp.lstrip()[:30]
+                raise BadReply(f"{self.identity}: the reply to a completion request is not JSON but "
+                               f"{'an HTML page' if start.startswith('<') else repr(start)}. Nothing of it was cached",
+                               transient=True)
+            return resp
 
         def resend_with_max_completion_tokens(exc: openai.APIError) -> bool:
             if not self._switch_max_tokens_param(exc, kwargs):
@@ -324,6 +357,14 @@ class OpenAIBackend(BackendBase):
                 err = self._translate(exc, timeout, attempt)
                 err.status_code = getattr(exc, "status_code", None)  # type: ignore[attr-defined]
                 wait_s = self._retry_wait(exc, attempt)
+            except BadReply as exc:  # a reply `send` checked and refused (stillroom.backends.openai_logprobs)
+                err, wait_s = exc, (_backoff(attempt) if exc.transient else None)
+                err.status_code = None  # type: ignore[attr-defined]
+            except json.JSONDecodeError as exc:  # the client parsing a cut-off completion reply
+                err = BadReply(f"{self.identity}: the reply to a completion request is not well-formed JSON "
+                               f"({exc.msg} at character {exc.pos}): cut off, or not from the API. Nothing of it "
+                               "was cached", transient=True)
+                err.status_code, wait_s = None, _backoff(attempt)  # type: ignore[attr-defined]
             # Raised here, outside the except block, so the openai exception (which holds the request and its
             # Authorization header) is neither chained nor shown in tracebacks.
             if wait_s is None or attempt >= retries:
@@ -355,7 +396,7 @@ class OpenAIBackend(BackendBase):
                 pass
         elif not isinstance(exc, openai.APIConnectionError):  # APITimeoutError is one
             return None
-        return min(MAX_BACKOFF_S, 0.5 * 2 ** min(attempt, 6)) * (0.75 + 0.5 * random.random())
+        return _backoff(attempt)
 
     def _finish(self, prompt: Prompt, params: GenerationParams, resp, latency: float) -> Generation:
         if isinstance(prompt, str):

@@ -21,6 +21,7 @@ for those, scoring refuses with a message naming the alternative (generation).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import threading
@@ -31,12 +32,97 @@ from typing import Any
 from urllib.parse import urlparse
 
 from stillroom.backends.base import ScoreRequest
-from stillroom.errors import BackendError, ConfigError
+from stillroom.errors import BackendError, BadReply, ConfigError
 
 PROBE_TEXT = "Stillroom probe: The quick brown fox, 12345 — naïve café; 東京.\n\tEnd"
 """Text tokenized by both sides to check that a served model and a local one share a tokenizer."""
 
 _MAX_ALLOWED = re.compile(r"max(?:imum)? allowed[^0-9]{0,20}(\d+)", re.IGNORECASE)
+
+LOGPROB_SLACK = 1e-4
+"""How far above 0 a log-probability may be and still count as one (float rounding on the server)."""
+
+
+# ------------------------------------------------------------------------------------------------ reply checks
+# Every reply is checked here, inside the backend's retry loop and before anything of it is cached or scored:
+# a server that answers its capability probe well can still send NaN, nulls, strings, the wrong number of
+# tokens, cut-off JSON or an HTML error page with status 200. Each check names the server, the request and the
+# field, and says what was expected.
+
+
+def _show(value) -> str:
+    """A reply value as the user would see it in the JSON (null, "abc", NaN), cut to 40 characters."""
+    if value is None:
+        return "null"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    text = json.dumps(value) if isinstance(value, str | bool | list | dict) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+class ReplyCheck:
+    """Raises one `BadReply` for a request: `who` (the server), `what` (the request), the field at fault."""
+
+    def __init__(self, who: str, what: str, redact: Callable[[str], str] | None = None):
+        self.who, self.what = who, what
+        self._redact = redact or (lambda text: text)
+
+    def bad(self, field: str, problem: str, expected: str, *, transient: bool = False) -> BadReply:
+        """The error for `field` (a path into the reply, e.g. `choices[0].logprobs.token_logprobs[3]`); the
+        message quotes the reply, so it passes through the backend's key redaction."""
+        where = f"{field} " if field else ""
+        return BadReply(self._redact(f"{self.who}: bad reply to {self.what}: {where}{problem}; expected {expected}. "
+                                     "Nothing of this reply was cached or scored"), transient=transient)
+
+    def parse(self, text) -> dict:
+        """The reply body as a JSON object; a cut-off or non-JSON body is a transient `BadReply`."""
+        if not isinstance(text, str):
+            text = str(text)
+        if not text.strip():
+            raise self.bad("the body", "is empty", "a JSON object", transient=True)
+        try:
+            out = json.loads(text)
+        except json.JSONDecodeError as exc:
+            start = text.lstrip()[:30]
+            looks = "an HTML page" if start.startswith("<") else f"text starting {start!r}"
+            problem = (f"is cut off ({exc.msg} at character {exc.pos} of {len(text)})"
+                       if start.startswith(("{", "[")) else f"is not JSON but {looks}")
+            raise self.bad("the body", problem, "a JSON object", transient=True) from None
+        if not isinstance(out, dict):
+            raise self.bad("the body", f"is a JSON {type(out).__name__}", "a JSON object")
+        return out
+
+    def logprob(self, value, field: str) -> float:
+        """A finite number at most 0 (with `LOGPROB_SLACK`)."""
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.bad(field, f"is {_show(value)}", "a number (a log-probability)")
+        v = float(value)
+        if not math.isfinite(v):
+            raise self.bad(field, f"is {_show(v)}", "a finite log-probability")
+        if v > LOGPROB_SLACK:
+            raise self.bad(field, f"is {v:g}, above 0", "a log-probability (at most 0)")
+        return v
+
+    def token_list(self, value, field: str, *, min_len: int = 0, why: str = "one per token sent") -> list:
+        """A JSON list of at least `min_len` entries."""
+        if not isinstance(value, list):
+            raise self.bad(field, f"is {_show(value)}", f"a list of {min_len} or more entries")
+        if len(value) < min_len:
+            raise self.bad(field, f"has {len(value)} entries", f"{min_len} or more ({why})")
+        return value
+
+    def token_ids(self, value, field: str, *, nonempty: bool) -> list[int]:
+        """A list of token ids (non-negative integers)."""
+        ids = self.token_list(value, field, min_len=1 if nonempty else 0, why="the text is not empty")
+        for j, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise self.bad(f"{field}[{j}]", f"is {_show(t)}", "a token id (an integer, 0 or more)")
+        return list(ids)
+
+
+def _request_name(kind: str, context: str, n: int) -> str:
+    ctx = context if len(context) <= 40 else context[:37] + "..."
+    return f"the {kind} request for {ctx!r} ({n} continuation{'s' if n != 1 else ''})"
 
 
 @dataclass
@@ -95,42 +181,71 @@ class ServerScorer:
 
     # ---------------------------------------------------------------------------------------------- requests
 
-    def _post(self, url: str, body: dict, *, retries: int | None = None) -> dict:
-        """POST JSON, return the parsed reply; failures become `BackendError` (key redacted, nothing chained)."""
-        # The backend's own retry loop (its client makes no retries of its own): scoring requests get the same
-        # backoff notices and retry budget as completions. The capability probe passes retries=0.
-        out = self.backend.request(lambda timeout: self.backend._client.post(url, body=body, cast_to=object,
-                                                                           options={"timeout": timeout}),
-                                   max_retries=retries)
-        if not isinstance(out, dict):
-            raise BackendError(f"{self.backend.identity}: {url} returned {type(out).__name__}, not a JSON object")
-        return out
+    def _post(self, url: str, body: dict, *, what: str, check: Callable[[dict, ReplyCheck], Any] | None = None,
+              retries: int | None = None):
+        """POST JSON and return `check(reply)` (the parsed reply when no check is given). The body is parsed and
+        checked inside the backend's own retry loop (its client makes no retries of its own), so a cut-off or
+        non-JSON reply is retried like an HTTP 503, with the same notices and retry budget, and a bad reply
+        raises one `BadReply` before anything of it is used. Failures are `BackendError`s (key redacted, nothing
+        chained). The capability probe passes retries=0."""
+        rc = ReplyCheck(self.backend.identity, f"{what} (POST {url})", getattr(self.backend, "redact_text", None))
 
-    def completions(self, body: dict, *, retries: int | None = None) -> dict:
-        """One raw `/completions` request for this backend's model."""
-        return self._post("/completions", {"model": self.backend.model, **body}, retries=retries)
+        def send(timeout: float):
+            # cast_to=str: the raw body, parsed here, so garbage becomes a BadReply instead of the client's
+            # JSONDecodeError (or an HTML page handed back as a string).
+            text = self.backend._client.post(url, body=body, cast_to=str, options={"timeout": timeout})
+            reply = rc.parse(text)
+            self._bill(reply)  # the server billed it, whatever its content
+            return check(reply, rc) if check is not None else reply
+
+        return self.backend.request(send, max_retries=retries)
+
+    def _bill(self, reply: dict) -> None:
+        listener = getattr(self.backend, "usage_listener", None)
+        usage = reply.get("usage")
+        if listener is None or not isinstance(usage, dict):
+            return
+        try:
+            tin, tout = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        except (TypeError, ValueError):
+            return
+        if tin or tout:
+            listener(max(0, tin), max(0, tout))
+
+    def completions(self, body: dict, *, what: str = "a /completions request",
+                    check: Callable[[dict, ReplyCheck], Any] | None = None, retries: int | None = None):
+        """One raw `/completions` request for this backend's model; `check(reply, ReplyCheck)` validates and
+        extracts what the caller needs (see `_post`)."""
+        return self._post("/completions", {"model": self.backend.model, **body}, what=what, check=check,
+                          retries=retries)
 
     def server_tokenize(self, text: str, *, retries: int | None = None) -> list[int]:
         """Token ids of `text` from vLLM's `/tokenize` (special tokens added as the model's tokenizer does)."""
-        return self.server_tokenize_pieces(text, retries=retries, pieces=False)[0]
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        return self._post(server_root(self.backend.base_url) + "/tokenize",
+                          {"model": self.backend.model, "prompt": text}, what=f"tokenizing {shown!r}",
+                          check=lambda reply, rc: rc.token_ids(reply.get("tokens"), "tokens", nonempty=bool(text)),
+                          retries=retries)
 
-    def server_tokenize_pieces(self, text: str, *, add_special_tokens: bool = True, retries: int | None = None,
-                               pieces: bool = True) -> tuple[list[int], list[str] | None]:
+    def server_tokenize_pieces(self, text: str, *, add_special_tokens: bool = True,
+                               retries: int | None = None) -> tuple[list[int], list[str]]:
         """(token ids, vocabulary pieces) of `text` from vLLM's `/tokenize` (`return_token_strs`); the pieces are
         the raw vocabulary strings ('Ġthe', '▁the', '<0xE6>'), from which cross-tokenizer KD gets token bytes."""
-        body: dict = {"model": self.backend.model, "prompt": text}
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        body: dict = {"model": self.backend.model, "prompt": text, "return_token_strs": True}
         if not add_special_tokens:
             body["add_special_tokens"] = False
-        if pieces:
-            body["return_token_strs"] = True
-        out = self._post(server_root(self.backend.base_url) + "/tokenize", body, retries=retries)
-        tokens = out.get("tokens")
-        if not isinstance(tokens, list):
-            raise BackendError(f"{self.backend.identity}: /tokenize returned no 'tokens'")
-        strs = out.get("token_strs")
-        if pieces and (not isinstance(strs, list) or len(strs) != len(tokens)):
-            raise BackendError(f"{self.backend.identity}: /tokenize returned no 'token_strs' (vLLM >= 0.6 has them)")
-        return [int(t) for t in tokens], ([str(x) for x in strs] if pieces else None)
+
+        def check(reply: dict, rc: ReplyCheck):
+            ids = rc.token_ids(reply.get("tokens"), "tokens", nonempty=bool(text))
+            strs = reply.get("token_strs")
+            if not isinstance(strs, list) or len(strs) != len(ids) or not all(isinstance(x, str) for x in strs):
+                raise rc.bad("token_strs", f"is {_show(strs)}",
+                             f"{len(ids)} vocabulary pieces, one per token (vLLM's return_token_strs)")
+            return ids, list(strs)
+
+        return self._post(server_root(self.backend.base_url) + "/tokenize", body,
+                          what=f"tokenizing {shown!r} with pieces", check=check, retries=retries)
 
     # ---------------------------------------------------------------------------------------------- probing
 
@@ -170,11 +285,14 @@ class ServerScorer:
             except BackendError as exc:
                 cap.reason = f"its /completions refused echo with logprobs ({exc})"
                 return cap
-        choice = (reply.get("choices") or [{}])[0]
-        n_prompt = len(ids) if cap.token_ids and ids else int((reply.get("usage") or {}).get("prompt_tokens") or 2)
-        token_lps = ((choice.get("logprobs") or {}).get("token_logprobs")) or []
-        cap.echo = isinstance(token_lps, list) and len(token_lps) >= n_prompt >= 1
-        cap.prompt_logprobs = isinstance(choice.get("prompt_logprobs"), list)
+        try:  # a garbled probe reply means the server cannot score; it must not crash the run
+            choice = (reply.get("choices") or [{}])[0]
+            n_prompt = len(ids) if cap.token_ids and ids else int((reply.get("usage") or {}).get("prompt_tokens") or 2)
+            token_lps = ((choice.get("logprobs") or {}).get("token_logprobs")) or []
+            cap.echo = isinstance(token_lps, list) and len(token_lps) >= n_prompt >= 1
+            cap.prompt_logprobs = isinstance(choice.get("prompt_logprobs"), list)
+        except (AttributeError, TypeError, ValueError, IndexError):
+            cap.echo = cap.prompt_logprobs = False
         if not cap.can_score:
             cap.reason = ("the server ignores `echo`: its /completions returns log-probabilities of generated tokens "
                           "only (llama.cpp's own server does this)")
@@ -238,13 +356,16 @@ class ServerScorer:
         if not todo:
             return out
         prompts = [pairs[i][0] + pairs[i][1] for i in todo]
-        reply = self.completions({"prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": 1,
-                                  "temperature": 0.0})
-        choices = _choices_in_order(reply, len(prompts), self.backend.identity)
-        for i, ids, choice in zip(todo, prompts, choices, strict=True):
-            lps = prompt_token_logprobs(choice, ids, self.backend.identity)
-            n_ctx = len(pairs[i][0])
-            out[i] = float(sum(lps[n_ctx:len(ids)]))
+
+        def check(reply: dict, rc: ReplyCheck) -> list[float]:
+            choices = _choices_in_order(reply, len(prompts), rc)
+            return [float(sum(prompt_token_logprobs(ch, ids, rc, f"choices[{j}]")[len(pairs[i][0]):len(ids)]))
+                    for j, (i, ids, ch) in enumerate(zip(todo, prompts, choices, strict=True))]
+
+        sums = self.completions({"prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0.0},
+                                what=_request_name("scoring", req.context, len(req.continuations)), check=check)
+        for i, total in zip(todo, sums, strict=True):
+            out[i] = total
         return out
 
     def _score_text(self, req: ScoreRequest) -> list[float]:
@@ -258,64 +379,117 @@ class ServerScorer:
         todo = [i for i, c in enumerate(conts) if c]
         if not todo:
             return out
-        reply = self.completions({"prompt": [base + conts[i] for i in todo], "echo": True, "logprobs": 1,
-                                  "max_tokens": 1, "temperature": 0.0})
-        choices = _choices_in_order(reply, len(todo), self.backend.identity)
-        for i, choice in zip(todo, choices, strict=True):
-            lp = choice.get("logprobs") or {}
-            tokens, token_lps = lp.get("tokens") or [], lp.get("token_logprobs") or []
-            # max_tokens 1: the last echoed token is the generated one.
-            tokens, token_lps = tokens[:-1], token_lps[: len(tokens) - 1]
-            covered, total, j = 0, 0.0, len(tokens)
-            while j > 0 and covered < len(conts[i]):
-                j -= 1
-                covered += len(tokens[j])
-                total += float(token_lps[j] or 0.0)
+
+        def check(reply: dict, rc: ReplyCheck) -> list[float]:
+            sums = []
+            for j, (i, choice) in enumerate(zip(todo, _choices_in_order(reply, len(todo), rc), strict=True)):
+                lp = choice.get("logprobs")
+                if not isinstance(lp, dict):
+                    raise rc.bad(f"choices[{j}].logprobs", f"is {_show(lp)}", "the echoed prompt's tokens and "
+                                 "log-probabilities (echo + logprobs)")
+                tokens = rc.token_list(lp.get("tokens"), f"choices[{j}].logprobs.tokens", min_len=2)
+                token_lps = rc.token_list(lp.get("token_logprobs"), f"choices[{j}].logprobs.token_logprobs",
+                                          min_len=len(tokens))
+                for n, t in enumerate(tokens):
+                    if not isinstance(t, str):
+                        raise rc.bad(f"choices[{j}].logprobs.tokens[{n}]", f"is {_show(t)}", "a token's text")
+                # max_tokens 1: the last echoed token is the generated one; the first has nothing predicting it.
+                prompt_tokens = tokens[:-1]
+                lps = [0.0 if n == 0 and token_lps[0] is None else
+                       rc.logprob(token_lps[n], f"choices[{j}].logprobs.token_logprobs[{n}]")
+                       for n in range(len(prompt_tokens))]
+                covered, total, k = 0, 0.0, len(prompt_tokens)
+                while k > 0 and covered < len(conts[i]):
+                    k -= 1
+                    covered += len(prompt_tokens[k])
+                    total += lps[k]
+                sums.append(total)
+            return sums
+
+        sums = self.completions({"prompt": [base + conts[i] for i in todo], "echo": True, "logprobs": 1,
+                                 "max_tokens": 1, "temperature": 0.0},
+                                what=_request_name("scoring", req.context, len(req.continuations)), check=check)
+        for i, total in zip(todo, sums, strict=True):
             out[i] = total
         return out
 
 
-def _choices_in_order(reply: dict, n: int, who: str) -> list[dict]:
-    choices = sorted(reply.get("choices") or [], key=lambda c: int(c.get("index", 0)))
-    if len(choices) != n:
-        raise BackendError(f"{who}: sent {n} prompts, the server returned {len(choices)} choices")
-    return choices
+def _choices_in_order(reply: dict, n: int, rc: ReplyCheck | str) -> list[dict]:
+    """The reply's `choices`, one per prompt sent, in the order sent (by `index`)."""
+    if isinstance(rc, str):
+        rc = ReplyCheck(rc, "a /completions request")
+    choices = reply.get("choices")
+    if not isinstance(choices, list):
+        raise rc.bad("choices", f"is {_show(choices)}", f"a list of {n} choices, one per prompt sent")
+    for j, c in enumerate(choices):
+        if not isinstance(c, dict):
+            raise rc.bad(f"choices[{j}]", f"is {_show(c)}", "a JSON object")
+    indexes = [c.get("index", j) for j, c in enumerate(choices)]
+    if len(choices) != n or sorted(map(str, indexes)) != sorted(map(str, range(n))):
+        raise rc.bad("choices", f"has {len(choices)} entries (indexes {_show(indexes)})",
+                     f"{n}, indexed 0 to {n - 1}: sent {n} prompts")
+    return sorted(choices, key=lambda c: int(c.get("index", choices.index(c))))
 
 
-def prompt_token_logprobs(choice: dict, ids: Sequence[int], who: str = "server") -> list[float]:
+def prompt_token_logprobs(choice: dict, ids: Sequence[int], rc: ReplyCheck | str = "server",
+                          field: str = "choices[0]") -> list[float]:
     """Log-probability of each prompt token (0 for the first, which nothing predicts) from an echo reply
-    (`logprobs.token_logprobs`) or vLLM's `prompt_logprobs`."""
-    lp = choice.get("logprobs") or {}
-    token_lps = lp.get("token_logprobs")
-    if isinstance(token_lps, list) and len(token_lps) >= len(ids):
-        return [float(x) if x is not None else 0.0 for x in token_lps[: len(ids)]]
+    (`logprobs.token_logprobs`) or vLLM's `prompt_logprobs`, every one checked (a finite number at most 0, one
+    per token sent, the token asked for)."""
+    if isinstance(rc, str):
+        rc = ReplyCheck(rc, "a /completions request")
+    lp = choice.get("logprobs")
+    token_lps = lp.get("token_logprobs") if isinstance(lp, dict) else None
     plp = choice.get("prompt_logprobs")
-    if isinstance(plp, list) and len(plp) >= len(ids):
+    if isinstance(token_lps, list) and (len(token_lps) >= len(ids) or not isinstance(plp, list)):
+        rc.token_list(token_lps, f"{field}.logprobs.token_logprobs", min_len=len(ids))
+        return [0.0 if pos == 0 and token_lps[0] is None else
+                rc.logprob(token_lps[pos], f"{field}.logprobs.token_logprobs[{pos}]") for pos in range(len(ids))]
+    if isinstance(plp, list):
+        rc.token_list(plp, f"{field}.prompt_logprobs", min_len=len(ids))
         out = []
         for pos, tok in enumerate(ids):
             entry = plp[pos]
-            if entry is None:
+            if entry is None and pos == 0:
                 out.append(0.0)
                 continue
-            got = entry.get(str(tok), entry.get(tok))  # JSON keys are strings
+            got = _entry_logprobs(entry, f"{field}.prompt_logprobs[{pos}]", rc).get(int(tok))
             if got is None:
-                raise BackendError(f"{who}: prompt_logprobs at position {pos} lack the prompt token {tok}")
-            out.append(float(got["logprob"] if isinstance(got, dict) else got))
+                raise rc.bad(f"{field}.prompt_logprobs[{pos}]", f"lacks the prompt token {tok}",
+                             "the log-probability of the token sent there")
+            out.append(got[0])
         return out
-    raise BackendError(f"{who}: the reply carries no log-probabilities for the {len(ids)} prompt tokens")
+    raise rc.bad(f"{field}.logprobs.token_logprobs", f"is {_show(token_lps)} and there are no prompt_logprobs",
+                 f"the log-probabilities of the {len(ids)} prompt tokens (echo + logprobs)")
 
 
-def topk_from_prompt_logprobs(entry: dict, k: int) -> list[tuple[int, float]]:
+def _entry_logprobs(entry, field: str, rc: ReplyCheck) -> dict[int, tuple[float, int | None]]:
+    """One `prompt_logprobs` position, checked: {token id: (log-probability, rank or None)}."""
+    if not isinstance(entry, dict) or not entry:
+        raise rc.bad(field, f"is {_show(entry)}", "a {token_id: {logprob, rank}} map")
+    out = {}
+    for key, val in entry.items():
+        try:
+            tok = int(key)
+        except (TypeError, ValueError):
+            raise rc.bad(f"{field} key {_show(key)}", "is not a token id", "integer token ids as keys") from None
+        lp = rc.logprob(val.get("logprob") if isinstance(val, dict) else val, f"{field}[{key!r}].logprob")
+        rank = val.get("rank") if isinstance(val, dict) else None
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
+            raise rc.bad(f"{field}[{key!r}].rank", f"is {_show(rank)}", "an integer rank")
+        out[tok] = (lp, rank)
+    return out
+
+
+def topk_from_prompt_logprobs(entry: dict, k: int, rc: ReplyCheck | None = None,
+                              field: str = "prompt_logprobs") -> list[tuple[int, float]]:
     """The k most likely (token id, log-probability) pairs of one `prompt_logprobs` position, most likely first.
 
     vLLM returns the top k plus the actual prompt token (with its true rank) when that is not among them; entries
-    are kept by rank (1..k) where ranks are given, else by log-probability.
+    are kept by rank (1..k) where ranks are given, else by log-probability. Every entry is checked first.
     """
-    items = []
-    for key, val in entry.items():
-        lp = float(val["logprob"] if isinstance(val, dict) else val)
-        rank = val.get("rank") if isinstance(val, dict) else None
-        items.append((int(key), lp, rank))
+    items = [(t, lp, rank) for t, (lp, rank) in
+             _entry_logprobs(entry, field, rc or ReplyCheck("server", "a prompt_logprobs request")).items()]
     if all(r is not None for _, _, r in items):
         items = [x for x in items if x[2] <= k]
     items.sort(key=lambda x: (-x[1], x[0]))
@@ -330,11 +504,40 @@ def teacher_forced_topk(scorer: ServerScorer, prompts: Sequence[Sequence[int]], 
     With `actual` (a list), the log-probability of the actual token at each of those positions is appended to it,
     one list per sequence (vLLM returns the actual token with the top-k, whatever its rank).
 
-    Raises `ConfigError` naming the server's limit when `k` exceeds its `max_logprobs` (20 by default in vLLM).
+    Every position's map is checked (finite log-probabilities at most 0, the prompt token sent there present)
+    before anything is returned to be cached. Raises `ConfigError` naming the server's limit when `k` exceeds its
+    `max_logprobs` (20 by default in vLLM).
     """
+    def check(reply: dict, rc: ReplyCheck):
+        out = []
+        for i, choice in enumerate(_choices_in_order(reply, len(prompts), rc)):
+            plp = choice.get("prompt_logprobs")
+            if not isinstance(plp, list):
+                raise rc.bad(f"choices[{i}].prompt_logprobs", f"is {_show(plp)}",
+                             "vLLM's per-token top-k maps (is this a vLLM server?)")
+            rc.token_list(plp, f"choices[{i}].prompt_logprobs", min_len=len(prompts[i]))
+            rows, tok_lps = [], []
+            for p in positions(i):
+                field = f"choices[{i}].prompt_logprobs[{p}]"
+                top = topk_from_prompt_logprobs(plp[p], k, rc, field)
+                entries = _entry_logprobs(plp[p], field, rc)
+                if int(prompts[i][p]) not in entries:
+                    raise rc.bad(field, f"lacks the prompt token {prompts[i][p]}",
+                                 "the token sent there among the log-probabilities (vLLM always includes it)")
+                rows.append(top)
+                tok_lps.append(float(entries[int(prompts[i][p])][0]))
+            out.append((rows, tok_lps))
+        return out
+
     try:
-        reply = scorer.completions({"prompt": [list(p) for p in prompts], "prompt_logprobs": int(k),
-                                    "max_tokens": 1, "temperature": 0.0})
+        got = scorer.completions({"prompt": [list(p) for p in prompts], "prompt_logprobs": int(k), "max_tokens": 1,
+                                  "temperature": 0.0},
+                                 what=f"the top-{k} request for {len(prompts)} teacher-forced sequence(s)", check=check)
+        if actual is not None:
+            actual.extend(lps for _, lps in got)  # after the check passed: a retried reply adds nothing twice
+        return [rows for rows, _ in got]
+    except BadReply:
+        raise
     except BackendError as exc:
         limit = max_logprobs_from(str(exc))
         if getattr(exc, "status_code", None) == 400 and limit is not None:
@@ -344,23 +547,6 @@ def teacher_forced_topk(scorer: ServerScorer, prompts: Sequence[Sequence[int]], 
                 f"--max-logprobs {k}"
             ) from None
         raise
-    choices = _choices_in_order(reply, len(prompts), scorer.backend.identity)
-    out = []
-    for i, choice in enumerate(choices):
-        plp = choice.get("prompt_logprobs")
-        if not isinstance(plp, list) or len(plp) < len(prompts[i]):
-            raise BackendError(f"{scorer.backend.identity}: the reply has no prompt_logprobs (not a vLLM server?)")
-        out.append([topk_from_prompt_logprobs(plp[p] or {}, k) for p in positions(i)])
-        if actual is not None:
-            lps = []
-            for p in positions(i):
-                got = (plp[p] or {}).get(str(prompts[i][p]))
-                if got is None:
-                    raise BackendError(f"{scorer.backend.identity}: prompt_logprobs at position {p} lack the prompt "
-                                       f"token {prompts[i][p]}")
-                lps.append(float(got["logprob"] if isinstance(got, dict) else got))
-            actual.append(lps)
-    return out
 
 
 def rest_logmass(logps: Sequence[float], floor: float) -> float:

@@ -8,6 +8,17 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from stillroom.options import (
+    IdFieldOpt,
+    InputFieldOpt,
+    InstructionFileOpt,
+    InstructionOpt,
+    LabelFieldOpt,
+    LabelsOpt,
+    TaskOpt,
+    WaitOpt,
+    task_overrides,
+)
 from stillroom.ui import console, run_guarded
 
 
@@ -23,24 +34,55 @@ def print_compare(summary: dict, out: Path) -> None:
             others.append(f"{r['route']}: {r['status']}: {r.get('error') or r.get('reason') or ''}")
             continue
         v = r.get("vs_baseline") or {}
-        ci = r["macro_f1_ci95"] or r["accuracy_ci95"]
+        ci = r["macro_f1_ci95"] or r["accuracy_ci95"] or [None, None]
         d = "-" if r.get("is_baseline") or v.get("diff") is None else f"{v['diff']:+.3f}{' *' if v['significant'] else ''}"
         t.add_row(r["route"] + (" (ref)" if r["reference"] else ""), "-" if r["macro_f1"] is None else f"{r['macro_f1']:.3f}",
-                  f"{ci[0]:.2f}-{ci[1]:.2f}", f"{r['accuracy']:.3f}", d, f"{r['latency_p50_s']:.2f}",
+                  "-" if ci[0] is None else f"{ci[0]:.2f}-{ci[1]:.2f}",
+                  "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}", d, f"{r['latency_p50_s']:.2f}",
                   f"{r['build_seconds']:.0f}")
     console.print(t)
     console.print("* paired bootstrap p < 0.05 against the baseline on the same examples; other gaps may be noise.")
     for line in others:
         console.print(f"[yellow]{line}[/]", soft_wrap=True)
+    for r in summary["rows"]:
+        for w in r.get("warnings") or ():
+            console.print(f"[bold yellow]warning[/] (route {r['route']}): {w}", soft_wrap=True)
+    for w in summary.get("warnings", []):
+        console.print(f"[bold yellow]warning:[/] {w}", soft_wrap=True)
     console.print(f"[bold]{summary['recommendation']}[/]", soft_wrap=True)
     console.print(f"report: [bold]{out / 'report.html'}[/]", soft_wrap=True)
 
 
+def _check_routes(names: list[str]) -> None:
+    """Route names given on the command line, checked here so a typo is reported as the command line's (with the
+    nearest known route), not as an error in the YAML file."""
+    import difflib
+
+    from stillroom.compare.config import ALL_ROUTES
+
+    for name in names:
+        if name not in ALL_ROUTES:
+            close = difflib.get_close_matches(name, ALL_ROUTES, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise typer.BadParameter(f"unknown route {name!r}{hint} (known: {', '.join(ALL_ROUTES)})",
+                                     param_hint="'--routes'")
+
+
 def compare(
-    config: Annotated[Path, typer.Argument(help="YAML config: task, teacher, student, routes, budgets (CompareConfig).")],
+    config: Annotated[Path | None, typer.Argument(help="YAML config: task, teacher, student, routes, budgets (CompareConfig).")] = None,
+    task: TaskOpt = None,
+    teacher: Annotated[str | None, typer.Option(help="Teacher model spec (default: the embedded gemma3-270m).")] = None,
+    student: Annotated[str | None, typer.Option(help="Student model spec (default: the embedded gemma3-270m).")] = None,
     routes: Annotated[str | None, typer.Option(help="Comma-separated routes to run (overrides the config).")] = None,
     eval_limit: Annotated[int | None, typer.Option(help="Evaluated examples, the same for every route.")] = None,
-    run_dir: Annotated[Path | None, typer.Option(help="Compare folder (default: runs/compare-<task>-<hash>; rerun resumes).")] = None,
+    labels: LabelsOpt = None,
+    input_field: InputFieldOpt = None,
+    label_field: LabelFieldOpt = None,
+    id_field: IdFieldOpt = None,
+    instruction: InstructionOpt = None,
+    instruction_file: InstructionFileOpt = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Compare folder (default: runs/compare-<task>-<hash of task, teacher, student and selection>; rerun resumes).")] = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Run every route that applies to one teacher → student pair on the same task and the same test examples,
     and write one report: quality with 95% intervals and a paired test against zero-shot, latency, tokens, build
@@ -49,15 +91,22 @@ def compare(
     route's budget reruns that route only."""
 
     def body():
-        from stillroom.compare.config import CompareConfig
-        from stillroom.compare.run import run_compare
-        from stillroom.config import load_yaml_config
-        from stillroom.runs import run_dir_for
+        from stillroom.locking import wait_for_holders
 
-        over = {"routes": [r.strip() for r in routes.split(",") if r.strip()] if routes else None,
-                "eval_limit": eval_limit}
-        cfg = load_yaml_config(config, CompareConfig, over)
-        out = run_dir or run_dir_for("compare", cfg)
+        wait_for_holders(wait)  # the compare folder and every route folder in it
+        from stillroom.compare.config import CompareConfig
+        from stillroom.compare.run import compare_dir_for, run_compare
+        from stillroom.options import load_config
+
+        names = [r.strip() for r in routes.split(",") if r.strip()] if routes else None
+        if names:
+            _check_routes(names)
+        over = {"task": task_overrides(task, labels=labels, input_field=input_field, label_field=label_field,
+                                       id_field=id_field, instruction=instruction, instruction_file=instruction_file),
+                "teacher": {"spec": teacher}, "student": {"spec": student},
+                "routes": names, "eval_limit": eval_limit}
+        cfg = load_config(config, CompareConfig, over, "--task", bool(task))
+        out = run_dir or compare_dir_for(cfg)
         summary = run_compare(cfg, out)
         print_compare(summary, out)
 

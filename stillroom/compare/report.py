@@ -11,7 +11,7 @@ from pathlib import Path
 
 from stillroom.compare.config import CompareConfig
 from stillroom.evaluate.stats import mcnemar, paired_bootstrap
-from stillroom.report.html import fig_to_img, page, plt, table
+from stillroom.report.html import fig_to_img, page, plt, point_labels, table
 
 ALPHA = 0.05
 WITHIN = 0.02
@@ -42,6 +42,8 @@ def paired_test(base_preds: list[dict], preds: list[dict], labels: list[str] | N
     if not pairs:
         return None
     gold = [b["gold"] for b, _ in pairs]
+    if all(g is None for g in gold):
+        return None  # no gold answers: nothing to test
     pb = paired_bootstrap(gold, [p["pred"] for _, p in pairs], [b["pred"] for b, _ in pairs], labels,
                           metric="macro_f1" if labels else "accuracy")
     mc = mcnemar([p["correct"] for _, p in pairs], [b["correct"] for b, _ in pairs])
@@ -51,11 +53,24 @@ def paired_test(base_preds: list[dict], preds: list[dict], labels: list[str] | N
 
 
 def recommendation(rows: list[dict]) -> str:
-    """One plain line: the cheapest-to-serve route within 2 points of the teacher, else the best route."""
+    """One plain line: the cheapest-to-serve route within 2 points of the teacher, else the best route. Routes
+    flagged as doubtful (one-class answers) are not recommended; without gold labels nothing is."""
     ok = [r for r in rows if r["status"] == "ok"]
+    if ok and not any(r.get("gold_labels", True) for r in ok):
+        return ("No gold labels in the test examples: quality cannot be measured, so no route is recommended "
+                "(give the task a label column: --label-field).")
+    flagged = [r["route"] for r in ok if r.get("warnings") and not r["reference"]]
+    ok = [r for r in ok if not (r.get("warnings") and not r["reference"])]
     students = [r for r in ok if not r["reference"]]
     if not students:
+        if flagged:
+            return (f"Nothing to recommend: every finished route is flagged as doubtful ({', '.join(flagged)}: "
+                    "one-class answers; see the warnings).")
         return "No route finished: nothing to recommend yet."
+    return _recommend(ok, students) + (f" Not considered (flagged as doubtful): {', '.join(flagged)}." if flagged else "")
+
+
+def _recommend(ok: list[dict], students: list[dict]) -> str:
     teacher = next((r for r in ok if r["route"] == "teacher"), None)
     best = max(students, key=lambda r: r["quality"])
     if teacher is not None:
@@ -98,14 +113,17 @@ def summarise(cfg: CompareConfig, entries: list[dict]) -> dict:
                 "parameters": res["deployment"]["parameters"], "size_on_disk_bytes": res["deployment"]["size_on_disk_bytes"],
                 "build": res["build"], "build_seconds": res["build"]["seconds"], "examples": res["examples"],
                 "is_baseline": e is base, "notes": res.get("notes", []),
+                "warnings": list(res.get("warnings", [])), "instruction": res["deployment"].get("instruction"),
+                "latency_method": res["latency"].get("method"), "gold_labels": res["quality"].get("gold_labels", True),
             })
             if base is not None:
                 row["vs_baseline"] = paired_test(base.get("predictions", []), e.get("predictions", []), labels)
         rows.append(row)
     done = [r for r in rows if r["status"] == "ok"]
     same = len({tuple(r["examples"]) for r in done}) <= 1
-    latency_points = [(r["route"], r["latency_p50_s"] or 0.0, r["quality"]) for r in done]
-    cost_points = [(r["route"], r["build_seconds"], r["quality"]) for r in done]
+    measured = [r for r in done if r["quality"] is not None]
+    latency_points = [(r["route"], r["latency_p50_s"] or 0.0, r["quality"]) for r in measured]
+    cost_points = [(r["route"], r["build_seconds"], r["quality"]) for r in measured]
     return {
         "task": cfg.task.spec, "teacher": cfg.teacher.spec, "student": cfg.student.spec, "baseline": cfg.baseline,
         "same_test_examples": same, "rows": rows,
@@ -119,12 +137,14 @@ def _scatter(points, front: set[str], xlabel: str, title: str, ylabel: str, log:
     for name, x, y in points:
         on = name in front
         ax.scatter([x], [y], s=55 if on else 30, c="#c0392b" if on else "#7f8c8d", zorder=3)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for x, y, text in point_labels(points, log_x=log):
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     fr = sorted((x, y) for n, x, y in points if n in front)
     if len(fr) > 1:
         ax.step([p[0] for p in fr], [p[1] for p in fr], where="post", c="#c0392b", lw=1, alpha=.6, zorder=2)
     if log and all(x > 0 for _, x, _ in points):
         ax.set_xscale("log")
+    ax.margins(x=0.18)  # room for the rightmost point's label inside the axes
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     # Zoomed to the routes' range (weak students all sit near the floor of a 0-1 axis); the axis says so.
@@ -150,6 +170,25 @@ def _unescape_links(table_html: str) -> str:
     import re
 
     return re.sub(r"&lt;a href=&#x27;(.*?)&#x27;&gt;(.*?)&lt;/a&gt;", r"<a href='\1'>\2</a>", table_html)
+
+
+def _spend_paragraph(spend: dict | None) -> str:
+    """The compare's one ledger: its total against its caps, and each route's share."""
+    if not spend:
+        return ""
+    caps = [f"{spend['cap_max_tokens']:,} tokens" if spend.get("cap_max_tokens") is not None else "",
+            f"${spend['cap_max_cost_usd']:.4f}" if spend.get("cap_max_cost_usd") is not None else ""]
+    caps_text = " and ".join(c for c in caps if c)
+    shares = ", ".join(f"{html.escape(k)} {v['tokens']:,} tokens / ${v['cost_usd']:.4f}"
+                       for k, v in sorted(spend.get("by_route", {}).items(), key=lambda kv: -kv[1]["tokens"]))
+    return (f"<p>Spend of the whole compare (every route's teacher and API student calls, earlier invocations "
+            f"included): {spend['tokens']:,} tokens / ${spend['cost_usd']:.4f}"
+            + (f" of a cap of {caps_text}" if caps_text else "") + (f"; by route: {shares}" if shares else "") + ".</p>")
+
+
+def _with_resumed(total: int, resumed: int) -> str:
+    """A build figure with the part resumed from an earlier invocation, e.g. '4,454 (3,289 resumed)'."""
+    return f"{total:,} ({resumed:,} resumed)" if resumed else f"{total:,}"
 
 
 def _mb(b) -> str:
@@ -181,7 +220,8 @@ def compare_report(summary: dict, out: Path) -> str:
                         _ci(r["accuracy"], r["accuracy_ci95"]), diff, p, r["invalid_rate"]])
         b = r["build"]
         cost.append([name, f"{r['latency_p50_s']:.3f} / {r['latency_p95_s']:.3f}", r["output_tokens"], r["input_tokens"],
-                     r["system_prompt_tokens"], b["teacher_calls"], b["teacher_input_tokens"] + b["teacher_output_tokens"],
+                     r["system_prompt_tokens"], _with_resumed(b["teacher_calls"], b.get("resumed_calls", 0)),
+                     _with_resumed(b["teacher_input_tokens"] + b["teacher_output_tokens"], b.get("resumed_tokens", 0)),
                      f"{b['teacher_cost_usd']:.4f}", f"{b['seconds']:.0f}", b["training_steps"],
                      _mb(r["size_on_disk_bytes"]), link])
     q_table = table(["route", "served as", "n", "macro-F1 [95% CI]", "accuracy [95% CI]",
@@ -193,25 +233,47 @@ def compare_report(summary: dict, out: Path) -> str:
               f"examples. Δ and p: paired bootstrap of {metric} against {html.escape(summary['baseline'])} on the same "
               "examples, and McNemar on correctness; * marks p &lt; 0.05. Any other difference is within what chance "
               "gives on this many examples.</p>")
-    cost_legend = ("<p>Latency and tokens are per answer when the route is served. Build cost counts the teacher "
-                   "calls and tokens of the route's own run folder; wall seconds are those of the first build, on "
-                   "this machine.</p>")
-    lat = [(r["route"], r["latency_p50_s"] or 0.0, r["quality"]) for r in done]
-    cost = [(r["route"], max(r["build_seconds"], 0.1), r["quality"]) for r in done]
+    cost_legend = ("<p>Latency and tokens are per answer when the route is served. Build cost counts every teacher "
+                   "call and token of the route's own run folder, the same however often the build was interrupted; "
+                   "the part paid by an earlier, interrupted invocation and resumed from the cache is shown in "
+                   "brackets. Wall seconds include those of interrupted invocations, on this machine.</p>")
+    measured = [r for r in done if r["quality"] is not None]
+    lat = [(r["route"], r["latency_p50_s"] or 0.0, r["quality"]) for r in measured]
+    cost = [(r["route"], max(r["build_seconds"], 0.1), r["quality"]) for r in measured]
     ylabel = "macro-F1" if metric == "macro_f1" else "accuracy"
     plots = ""
-    if done:
+    if measured:
         plots = (_scatter(lat, set(summary["pareto"]["latency"]), "latency per answer, p50 (s)", "Quality vs latency", ylabel)
                  + _scatter(cost, set(summary["pareto"]["build_cost"]), "build cost: wall seconds (log)",
                             "Quality vs build cost", ylabel, log=True))
     notes = [summary["recommendation"]]
     if not summary["same_test_examples"]:
         notes.append("Warning: the routes were not all evaluated on the same test examples.")
-    sections = [("Quality", q_table + legend), ("Cost", c_table + cost_legend)]
+    notes += [f"Warning (route {r['route']}): {w}" for r in done for w in r.get("warnings", [])]
+    notes += summary.get("warnings", [])
+    methods = {r.get("latency_method") for r in done}
+    if len(methods) == 1 and None not in methods:
+        cost_legend += f"<p>Latency, measured the same way for every route: {html.escape(methods.pop())}</p>"
+    elif done:
+        cost_legend += "<p>Latency was measured differently across routes: " + "; ".join(
+            f"{html.escape(r['route'])}: {html.escape(r.get('latency_method') or 'not recorded (an older run)')}"
+            for r in done) + "</p>"
+    sections = [("Quality", q_table + legend), ("Cost", c_table + cost_legend + _spend_paragraph(summary.get("spend")))]
+    instructions = {r["route"]: r.get("instruction") for r in done}
+    if done:
+        distinct = set(instructions.values())
+        if len(distinct) == 1:
+            text = distinct.pop()
+            body = (f"<p>Every route used the same task instruction:</p><pre>{html.escape(text)}</pre>" if text else
+                    "<p>Every route used no task instruction (none set: task.instruction or --instruction).</p>")
+        else:
+            body = table(["route", "instruction"], [[k, v or "(none)"] for k, v in instructions.items()])
+        sections.append(("Task instruction", body))
     if others:
         sections.append(("Not run", table(["route", "status", "why"], others)))
     sections.append(("Trade-offs (red: the Pareto front)", f"<div class='plots'>{plots}</div>"))
-    route_notes = [f"<li><b>{html.escape(r['route'])}</b>: {html.escape(n)}</li>" for r in done for n in r.get("notes", [])]
+    route_notes = [f"<li><b>{html.escape(r['route'])}</b>: {html.escape(n)}</li>" for r in done for n in r.get("notes", [])
+                   if n not in r.get("warnings", [])]  # the warnings are already at the top
     if route_notes:
         sections.append(("Route notes", "<ul>" + "".join(route_notes) + "</ul>"))
     title = f"Stillroom compare: {summary['task']} — teacher {summary['teacher']}, student {summary['student']}"

@@ -59,3 +59,31 @@ def cost_metrics(input_tokens: Sequence[int], output_tokens: Sequence[int], late
         "latency_p50_s": percentile(latencies, 50),
         "latency_p95_s": percentile(latencies, 95),
     }
+
+
+ONE_CLASS_SHARE = 0.9
+"""A condition whose answers are at least this share one label (invalid answers included in the count) is
+flagged as (nearly) one-class, unless the gold answers are that concentrated too."""
+
+
+def one_class_warning(gold: Sequence[str | None], pred: Sequence[str | None], *, name: str = "",
+                      threshold: float = ONE_CLASS_SHARE) -> str | None:
+    """A warning when the predictions are (nearly) all one label: its accuracy then mostly counts how often
+    that label is right, not what the model understood. None when the predictions vary, when there are fewer
+    than 4 answers, or when the gold labels are themselves that concentrated on that label."""
+    from collections import Counter
+
+    n = len(pred)
+    valid = [p for p in pred if p is not None]
+    if n < 4 or not valid:
+        return None
+    label, count = Counter(valid).most_common(1)[0]
+    if count / n < threshold:
+        return None
+    gold_share = sum(g == label for g in gold) / n if gold else 0.0
+    if gold_share >= threshold:
+        return None
+    who = f"{name}: " if name else ""
+    return (f"{who}predicted {label!r} for {count} of {n} test examples ({count / n:.0%}; the gold labels have it "
+            f"{gold_share:.0%}): a one-class answer, so its accuracy says little about the task "
+            f"(flagged at {threshold:.0%} or more answers on one label).")

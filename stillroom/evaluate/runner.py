@@ -80,6 +80,7 @@ def evaluate(
     cot_max_tokens: int = 256,
     chunk_size: int = 8,
     description: str = "eval",
+    timed: bool = True,
 ) -> EvalResult:
     """Evaluate `backend` on `examples`.
 
@@ -87,6 +88,10 @@ def evaluate(
     multiple-choice `acc`), 'generate' (answer only, parsed, at most `max_new_tokens`), 'cot' (reason, then
     'Answer: ...', at most `cot_max_tokens` in all), or 'auto' (loglik where the backend can score and the task
     has options, else generate).
+
+    `timed`: latency per answer is measured as `stillroom.evaluate.latency` says (the same way for every
+    condition and route, and named in `metrics['latency_method']`); loops that only need quality (PLD's
+    validation passes) turn it off.
     """
     extra: dict = {}
     # A served model's refusal says why it cannot score (e.g. llama.cpp's server ignores echo) and what to do.
@@ -113,7 +118,18 @@ def evaluate(
                 budget = cot_max_tokens if method == "cot" else max_new_tokens
                 preds.extend(_generate_chunk(task, chunk, backend, shots, system_prompt, method, budget))
             bar.advance(job, len(chunk))
-    return EvalResult(predictions=preds, metrics=summarise(task, examples, preds), method=method, extra=extra)
+    metrics = summarise(task, examples, preds)
+    if timed:
+        from stillroom.evaluate.latency import latency_method, measure_latency
+
+        budget = cot_max_tokens if method == "cot" else max_new_tokens
+        lat = measure_latency(task, examples, backend, shots=shots, system_prompt=system_prompt, method=method,
+                              max_tokens=budget)
+        if lat is not None:
+            metrics.update(latency_p50_s=lat["p50_s"], latency_p95_s=lat["p95_s"], latency_method=lat["method"])
+        else:
+            metrics["latency_method"] = latency_method(backend)
+    return EvalResult(predictions=preds, metrics=metrics, method=method, extra=extra)
 
 
 def _score_chunk(task, chunk, backend, shots, system_prompt) -> list[dict]:
@@ -183,11 +199,14 @@ def summarise(task: Task, examples: Sequence[Example], preds: Sequence[dict]) ->
     by_id = {ex.id: ex for ex in examples}
     if task.kind == "free_text":
         n = len(preds)
+        gold = any(p["gold"] is not None for p in preds)
         quality = {
             "n": n,
-            "accuracy": sum(p["correct"] for p in preds) / n if n else 0.0,
+            # Without gold answers there is nothing to be right about: no accuracy is claimed (None, shown '-').
+            "accuracy": (sum(p["correct"] for p in preds) / n if n else 0.0) if gold else None,
             "macro_f1": None,
             "invalid_rate": sum(p["pred"] is None for p in preds) / n if n else 0.0,
+            "gold_labels": gold,
         }
     else:
         gold = [metric_labels(task, by_id[p["id"]], p["gold"]) for p in preds]

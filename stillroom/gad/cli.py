@@ -11,6 +11,15 @@ from typing import Annotated
 
 import typer
 
+from stillroom.options import (
+    IdFieldOpt,
+    InputFieldOpt,
+    InstructionFileOpt,
+    InstructionOpt,
+    LabelFieldOpt,
+    WaitOpt,
+    task_overrides,
+)
 from stillroom.ui import console, print_results, run_guarded
 
 Opt = typer.Option
@@ -62,6 +71,12 @@ def gad_cmd(
     max_cost: Annotated[float | None, Opt(help="Teacher spend cap in USD for this run folder.")] = None,
     max_spend_tokens: Annotated[int | None, Opt(help="Teacher spend cap in tokens.")] = None,
     run_dir: Annotated[Path | None, Opt(help="Run folder (default: runs/gad-<task>-<config hash>; rerun resumes).")] = None,
+    input_field: InputFieldOpt = None,
+    label_field: LabelFieldOpt = None,
+    id_field: IdFieldOpt = None,
+    instruction: InstructionOpt = None,
+    instruction_file: InstructionFileOpt = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Generative Adversarial Distillation (GAD, arXiv 2511.10643): black-box on-policy distillation.
 
@@ -79,13 +94,17 @@ def gad_cmd(
     """
 
     def body():
+        from stillroom.locking import wait_for_holders
+
+        wait_for_holders(wait)  # this command's --wait holds for every run folder it opens
         from stillroom.gad.config import GADConfig
         from stillroom.gad.train import run_gad
         from stillroom.options import load_config
         from stillroom.runs import run_dir_for
 
         over = {
-            "task": {"spec": task}, "student": {"spec": student},
+            "task": task_overrides(task, input_field=input_field, label_field=label_field, id_field=id_field,
+                                  instruction=instruction, instruction_file=instruction_file), "student": {"spec": student},
             "teacher": {"spec": teacher, "base_url": teacher_base_url, "api_key_env": teacher_api_key_env},
             "num_generations": num_generations, "temperature": temperature, "prompts_per_step": prompts_per_step,
             "adversarial_steps": adversarial_steps, "disc_warmup_steps": disc_warmup_steps,

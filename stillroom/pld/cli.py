@@ -7,7 +7,20 @@ from typing import Annotated
 
 import typer
 
-from stillroom.options import BaseUrlOpt, KeyEnvOpt, LabelsOpt, RunDirOpt, TaskOpt, WaitOpt
+from stillroom.options import (
+    BaseUrlOpt,
+    IdFieldOpt,
+    InputFieldOpt,
+    InstructionFileOpt,
+    InstructionOpt,
+    KeyEnvOpt,
+    LabelFieldOpt,
+    LabelsOpt,
+    RunDirOpt,
+    TaskOpt,
+    WaitOpt,
+    task_overrides,
+)
 from stillroom.ui import console, print_results, run_guarded
 
 
@@ -34,6 +47,11 @@ def pld(
     max_spend_tokens: Annotated[int | None, typer.Option(help="Teacher spend cap in tokens.")] = None,
     run_dir: RunDirOpt = None,
     labels: LabelsOpt = None,
+    input_field: InputFieldOpt = None,
+    label_field: LabelFieldOpt = None,
+    id_field: IdFieldOpt = None,
+    instruction: InstructionOpt = None,
+    instruction_file: InstructionFileOpt = None,
     wait: WaitOpt = False,
 ) -> None:
     """Prompt-Level Distillation: extract rules from the teacher, cluster and consolidate them, repair them from
@@ -52,7 +70,8 @@ def pld(
 
         sweep = [float(x) for x in eps_sweep.split(",")] if eps_sweep else None
         overrides = {
-            "task": {"spec": task, "labels": labels},
+            "task": task_overrides(task, labels=labels, input_field=input_field, label_field=label_field,
+                                   id_field=id_field, instruction=instruction, instruction_file=instruction_file),
             "teacher": {"spec": teacher, "base_url": teacher_base_url, "api_key_env": teacher_api_key_env},
             "student": {"spec": student, "base_url": student_base_url, "api_key_env": student_api_key_env},
             "train_limit": train_limit, "val_limit": val_limit, "eval_limit": eval_limit, "embedder": embedder,

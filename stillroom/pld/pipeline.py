@@ -29,7 +29,7 @@ from stillroom.tasks.task import Task
 
 
 def run_pld(cfg: PLDConfig, run_dir: Path, *, teacher=None, student=None, embedder: Embedder | None = None,
-            task: Task | None = None, wait: bool = False) -> dict:
+            task: Task | None = None, wait: bool | None = None) -> dict:
     """Run PLD end to end through the route skeleton; returns the metrics written to metrics.json.
 
     Task, model specs and every example's fit are checked before the run folder is created; the folder is
@@ -93,7 +93,9 @@ def build_pld(ctx: RouteContext, embedder: Embedder | None) -> Built:
         Deployment(name="PLD", backend=student_b, model=cfg.student.spec, system_prompt=final.system_prompt(),
                    method=cfg.student_method)]
     sel = ctx.sel
-    extra = {"teacher": teacher_b.identity, "student": student_b.identity,
+    # the specs the user gave name the models in the report's title; the identities say what they resolved to
+    extra = {"teacher": cfg.teacher.spec, "student": cfg.student.spec, "teacher_identity": teacher_b.identity,
+             "student_identity": student_b.identity,
              "examples": {"train_extracted": len(sel.train), "val": len(sel.val), "test": len(sel.test)},
              "overlong": overlong, **{k: v for k, v in phases.items() if k != "final"}}
     artifacts = {k: str(ctx.run.file(k)) for k in ("rulebook.json", "rulebook.md", "system_prompt.txt")}
@@ -153,6 +155,16 @@ def _build_rulebook(ctx: RouteContext, teacher_b, student_b, embedder) -> dict:
     )
     final = resolution.best
     final.meta.update({"val_macro_f1": resolution.best_val.metrics["macro_f1"] if resolution.best_val else None})
+    # Coverage is what the deployed rules say, not which clusters their examples came from.
+    label_set = list(task.labels) if task.labels else sorted({str(e.label) for e in ctx.sel.train})
+    named = final.named_labels(label_set)
+    unnamed = [lab for lab in label_set if lab not in named]
+    if unnamed and final.rules:
+        no_cluster = set(coverage["uncovered_labels"])
+        notes.append(f"Coverage: the {len(final.rules)} rule(s) name only {', '.join(map(str, named)) or 'no label'}; "
+                     f"no rule names {', '.join(map(str, unnamed))}"
+                     + (" (no cluster held their examples either: minority labels can vanish in clustering)."
+                        if no_cluster and set(unnamed) <= no_cluster else "."))
     # Phase 4: the deployable artefacts.
     run.write_text("rulebook.json", final.to_json())
     run.write_text("rulebook.md", final.to_markdown())
@@ -168,7 +180,8 @@ def _build_rulebook(ctx: RouteContext, teacher_b, student_b, embedder) -> dict:
     return {"final": final, "extraction": {"instructions": len(instructions), "readable": len(ok), "failed": failed},
             "clustering": {k: v for k, v in coverage.items() if k != "per_cluster"},
             "conflict_rounds": [asdict(r) for r in resolution.rounds],
-            "rulebook": {"version": final.version, "rules": len(final.rules), "system_prompt_tokens": sp_tokens},
+            "rulebook": {"version": final.version, "rules": len(final.rules), "system_prompt_tokens": sp_tokens,
+                         "labels_named": named, "labels_not_named": unnamed},
             "ablation": ablation}
 
 
@@ -198,9 +211,6 @@ def _cluster_and_synthesize(ctx: RouteContext, ok, teacher_b, tparams, student_e
         notes.append(f"Clustering: every instruction was noise at eps={eps}, min_samples={cfg.min_samples}; no "
                      "rule was synthesised. The conflict loop starts from an empty rulebook. Try a larger eps, "
                      "a smaller min_samples or eps_sweep.")
-    if coverage["uncovered_labels"]:
-        notes.append("Coverage: no rule speaks for label(s) " + ", ".join(map(str, coverage["uncovered_labels"]))
-                     + " (a known weakness of clustering: minority labels can vanish).")
     if rulebook.meta.get("synthesis_fallbacks"):
         notes.append(f"Synthesis: {rulebook.meta['synthesis_fallbacks']} cluster(s) got an unreadable rule twice; "
                      "their medoid instruction stands in (origin 'medoid').")

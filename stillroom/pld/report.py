@@ -10,6 +10,7 @@ from stillroom.pld.rulebook import Rulebook
 from stillroom.report.html import (
     QUALITY_HEADERS,
     confusion_plot,
+    latency_legend,
     page,
     per_class_plot,
     quality_latency_plot,
@@ -21,7 +22,8 @@ from stillroom.report.html import (
 def pld_report(metrics: dict, rulebook: Rulebook, config: dict) -> str:
     conds = metrics["conditions"]
     rows = [quality_row(n, m) + [m.get("system_prompt_tokens", 0)] for n, m in conds.items()]
-    sections = [("Comparison on the test split (same student, same examples)", table(QUALITY_HEADERS + ["system-prompt tokens"], rows))]
+    sections = [("Comparison on the test split (same student, same examples)",
+                 table(QUALITY_HEADERS + ["system-prompt tokens"], rows) + latency_legend(conds))]
     points = [(n, m["latency_p50_s"], m["macro_f1"] or 0.0) for n, m in conds.items()]
     plots = quality_latency_plot(points)
     classed = {n: m for n, m in conds.items() if m.get("per_class")}
@@ -39,7 +41,9 @@ def pld_report(metrics: dict, rulebook: Rulebook, config: dict) -> str:
         ["instructions extracted", ex["instructions"]], ["readable", ex["readable"]], ["failed", ex["failed"]],
         ["eps / min_samples", f"{cl['eps']} / {cl['min_samples']}"], ["clusters", cl["clusters"]],
         ["noise (dropped)", f"{cl['noise']} ({cl['noise_share']:.0%})"],
-        ["labels with no rule", ", ".join(map(str, cl["uncovered_labels"])) or "none"]])))
+        ["labels with no cluster", ", ".join(map(str, cl["uncovered_labels"])) or "none"],
+        *([["labels no rule names", ", ".join(map(str, metrics["rulebook"]["labels_not_named"])) or "none"]]
+          if "labels_not_named" in metrics["rulebook"] else [])])))
     if len(cl.get("sweep", [])) > 1:
         sections.append(("eps sweep (validation)", table(["eps", "clusters", "noise share", "val macro-F1"],
                                                          [[s["eps"], s["clusters"], s["noise_share"], s["val_macro_f1"]] for s in cl["sweep"]])))

@@ -47,7 +47,20 @@ class Rulebook:
         return "\n".join(lines)
 
     def covered_labels(self) -> set[str]:
+        """The gold labels of the examples behind the rules (provenance, not what the rules say)."""
         return {lab for r in self.rules for lab in r.labels}
+
+    def named_labels(self, label_set) -> list[str]:
+        """The labels of `label_set` that some rule's text names (whole words, any case; '_' and '-' read as
+        spaces). This is the rulebook's real coverage: a rule synthesised from a cluster of examples of three
+        labels may still speak of one of them only."""
+        import re
+
+        def norm(x: str) -> str:
+            return " " + re.sub(r"[\W_]+", " ", x.casefold()).strip() + " "
+
+        texts = [norm(r.text) for r in self.rules]
+        return [lab for lab in label_set if norm(str(lab)).strip() and any(norm(str(lab)) in t for t in texts)]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n"

@@ -10,14 +10,21 @@ import typer
 from stillroom.options import (
     BaseUrlOpt,
     ConfigArg,
+    FreeTextOpt,
+    IdFieldOpt,
+    InputFieldOpt,
+    InstructionFileOpt,
+    InstructionOpt,
     KeyEnvOpt,
+    LabelFieldOpt,
     LabelsOpt,
     ModelOpt,
     RunDirOpt,
     TaskOpt,
     WaitOpt,
+    task_overrides,
 )
-from stillroom.ui import console, print_results, run_guarded
+from stillroom.ui import print_results, run_guarded
 
 
 def eval_cmd(
@@ -37,6 +44,12 @@ def eval_cmd(
     max_spend_tokens: Annotated[int | None, typer.Option(help="Spend cap in tokens (input + output).")] = None,
     run_dir: RunDirOpt = None,
     labels: LabelsOpt = None,
+    input_field: InputFieldOpt = None,
+    label_field: LabelFieldOpt = None,
+    id_field: IdFieldOpt = None,
+    free_text: FreeTextOpt = None,
+    instruction: InstructionOpt = None,
+    instruction_file: InstructionFileOpt = None,
     wait: WaitOpt = False,
 ) -> None:
     """Evaluate a model on a task split: accuracy, macro-F1, per-class F1, invalid answers, latency, tokens, cost.
@@ -51,7 +64,9 @@ def eval_cmd(
         from stillroom.runs import identity_of, run_dir_for
 
         overrides = {
-            "task": {"spec": task, "seed": seed, "labels": labels},
+            "task": task_overrides(task, labels=labels, input_field=input_field, label_field=label_field,
+                                   id_field=id_field, free_text=free_text, instruction=instruction,
+                                   instruction_file=instruction_file, seed=seed),
             "model": {"spec": model, "base_url": base_url, "api_key_env": api_key_env},
             "eval_split": split, "eval_limit": limit, "shots": shots, "method": method,
             "system_prompt_file": str(system_prompt) if system_prompt else None,
@@ -85,7 +100,11 @@ def eval_cmd(
             atomic_write_text(out / "system_prompt.txt", conditions[0].system_prompt + "\n")
             atomic_write_text(out / "rulebook.json", rb.to_json())
         print_results({n: r.metrics for n, r in results.items()})
-        console.print(f"report: [bold]{out / 'report.html'}[/]")
+        from stillroom.runs import RunFolder
+        from stillroom.ui import print_notes
+
+        # the run's notes, the warnings of a doubtful result among them (one-class answers, no gold labels)
+        print_notes((RunFolder(out).read_json("metrics.json") or {}).get("notes"), out / "report.html")
 
     run_guarded(body)
 

@@ -38,7 +38,7 @@ def default_condition(cfg: EvalConfig) -> Condition:
 
 
 def run_eval(cfg: EvalConfig, run_dir: Path, conditions: list[Condition] | None = None, backend=None,
-             task: Task | None = None, route: str = "eval", wait: bool = False) -> dict[str, EvalResult]:
+             task: Task | None = None, route: str = "eval", wait: bool | None = None) -> dict[str, EvalResult]:
     """Evaluate each condition on the same examples and write the run folder (the first condition is the one
     recorded in result.json). Rerunning resumes from the durable cache.
 
@@ -65,7 +65,7 @@ def run_eval(cfg: EvalConfig, run_dir: Path, conditions: list[Condition] | None 
                      after_eval=lambda results: eval_notes(ctx.sel, results, overlong))
 
     return run_route(cfg, run_dir, build, route=route, prepare=prepare, task=task, wait=wait,
-                     title=lambda ctx: f"Stillroom eval: {ctx.task.name} on {getattr(ctx.prepared[0], 'model', cfg.model.spec)}").results
+                     title=lambda ctx: f"Stillroom eval: {ctx.task.name} on {cfg.model.spec}").results
 
 
 CONDITION_NAMES = {"zero-shot": "zero-shot", "cot": "chain-of-thought"}
@@ -88,6 +88,9 @@ def eval_notes(sel: Selection, results: dict[str, EvalResult], overlong: dict) -
     if overlong["overlong"]:
         notes.append(f"{overlong['overlong']} example(s) did not fit the model's context window: "
                      f"{overlong['truncated']} truncated, {overlong['skipped']} skipped.")
+    if any(r.metrics.get("gold_labels") is False for r in results.values()):
+        notes.append("No gold labels: the task is free text without reference answers, so no accuracy is measured "
+                     "(give the task a label column with --label-field to measure quality).")
     if sel.task.kind == "multiple_choice":
         notes.append("Options differ per example: per-class figures are over option positions (A, B, ...).")
     return notes
@@ -101,16 +104,24 @@ def fit_eval_examples(sel: Selection, backend, conditions: list[Condition], cfg:
         out = []
         for cond in conditions:
             shots = sel.shots(cond.shots)
-            method = cond.method
-            if method == "auto":
-                method = "loglik" if backend.supports_score and task.kind != "free_text" else "generate"
-            if method == "loglik":
-                ctx = render_prompt(task, ex, shots, cond.system_prompt)
-                out += [(ctx + continuation(o), 0) for o in task.options(ex)]
-            else:
-                reason = method == "cot"
-                out.append((render_chat(task, ex, shots, cond.system_prompt, reason=reason),
-                            cfg.cot_max_tokens if reason else cfg.max_new_tokens))
+            methods = [cond.method]
+            if cond.method == "auto":
+                if task.kind == "free_text":
+                    methods = ["generate"]
+                elif getattr(backend, "max_concurrency", None) is not None:
+                    # A server: asking whether it scores is a paid probe, not to be made before the run folder
+                    # (its cache, its cap) is held. The example must fit whichever way it is answered.
+                    methods = ["loglik", "generate"]
+                else:
+                    methods = ["loglik" if backend.supports_score else "generate"]
+            for method in methods:
+                if method == "loglik":
+                    ctx = render_prompt(task, ex, shots, cond.system_prompt)
+                    out += [(ctx + continuation(o), 0) for o in task.options(ex)]
+                else:
+                    reason = method == "cot"
+                    out.append((render_chat(task, ex, shots, cond.system_prompt, reason=reason),
+                                cfg.cot_max_tokens if reason else cfg.max_new_tokens))
         return out
 
     return fit_examples(task, sel.test, backend, prompts_of, policy=cfg.task.overlong)

@@ -227,10 +227,10 @@ def load_calibration_texts(spec: str, samples: int | None = None, seed: int = 0)
             elif "prompt" in row:
                 texts.append(str(row["prompt"]) + str(row.get("completion", "")))
     else:
-        from stillroom.tasks import load_task
+        from stillroom.tasks.load import load_texts_task
         from stillroom.tasks.prompts import continuation, render_prompt
 
-        task = load_task(spec)
+        task = load_texts_task(spec)
         train = task.splits(seed=seed).train
         texts = [render_prompt(task, ex) + (continuation(str(ex.label)) if ex.label is not None else "") for ex in train]
     texts = [t for t in texts if t.strip()]

@@ -13,7 +13,19 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from stillroom.options import ConfigArg, RunDirOpt, TaskOpt
+from stillroom.options import (
+    ConfigArg,
+    IdFieldOpt,
+    InputFieldOpt,
+    InstructionFileOpt,
+    InstructionOpt,
+    LabelFieldOpt,
+    RunDirOpt,
+    TaskOpt,
+    WaitOpt,
+    task_overrides,
+)
+from stillroom.runs import check_model_destination, claim_run_folder
 from stillroom.ui import console, print_notes, print_results, run_guarded
 
 ModelArg = Annotated[str, typer.Option("--model", "-m", help="Model: 'gemma3-270m', 'hf:PATH' or a model folder.")]
@@ -36,14 +48,21 @@ def _save_config(dest: Path, command: str, config: dict) -> None:
     RunFolder(dest).save_config({"command": command, **{k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()}})
 
 
-def _selection(task: str | None, limit: int | None):
+def _columns(input_field, label_field, id_field, instruction, instruction_file) -> dict:
+    """The task's column and instruction options that were given (TaskConfig fields)."""
+    given = {"input_field": input_field, "label_field": label_field, "id_field": id_field, "instruction": instruction,
+             "instruction_file": str(instruction_file) if instruction_file else None}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _selection(task: str | None, limit: int | None, columns: dict | None = None):
     """`--task` of a command that makes a model: its test sample, loaded before the model is built."""
     if not task:
         return None
-    from stillroom.config import TaskConfig
+    from stillroom.config import TaskConfig, validate_config
     from stillroom.route import select
 
-    return select(TaskConfig(spec=task), limit=limit)
+    return select(validate_config(TaskConfig, {"spec": task, **(columns or {})}, source="command line"), limit=limit)
 
 
 def _evaluate(folder: Path, sel, route: str, config: dict, cost=None) -> None:
@@ -88,7 +107,7 @@ def analyze_to_folder(model: str, calibration: str, out: Path, samples: int = 64
     m, tok = load_causal_lm(folder)
     analysis = analyze_layers(m, tok, texts, batch_size=batch_size, max_length=max_length, model_name=str(folder),
                               calibration=calibration)
-    run = RunFolder(out)
+    run = RunFolder(claim_run_folder(out))
     data = analysis.to_json()
     run.write_json("angular.json", data)
     plot_heatmap(analysis, run.file("angular_heatmap.png"))
@@ -162,7 +181,7 @@ def prune_apply(
             start, end, d = LayerAnalysis.from_json(data).best_block(block_size)
             record = {"block_size": block_size, "angular_distance": d, "calibration": data.get("calibration")}
             console.print(f"best block of size {block_size}: drop {start}:{end} (d = {d:.4f})")
-        dest = run_dir or _default_out("pruned", {"model": str(folder), "drop": f"{start}:{end}"})
+        dest = check_model_destination(run_dir or _default_out("pruned", {"model": str(folder), "drop": f"{start}:{end}"}))
         saved = prune_model_folder(folder, start, end, dest, analysis=record)
         _save_config(saved, "prune apply", {"model": model, "drop": f"{start}:{end}", "block_size": block_size,
                                             "analysis": analysis, "calibration": calibration, "samples": samples})
@@ -202,6 +221,11 @@ def selfdistill_cmd(
                                             "'rewrite' (as generated, ending with its answer line) or "
                                             "'auto' (rewrite for free-text tasks, else answer_first).")] = "auto",
     run_dir: Annotated[Path | None, typer.Option(help="Run folder (rerun resumes from its cache).")] = None,
+    input_field: InputFieldOpt = None,
+    label_field: LabelFieldOpt = None,
+    id_field: IdFieldOpt = None,
+    instruction: InstructionOpt = None,
+    instruction_file: InstructionFileOpt = None,
 ) -> None:
     """Self-data distillation: the unpruned teacher rewrites each training answer given the question and the
     reference answer; conditional selection keeps a rewrite only if its answer equals the label and it has no
@@ -212,7 +236,8 @@ def selfdistill_cmd(
         from stillroom.prune.selfdistill import DEMONSTRATIONS, run_selfdistill
         from stillroom.ui import progress_bar
 
-        dest = run_dir or _default_out("selfdistill", {"teacher": teacher, "task": {"spec": task}, "limit": limit,
+        columns = _columns(input_field, label_field, id_field, instruction, instruction_file)
+        dest = run_dir or _default_out("selfdistill", {"teacher": teacher, "task": {"spec": task, **columns}, "limit": limit,
                                                        "shots": shots, "seed": seed, "chat": chat,
                                                        "max_new_tokens": max_new_tokens, "seed_text": seed_text,
                                                        "demos": demos, "completion": completion})
@@ -221,7 +246,8 @@ def selfdistill_cmd(
             summary = run_selfdistill(teacher, task, dest, limit=limit, shots=shots, seed=seed,
                                       max_new_tokens=max_new_tokens, chat=chat, seed_text=seed_text,
                                       progress=lambda n: bar.advance(job, n),
-                                      demonstrations=DEMONSTRATIONS if demos else (), completion=completion)
+                                      demonstrations=DEMONSTRATIONS if demos else (), completion=completion,
+                                      task_options=columns)
         console.print(f"kept {summary['kept']}/{summary['examples']} rewrites "
                       f"(acceptance {summary['acceptance']:.1%}); reasons: {summary['reasons']}; "
                       f"{summary['backend_calls']} new teacher calls")
@@ -246,6 +272,11 @@ def heal_cmd(
     task: EvalTaskOpt = None,
     eval_limit: EvalLimitOpt = None,
     run_dir: OutOpt = None,
+    input_field: InputFieldOpt = None,
+    label_field: LabelFieldOpt = None,
+    id_field: IdFieldOpt = None,
+    instruction: InstructionOpt = None,
+    instruction_file: InstructionFileOpt = None,
 ) -> None:
     """Healing fine-tune of a (pruned) model on prompt/completion data, loss on completions only; saves a plain
     model folder (LoRA folded in). With --task, the healed model is evaluated on the task's test split."""
@@ -254,12 +285,13 @@ def heal_cmd(
         from stillroom.prune.surgery import model_folder
         from stillroom.train.sft import SFTSettings, heal
 
-        sel = _selection(task, eval_limit)
+        sel = _selection(task, eval_limit, _columns(input_field, label_field, id_field, instruction, instruction_file))
         folder = model_folder(model)
         settings = SFTSettings(lora=lora, max_steps=max_steps, epochs=epochs, learning_rate=lr, batch_size=batch_size,
                                grad_accum=grad_accum, lora_r=lora_r, max_length=max_length, seed=seed)
         dest = run_dir or _default_out("healed", {"model": str(folder), "data": str(data), "lora": lora,
                                               "steps": max_steps, "epochs": epochs, "lr": lr, "seed": seed})
+        check_model_destination(dest)
         rec = heal(folder, data, dest, settings)
         _save_config(dest, "heal", {"model": model, "data": data, "lora": lora, "max_steps": max_steps, "epochs": epochs,
                                     "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum, "lora_r": lora_r,
@@ -277,14 +309,23 @@ def heal_cmd(
 
 
 def merge_slerp(
-    model_a: Annotated[str, typer.Argument(help="Base model A (t=0 gives A).")],
-    model_b: Annotated[str, typer.Argument(help="Model B (t=1 gives B).")],
-    t: Annotated[float, typer.Option(help="Interpolation factor for every tensor.")] = 0.5,
-    t_schedule: Annotated[str | None, typer.Option(help="Anchors interpolated across layers, e.g. 0,0.5,1 "
-                                                        "(mergekit gradient); overrides --t.")] = None,
+    model_a: Annotated[str, typer.Argument(help="Base model A (--factor 0 gives A).")],
+    model_b: Annotated[str, typer.Argument(help="Model B (--factor 1 gives B).")],
+    # The interpolation factor is --factor (mergekit calls it t): '-t' is --task on every command, so a '--t'
+    # option next to it was one typo away from the other.
+    t: Annotated[float, typer.Option("--factor", help="Interpolation factor for every tensor (mergekit's t: 0 gives A, "
+                                                      "1 gives B).")] = 0.5,
+    t_schedule: Annotated[str | None, typer.Option("--factor-schedule", "--t-schedule",
+                                                   help="Anchors interpolated across layers, e.g. 0,0.5,1 "
+                                                        "(mergekit gradient); overrides --factor.")] = None,
     task: EvalTaskOpt = None,
     eval_limit: EvalLimitOpt = None,
     run_dir: OutOpt = None,
+    input_field: InputFieldOpt = None,
+    label_field: LabelFieldOpt = None,
+    id_field: IdFieldOpt = None,
+    instruction: InstructionOpt = None,
+    instruction_file: InstructionFileOpt = None,
 ) -> None:
     """SLERP two models of the same shape with mergekit semantics (per tensor; linear when nearly parallel).
     With --task, the merged model is evaluated on the task's test split (result.json, report.html)."""
@@ -293,10 +334,11 @@ def merge_slerp(
         from stillroom.prune.merge import parse_schedule, slerp_model_folders
         from stillroom.prune.surgery import model_folder
 
-        sel = _selection(task, eval_limit)
+        sel = _selection(task, eval_limit, _columns(input_field, label_field, id_field, instruction, instruction_file))
         a, b = model_folder(model_a), model_folder(model_b)
         schedule = parse_schedule(t_schedule) if t_schedule else t
         dest = run_dir or _default_out("merged", {"a": str(a), "b": str(b), "t": schedule})
+        check_model_destination(dest)
         saved = slerp_model_folders(a, b, dest, schedule)
         config = {"model_a": model_a, "model_b": model_b, "t": schedule, "task": task, "eval_limit": eval_limit}
         _save_config(saved, "merge slerp", config)
@@ -336,7 +378,7 @@ def specdec_cmd(
         res.update({"target": str(tf), "draft": str(df), "prompts_from": prompts})
         dest = run_dir or _default_out("specdec", {"target": str(tf), "draft": str(df), "prompts": prompts, "k": k,
                                                "limit": limit, "max_new_tokens": max_new_tokens})
-        RunFolder(dest).write_json("specdec.json", res)
+        RunFolder(claim_run_folder(dest)).write_json("specdec.json", res)
         _save_config(dest, "specdec", {"target": target, "draft": draft, "prompts": prompts, "k": k, "limit": limit,
                                        "max_new_tokens": max_new_tokens})
         console.print(f"K={k}: acceptance {res['acceptance_rate']:.3f}, mean accepted length "
@@ -358,6 +400,12 @@ def prune_heal_cmd(
     train_limit: Annotated[int | None, typer.Option(help="Heal on a deterministic sample of N training examples.")] = None,
     eval_limit: Annotated[int | None, typer.Option(help="Evaluate on a deterministic sample of N test examples.")] = None,
     run_dir: RunDirOpt = None,
+    input_field: InputFieldOpt = None,
+    label_field: LabelFieldOpt = None,
+    id_field: IdFieldOpt = None,
+    instruction: InstructionOpt = None,
+    instruction_file: InstructionFileOpt = None,
+    wait: WaitOpt = False,
 ) -> None:
     """Prune + heal as one route: remove the most redundant block of layers (angular distance on the task's
     training prompts), heal the pruned model with SFT on gold answers or with self-data distillation, and evaluate
@@ -365,11 +413,15 @@ def prune_heal_cmd(
     rerunning resumes."""
 
     def body():
+        from stillroom.locking import wait_for_holders
+
+        wait_for_holders(wait)  # this command's --wait holds for every run folder it opens
         from stillroom.options import load_config
         from stillroom.prune.route import PruneHealConfig, run_prune_heal
         from stillroom.runs import run_dir_for
 
-        over = {"task": {"spec": task}, "student": {"spec": student}, "drop": drop, "block": block,
+        over = {"task": task_overrides(task, input_field=input_field, label_field=label_field, id_field=id_field,
+                                  instruction=instruction, instruction_file=instruction_file), "student": {"spec": student}, "drop": drop, "block": block,
                 "healing": healing, "max_steps": max_steps, "train_limit": train_limit, "eval_limit": eval_limit}
         cfg = load_config(config, PruneHealConfig, over, "--task", bool(task))
         out = run_dir or run_dir_for("prune-heal", cfg)

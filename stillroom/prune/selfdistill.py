@@ -302,29 +302,33 @@ def run_selfdistill(teacher_spec: str, task_spec: str, run_dir: str | Path, *, l
                     shots: int = 0, seed: int = 0, max_new_tokens: int = 64, chat: bool = False,
                     seed_text: str = "", batch_size: int = 8, backend: Backend | None = None,
                     progress: Any = None, demonstrations: Sequence[Demonstration] | None = DEMONSTRATIONS,
-                    completion: str = "auto") -> dict:
+                    completion: str = "auto", task_options: dict | None = None) -> dict:
     """`stillroom selfdistill`: rewrite the training split of a task with the teacher, through the run's cache.
 
-    `demonstrations` and `completion` as in `self_distill`.
+    `demonstrations` and `completion` as in `self_distill`; `task_options` are TaskConfig fields (columns,
+    instruction) for the task file.
     Writes `selfdistill.jsonl` (both versions and the decision per example), `sft_original.jsonl` and
     `sft_self_data.jsonl` (prompt/completion healing sets) and `selfdistill.json` (acceptance summary).
     """
     from stillroom.backends import open_cached_backend
     from stillroom.config import BackendConfig
-    from stillroom.runs import RunFolder
-    from stillroom.tasks import load_task
+    from stillroom.runs import RunFolder, claim_run_folder
     from stillroom.tasks.task import sample
 
-    run = RunFolder(run_dir)
+    run = RunFolder(claim_run_folder(run_dir))  # refuses a folder that is not Stillroom's
     spec = teacher_spec if ":" in teacher_spec or teacher_spec in ("gemma3-270m", "embedded") else f"hf:{teacher_spec}"
     cfg = BackendConfig(spec=spec, batch_size=batch_size)
-    config = {"command": "selfdistill", "teacher": spec, "task": {"spec": task_spec, "seed": seed}, "limit": limit,
+    from stillroom.config import TaskConfig, validate_config
+    from stillroom.route import load_task_config
+
+    task_cfg = validate_config(TaskConfig, {"spec": task_spec, "seed": seed, **(task_options or {})}, source="command line")
+    config = {"command": "selfdistill", "teacher": spec, "task": {"spec": task_spec, "seed": seed, **(task_options or {})}, "limit": limit,
               "shots": shots, "max_new_tokens": max_new_tokens, "chat": chat, "seed_text": seed_text,
               "template": REWRITE_TEMPLATE,
               "demonstrations": [asdict(d) for d in demonstrations or ()], "completion": completion,
               "meta_phrases": list(META_PHRASES)}
     run.save_config(config)
-    task = load_task(task_spec)
+    task = load_task_config(task_cfg)
     train = task.splits(seed=seed).train
     shot_examples = sample(train, shots, seed=seed) if shots else []
     shot_ids = {s.id for s in shot_examples}

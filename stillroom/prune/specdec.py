@@ -219,10 +219,10 @@ def load_prompts(spec: str, limit: int | None = None, seed: int = 0) -> list[str
                 row = json.loads(line)
                 prompts.append(str(row.get("prompt", row.get("text", row.get("input", "")))))
     else:
-        from stillroom.tasks import load_task
+        from stillroom.tasks.load import load_texts_task
         from stillroom.tasks.prompts import render_prompt
 
-        task = load_task(spec)
+        task = load_texts_task(spec)
         prompts = [render_prompt(task, ex) for ex in task.splits(seed=seed).test]
     prompts = [p for p in prompts if p.strip()]
     if not prompts:

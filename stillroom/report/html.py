@@ -38,9 +38,12 @@ def confusion_plot(metrics: Mapping, title: str = "Confusion matrix") -> str:
     fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(cols), 1.0 + 0.6 * len(rows)))
     if cm:
         ax.imshow(cm, cmap="Blues")
+        top = max((v for row in cm for v in row), default=0)
         for i, row in enumerate(cm):
             for j, v in enumerate(row):
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=9)
+                # white on the dark half of the colour map, black on the light half: readable on every cell
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=9,
+                        color="white" if top and v > top / 2 else "black")
     ax.set_xticks(range(len(cols)), [str(c)[:18] for c in cols], rotation=45, ha="right")
     ax.set_yticks(range(len(rows)), [str(r)[:18] for r in rows])
     ax.set_xlabel("predicted")
@@ -66,12 +69,37 @@ def per_class_plot(named_metrics: Mapping[str, Mapping], title: str = "Per-class
     return fig_to_img(fig)
 
 
+def point_labels(points: Sequence[tuple[str, float, float]], log_x: bool = False, near: float = 0.06):
+    """(x, y, text) annotations for named points, one per group of points that sit close together (within `near`
+    of the axis ranges): their names joined, so labels of coinciding points never print over each other."""
+    import math
+
+    if not points:
+        return []
+    xs = [math.log10(x) if log_x and x > 0 else x for _, x, _ in points]
+    ys = [y for _, _, y in points]
+    sx = (max(xs) - min(xs)) or 1.0
+    sy = (max(ys) - min(ys)) or 1.0
+    groups: list[list[int]] = []
+    for i in range(len(points)):
+        for g in groups:
+            j = g[0]
+            if abs(xs[i] - xs[j]) / sx < near and abs(ys[i] - ys[j]) / sy < near:
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    return [(points[g[0]][1], points[g[0]][2], ", ".join(points[i][0] for i in g)) for g in groups]
+
+
 def quality_latency_plot(points: Sequence[tuple[str, float, float]], title: str = "Quality vs latency") -> str:
     """Scatter of (name, latency p50 s, macro-F1): the trade-off a user picks a route from."""
     fig, ax = plt.subplots(figsize=(4.8, 3.4))
-    for name, lat, f1 in points:
+    for _name, lat, f1 in points:
         ax.scatter([lat], [f1], s=40)
-        ax.annotate(name, (lat, f1), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for x, y, text in point_labels(points):
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.margins(x=0.18)  # room for the rightmost point's label inside the axes
     ax.set_xlabel("latency per answer, p50 (s)")
     ax.set_ylabel("macro-F1")
     ax.set_ylim(0, 1)
@@ -112,18 +140,33 @@ def quality_row(name: str, m: Mapping) -> list:
             m.get("output_tokens_mean"), m.get("latency_p50_s"), m.get("latency_p95_s")]
 
 
+def latency_legend(named_metrics: Mapping[str, Mapping]) -> str:
+    """A paragraph saying how the latency columns were measured (one method for all, or each condition's)."""
+    methods = {n: m.get("latency_method") for n, m in named_metrics.items()}
+    distinct = set(methods.values())
+    if distinct == {None}:
+        return ""
+    if len(distinct) == 1:
+        return f"<p>Latency per answer, measured the same way for every condition: {html.escape(distinct.pop())}.</p>"
+    return ("<p>Latency was measured differently across conditions, so compare it with care: "
+            + "; ".join(f"{html.escape(n)}: {html.escape(v or 'not recorded')}" for n, v in methods.items()) + ".</p>")
+
+
 def eval_report(title: str, named_metrics: Mapping[str, Mapping], config: Mapping, usage: Mapping | None = None,
                 notes: Sequence[str] = ()) -> str:
     """Report for `stillroom eval`/`demo`: comparison table, confusion matrices, per-class F1, usage, config."""
     import yaml
 
-    sections = [("Results", table(QUALITY_HEADERS, [quality_row(n, m) for n, m in named_metrics.items()]))]
+    sections = [("Results", table(QUALITY_HEADERS, [quality_row(n, m) for n, m in named_metrics.items()])
+                 + latency_legend(named_metrics))]
     classed = {n: m for n, m in named_metrics.items() if m.get("per_class")}
     if classed:
         plots = "".join(confusion_plot(m, f"Confusion: {n}") for n, m in classed.items())
         plots += per_class_plot(classed)
         sections.append(("Plots", f"<div class='plots'>{plots}</div>"))
     if usage:
-        sections.append(("Usage", table(["item", "value"], [[k, v] for k, v in usage.items()])))
+        # The meter's latency counts generation calls only; the latency that answers cost is in Results.
+        rows = [[k, v] for k, v in usage.items() if not k.startswith("latency_")]
+        sections.append(("Usage (model calls of this run folder)", table(["item", "value"], rows)))
     sections.append(("Config (no secrets)", f"<pre>{html.escape(yaml.safe_dump(dict(config), sort_keys=False))}</pre>"))
     return page(title, sections, notes)

@@ -70,12 +70,22 @@ def fit_examples(
         raise TaskDataError(
             f"example {ex.id!r} does not fit the model's context window{' for ' + what if what else ''}: its prompt "
             f"takes up to {bound:,} tokens plus {max_tokens:,} for the answer, over the window of {window:,} "
-            f"({backend.identity}). Nothing was sent. Shorten it, or set the task's overlong policy to 'truncate' "
+            f"({backend.identity}{_default_note(backend)}). Nothing was sent. Shorten it, or set the task's "
+            "overlong policy to 'truncate' "
             "or 'skip'" + (" (even an empty input does not fit: shorten the instruction, shots or system prompt)"
                            if policy == "truncate" else ""),
             **where(task, ex),
         )
     return kept, counts
+
+
+def _default_note(backend) -> str:
+    """Says so when the window is Stillroom's default, not one the server stated."""
+    inner = getattr(backend, "backend", backend)  # a cached backend wraps the real one
+    if getattr(inner, "context_source", None) == "default":
+        return (": the server states no context window, so the default of "
+                f"{inner.context_tokens:,} tokens applies; set the model's max_input_tokens if it takes more")
+    return ""
 
 
 def _worst(backend, prompts: list[tuple[Prompt, int]]) -> tuple[int, int, int] | None:

@@ -50,3 +50,14 @@ def load_task(
         "or 'hf:<path>' for other formats (.json, .parquet, a saved dataset folder)",
         path=str(path),
     )
+
+
+def load_texts_task(spec: str, **kwargs) -> Task:
+    """A task read for its texts only (pruning calibration, speculative-decoding prompts): labelled data loads as
+    usual, and data without a label column loads as free text instead of stopping (no gold label is needed)."""
+    try:
+        return load_task(spec, **kwargs)
+    except TaskDataError as e:
+        if kwargs.get("kind") is None and e.field == kwargs.get("label_field", "label") and "--free-text" in str(e):
+            return load_task(spec, **{**kwargs, "kind": "free_text"})
+        raise

@@ -27,6 +27,10 @@ MAX_INFERRED_LABELS = 20
 DEFAULT_ANSWER_PATTERN = r".*answer\s*:\s*([^\n]+)"
 """Free text: the last `Answer: ...` line (what `render_chat(reason=True)` asks for); greedy `.*` skips earlier ones."""
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+MAX_LABEL_CHARS = 200
+"""The longest label a classification task may have, in characters. The label set is sent with every request
+(in the instruction, and scored as continuations), so one runaway label (a whole document pasted into the label
+column) would be paid for on every call; real label names are a few words."""
 
 
 def load_jsonl(
@@ -98,7 +102,7 @@ def load_csv(
                 continue
             if header is None:
                 header = [h.strip() for h in row]
-                _check_header(header, path, start, input_field)
+                _check_header(header, path, start)
                 header_line = start
                 continue
             if len(row) != len(header):
@@ -114,6 +118,9 @@ def load_csv(
             f"malformed CSV: {e}; expected a well-formed row starting here (is a quote left unclosed?)",
             path=str(path), line=prev_end + 1,
         ) from None
+    fields = _Fields(input_field, label_field, id_field, choices_field)
+    if header is not None:
+        check_columns(header, records, str(path), header_line, fields, kind)
     return task_from_records(
         records, name=name or path.stem, source=str(path), instruction=instruction, labels=labels, kind=kind,
         input_field=input_field, label_field=label_field, id_field=id_field, choices_field=choices_field,
@@ -216,6 +223,11 @@ def task_from_records(
     if kind is not None and kind not in KINDS:
         raise TaskDataError(f"unknown task kind {kind!r}: expected one of {', '.join(KINDS)}", path=source)
     fields = _Fields(input_field, label_field, id_field, choices_field)
+    records = list(records)
+    present = list(dict.fromkeys(k for _, rec in records for k in rec))
+    if records and (all(input_field not in rec for _, rec in records)
+                    or (kind != "free_text" and all(label_field not in rec for _, rec in records))):
+        check_columns(present, records, source, records[0][0] if unit == "line" else None, fields, kind, "field")
     rows = [_parse_record(loc, rec, fields, source, unit) for loc, rec in records]
     if not rows:
         raise TaskDataError(
@@ -223,6 +235,11 @@ def task_from_records(
             f"non-empty '{input_field}'",
             path=source,
         )
+
+    if kind != "free_text" and rows and all(r.label is None for r in rows):
+        raise _err(f"the '{label_field}' field has no value in any {unit}: expected the gold label of each example; "
+                   "name another label column with --label-field (task.label_field in YAML), or pass --free-text "
+                   "(task.free_text: true) for a task without gold labels", source, unit, rows[0].loc, label_field)
 
     label_set = _dedupe(str(x) for x in labels) if labels is not None else None
     if label_set is not None and not label_set:
@@ -242,11 +259,14 @@ def task_from_records(
                 hint = f" (e.g. {unit} {first.loc} has one)" if first else ""
                 raise _err(
                     f"missing label: expected field '{label_field}' with the gold answer{hint}; give every "
-                    f"example a label (a file where no example has '{label_field}' loads as unlabelled free text)",
+                    f"example a label (a task without gold labels is chosen with --free-text, task.free_text: true)",
                     source, unit, r.loc, label_field,
                 )
 
+    given_labels = label_set is not None
     label_set = _resolve_label_set(rows, label_set, kind, labelled)
+    if label_set is not None and not given_labels and all(r.choices is None for r in rows):
+        _check_label_collisions(rows, label_set, source, unit, label_field)
     if label_set is not None:
         # Choices equal to the task's label set carry no extra information: the task's labels are the options.
         for r in rows:
@@ -256,6 +276,8 @@ def task_from_records(
     with_choices = [r for r in rows if r.choices is not None]
     if kind is None:
         kind = "multiple_choice" if with_choices else ("classification" if label_set else "free_text")
+    if kind == "classification" and label_set:
+        _check_label_lengths(rows, label_set, labels is not None, source, unit, label_field)
     if kind == "classification":
         if label_set is None:
             raise TaskDataError(
@@ -440,6 +462,40 @@ def _resolve_label_set(rows: list[_Row], given: tuple[str, ...] | None, kind: st
     return None
 
 
+def _check_label_collisions(rows: list[_Row], label_set: Sequence[str], source: str, unit: str, field: str) -> None:
+    """An inferred label set with two labels that differ only in case or surrounding space ('Technical' and
+    'technical ') is an error naming both and where each first appears: almost always one class written two
+    ways, and scoring them as two classes would be silently wrong. Passing the label set explicitly (--labels)
+    keeps them apart on purpose."""
+    folded: dict[str, str] = {}
+    for lab in label_set:
+        key = lab.strip().casefold()
+        if key in folded:
+            first = {r.label: r.loc for r in reversed(rows) if r.label is not None}
+            a, b = folded[key], lab
+            raise _err(
+                f"labels {a!r} ({unit} {first.get(a, '?')}) and {b!r} ({unit} {first.get(b, '?')}) differ only in "
+                "case or surrounding space; write them the same way in the data, or pass the label set explicitly "
+                "(--labels, task.labels) if they really are different classes",
+                source, unit, first.get(b, rows[0].loc), field,
+            )
+        folded[key] = lab
+
+
+def _check_label_lengths(rows: list[_Row], label_set: Sequence[str], given: bool, source: str, unit: str,
+                         label_field: str) -> None:
+    """Refuse a label of the label set longer than `MAX_LABEL_CHARS`, naming where it came from."""
+    for lab in label_set:
+        if len(lab) <= MAX_LABEL_CHARS:
+            continue
+        what = (f"label {lab[:30]!r}... is {len(lab):,} characters long: expected at most {MAX_LABEL_CHARS} "
+                "(the label set is sent with every request; shorten the label names)")
+        row = next((r for r in rows if r.label == lab or (r.choices and lab in r.choices)), None)
+        if given or row is None:
+            raise TaskDataError(f"the given {what}", path=source, field="labels")
+        raise _err(what, source, unit, row.loc, label_field if row.label == lab else "choices")
+
+
 def _dedupe(items: Iterable[Any]) -> tuple:
     """Distinct items in order of first appearance (stable label order)."""
     return tuple(dict.fromkeys(items))
@@ -466,6 +522,11 @@ def _check_file(path: Path) -> None:
     if path.is_dir():
         raise TaskDataError("is a directory: expected a .jsonl or .csv task file (use 'hf:<folder>' for a "
                             "dataset folder)", path=str(path))
+    if not path.is_file():
+        # A device, a FIFO or a socket (also through a symlink: /dev/zero is endless, a FIFO may never end): read
+        # nothing from it.
+        target = f" (a link to {path.resolve()})" if path.is_symlink() else ""
+        raise TaskDataError(f"is not a regular file{target}: expected a .jsonl or .csv task file", path=str(path))
 
 
 def _read_utf8(path: Path) -> str:
@@ -485,17 +546,63 @@ def _read_utf8(path: Path) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _check_header(header: list[str], path: Path, line: int, input_field: str) -> None:
+def _check_header(header: list[str], path: Path, line: int) -> None:
     dupes = sorted({h for h in header if header.count(h) > 1})
     if dupes:
         raise TaskDataError(f"duplicate column names {dupes} in the header: expected distinct names",
                             path=str(path), line=line)
-    if input_field not in header:
-        raise TaskDataError(
-            f"the header has no '{input_field}' column (columns: {', '.join(header)}); expected a header row "
-            f"naming the input column",
-            path=str(path), line=line, field=input_field,
-        )
+
+
+def check_columns(columns: Sequence[str], records: Sequence[tuple[int, dict]], source: str, line: int | None,
+                  fields: _Fields, kind: str | None, what: str = "column") -> None:
+    """Stop at load when the input column, or (unless free text was chosen) the label column, is missing from
+    every record: one error naming the columns there are, the options that name them (--input-field,
+    --label-field, or --free-text), and a guess from the data (the longest text is the input; a column with few,
+    repeated values is the label). A renamed label column therefore never turns a task into free text."""
+    cols = list(columns)
+    no_input = fields.input not in cols
+    no_label = kind != "free_text" and fields.label not in cols
+    if not (no_input or no_label):
+        return
+    guess_input, guess_label = _guess_fields(cols, [r for _, r in records], fields)
+    missing, options, example = [], [], []
+    if no_input:
+        missing.append(f"no '{fields.input}' {what} (the example's text)")
+        options.append("--input-field (task.input_field in YAML)")
+        if guess_input:
+            example.append(f"--input-field {guess_input}")
+    if no_label:
+        missing.append(f"no '{fields.label}' {what} (the gold label)")
+        options.append("--label-field (task.label_field in YAML)")
+        if guess_label:
+            example.append(f"--label-field {guess_label}")
+    hint = f", here probably {' '.join(example)}" if example else ""
+    free = (", or pass --free-text (task.free_text: true) for a task without gold labels" if no_label else "")
+    listed = ", ".join(cols) if cols else "none"
+    raise TaskDataError(
+        f"{' and '.join(missing)}: the {what}s are {listed}; name {'them' if len(missing) > 1 else 'it'} with "
+        f"{' and '.join(options)}{hint}{free}",
+        path=source, line=line, field=fields.input if no_input else fields.label,
+    )
+
+
+def _guess_fields(cols: list[str], rows: list[dict], fields: _Fields) -> tuple[str | None, str | None]:
+    """(input, label) guessed from the values: the input is the column with the longest text on average; the
+    label the column with the fewest distinct values, when they repeat (an id column's values never do)."""
+    known = {fields.input, fields.label, fields.id, fields.choices}
+    cand = [c for c in cols if c not in known or c in (fields.input, fields.label)]
+
+    def values(c):
+        return [str(r[c]) for r in rows if isinstance(r.get(c), str | int | float) and str(r[c]).strip()]
+
+    stats = {c: values(c) for c in cand}
+    stats = {c: v for c, v in stats.items() if v}
+    text = fields.input if fields.input in stats else max(
+        (c for c in stats if c != fields.label), key=lambda c: sum(map(len, stats[c])) / len(stats[c]), default=None)
+    repeated = [c for c, v in stats.items() if c != text and len(set(v)) <= MAX_INFERRED_LABELS
+                and len(set(v)) * 2 <= len(v)]
+    label = fields.label if fields.label in stats else min(repeated, key=lambda c: len(set(stats[c])), default=None)
+    return text, label
 
 
 def _cache_root(cache_dir: str | Path | None) -> Path:
