@@ -37,6 +37,33 @@ def study_config(teacher: str, test_limit: int = 200, train_limit: int = 48, ste
     }
 
 
+def _predictions(folder: Path, condition: str) -> list[dict]:
+    rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("condition") == condition]
+
+
+def collect(route_dirs: dict[str, Path], baseline: str = "kd-logits") -> list[dict]:
+    """Rows from finished route folders (result.json, predictions.jsonl): quality with intervals, build, and the
+    paired test against `baseline` on the examples both were evaluated on (the compare report's own test)."""
+    from stillroom.compare.report import paired_test
+
+    found = {name: json.loads((d / "result.json").read_text()) for name, d in route_dirs.items()
+             if (d / "result.json").exists()}
+    preds = {name: _predictions(route_dirs[name], res["condition"]) for name, res in found.items()}
+    rows = []
+    for name in route_dirs:
+        if name not in found:
+            rows.append({"route": name, "status": "not finished"})
+            continue
+        q = found[name]["quality"]
+        labels = list(q["per_class_f1"]) or None
+        vs = paired_test(preds[baseline], preds[name], labels) if baseline in preds and name != baseline else None
+        rows.append({"route": name, "status": "ok", **{k: q[k] for k in ("n", "macro_f1", "macro_f1_ci95",
+                                                                          "accuracy", "accuracy_ci95", "invalid_rate")},
+                     "build": found[name]["build"], "vs_baseline": vs, "folder": str(route_dirs[name])})
+    return rows
+
+
 def main(argv=None) -> dict:
     import yaml
 
@@ -47,7 +74,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--run-dir", default="/tmp/stillroom-bench-xtok-quality")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "xtok_kd_quality.json"))
     ap.add_argument("--summarize-only", action="store_true", help="only read <run-dir>/compare.json")
+    ap.add_argument("--collect", default=None,
+                    help="ROUTE=FOLDER,...: summarise finished route folders directly (paired tests against "
+                    "kd-logits), e.g. when routes ran in more than one compare folder")
     args = ap.parse_args(argv)
+    if args.collect:
+        dirs = {k: Path(v) for k, v in (x.split("=", 1) for x in args.collect.split(","))}
+        result = {"rows": collect(dirs), "baseline": "kd-logits",
+                  "setup": {**study_config(args.teacher, args.test_limit, steps=args.steps),
+                            "command": "python bench/xtok_kd_quality.py " + " ".join(argv or sys.argv[1:])}}
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        _table(result["rows"])
+        return result
     run = Path(args.run_dir)
     t0 = time.perf_counter()
     if not args.summarize_only:
@@ -68,17 +106,21 @@ def main(argv=None) -> dict:
     }
     out = Path(args.out)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{'route':<12}{'macro-F1':>10}{'95% CI':>18}{'acc':>8}{'vs kd-logits':>14}{'p (boot)':>10}")
-    for r in result["rows"]:
+    _table(result["rows"])
+    print(f"-> {out}")
+    return result
+
+
+def _table(rows: list[dict]) -> None:
+    print(f"\n{'route':<12}{'macro-F1':>10}{'95% CI':>18}{'acc':>8}{'diff vs':>10}{'p boot':>8}{'p McN':>8}")
+    for r in rows:
         if r["status"] != "ok":
-            print(f"{r['route']:<12} {r['status']}: {r.get('error') or r.get('reason')}")
+            print(f"{r['route']:<12} {r['status']}: {r.get('error') or r.get('reason') or ''}")
             continue
         ci = r["macro_f1_ci95"]
         vs = r.get("vs_baseline") or {}
         print(f"{r['route']:<12}{r['macro_f1']:>10.3f}{f'[{ci[0]:.3f}, {ci[1]:.3f}]':>18}{r['accuracy']:>8.3f}"
-              f"{vs.get('diff', 0):>+14.3f}{vs.get('bootstrap_p', 1):>10.3f}")
-    print(f"-> {out}")
-    return result
+              f"{vs.get('diff', 0):>+10.3f}{vs.get('bootstrap_p', 1):>8.3f}{vs.get('mcnemar_p', 1):>8.3f}")
 
 
 if __name__ == "__main__":
