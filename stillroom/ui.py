@@ -87,8 +87,10 @@ class _LazyLog:
     _stillroom_log = True
     encoding = "utf-8"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, terminal=None):
         self.path = path
+        self.terminal = terminal
+        """The stderr it replaced: Stillroom's own notices (a retry, a wait) still go there (`notify`)."""
         self._f = None
         self.closed = False
 
@@ -184,7 +186,7 @@ def library_output_to(log_path: str | Path, *, training_bars: bool = False) -> I
     if getattr(saved_stderr, "_stillroom_log", False):  # already inside one: keep its file
         yield path
         return
-    f = _LazyLog(path)
+    f = _LazyLog(path, terminal=saved_stderr)
     handlers: list[tuple[logging.StreamHandler, object]] = []
     bars: list = []
     import warnings

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, runtime_checkable
@@ -186,11 +187,16 @@ _notice_console = None
 def notify(message: str) -> None:
     """Tell the user something the run is doing on its own (a retry, a wait), on stderr, above any progress bar."""
     global _notice_console
+    from rich.console import Console
     from rich.text import Text
 
+    # Inside `ui.library_output_to`, sys.stderr is the library log: a notice is ours, so it goes to the
+    # terminal that log replaced (a "waiting" or "retry" line must be seen, not filed away).
+    terminal = getattr(sys.stderr, "terminal", None) if getattr(sys.stderr, "_stillroom_log", False) else None
+    if terminal is not None:
+        Console(file=terminal, highlight=False).print(Text(message, style="yellow"), soft_wrap=True)
+        return
     if _notice_console is None:
-        from rich.console import Console
-
         _notice_console = Console(stderr=True, highlight=False)
     _notice_console.print(Text(message, style="yellow"), soft_wrap=True)
 
