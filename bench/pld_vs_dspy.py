@@ -51,7 +51,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # `_common`, also when this file is loaded by path (tests)
 
+from _common import machine_load  # noqa: E402  (bench/ is on sys.path when run as a script)
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -380,9 +382,15 @@ def run_pld_build(args, task, model_t, model_s, work: Path, embedder, val_exampl
     wall = time.perf_counter() - t0
     run = work / "pld"
     b = m["build"]
+    # The route's build cost (run_route's BuildCost) counts the build's teacher calls from the run folder's
+    # durable cache, earlier invocations included, so they are not added again on --resume; the cache hits are
+    # in the run's usage.json (this invocation's meter).
+    usage = json.loads((run / "usage.json").read_text()) if (run / "usage.json").exists() else {}
     res = {
         "status": "ok",
-        **call_counts(b["teacher_calls"], b["teacher_cache_hits"], 0, 0, args.resume),
+        "teacher_calls": b["teacher_calls"],
+        "teacher_cache_hits": (usage.get("teacher") or {}).get("cache_hits"),
+        "resumed": args.resume,
         "build_seconds": round(b["seconds"], 1),
         "pld_wall_seconds_incl_own_test_eval": round(wall, 1),
         "rules": m["rulebook"]["rules"],
@@ -502,7 +510,7 @@ def main(argv=None) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     phases = Phases(work)
-    started = time.perf_counter()
+    started, load_start = time.perf_counter(), machine_load()
     # What a build depends on; --resume refuses a work folder built with other settings.
     build_settings = {k: getattr(args, k) for k in (
         "task", "teacher", "student", "seed", "extract_sample", "val", "test", "max_rounds", "teacher_max_tokens",
@@ -682,6 +690,7 @@ def main(argv=None) -> dict:
         **results,
         "extras": extras,
         "total_seconds": round(time.perf_counter() - started, 1),
+        "load": {"start": load_start, "end": machine_load()},
         "notes": notes,
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
