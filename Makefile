@@ -12,12 +12,15 @@ setup: $(STAMP)
 
 # Without CUDA, install the CPU build of torch first (a bare `torch` requirement would pull a multi-GB CUDA
 # build); the project's own torch requirement stays a range for users with GPUs.
+# The install's wall time goes to $(VENV)/.stillroom-install-seconds: `stillroom demo` prints it with its own.
 $(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	@if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
-		echo "installing the CPU build of torch"; $(BIN)/pip install -q torch==2.13.0; fi
-	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
-	@$(BIN)/python -c "import stillroom, torch, transformers" && touch $(STAMP)
+	@t0=$$(date +%s); \
+	{ test -x $(BIN)/python || $(PY) -m venv $(VENV); } && \
+	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+		echo "installing the CPU build of torch"; $(BIN)/pip install -q torch==2.13.0; fi && \
+	echo "$(BIN)/pip install -q -e '.[$(EXTRAS)]'" && $(BIN)/pip install -q -e '.[$(EXTRAS)]' && \
+	$(BIN)/python -c "import stillroom, torch, transformers" && \
+	echo $$(( $$(date +%s) - t0 )) > $(VENV)/.stillroom-install-seconds && touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/stillroom demo

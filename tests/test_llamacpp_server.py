@@ -1,5 +1,5 @@
 """A real OpenAI-compatible server in the tests: llama.cpp's own server (through `xllamacpp`) on 127.0.0.1 with
-the bundled Gemma-3 270M GGUF, started by a fixture and stopped after (marker `slow`; needs the `server` extra).
+the bundled Gemma-3 270M GGUF, started by a fixture and stopped after (marker `slow`; needs the `embedded` extra).
 
 Through it: `eval --method generate`, the refusal of `--method loglik` (llama.cpp's server ignores `echo`) and
 auto's fallback note, PLD with the server as teacher and the local model as student, concurrency at and above

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from stillroom.backends import load_backend
+from stillroom.config import BackendConfig
 from stillroom.errors import ConfigError
 from stillroom.models import is_white_box, resolve_model_path
 
@@ -22,7 +23,7 @@ def test_gguf_spec_loads_the_file_through_transformers(tmp_path, monkeypatch):
     f = tmp_path / "models" / "tiny-q4.gguf"
     f.parent.mkdir()
     f.write_bytes(b"GGUF")
-    load_backend(f"gguf:{f}")
+    load_backend(BackendConfig(spec=f"gguf:{f}", engine="transformers"))
     assert seen["src"] == str(f.parent) and seen["gguf_file"] == "tiny-q4.gguf"
 
 

@@ -39,11 +39,19 @@ def load_backend(cfg: BackendConfig | str) -> Backend:
         cfg = BackendConfig(spec=cfg)
     spec = cfg.spec
     kind, _, rest = spec.partition(":")
-    if spec in ("gemma3-270m", "embedded"):
-        from stillroom.backends.embedded import ensure_embedded_gemma
+    from stillroom.backends.embedded import EMBEDDED
+    from stillroom.backends.llamacpp import resolve_engine
+
+    if resolve_engine(cfg.engine, spec, cfg.device) == "llamacpp":
+        from stillroom.backends.llamacpp import engine_backend
+
+        return engine_backend(spec, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size,
+                              slot_ctx=cfg.max_input_tokens)
+    if spec in EMBEDDED:
+        from stillroom.backends.embedded import ensure_embedded
         from stillroom.backends.hf import HFBackend
 
-        return _local(HFBackend(str(ensure_embedded_gemma()), device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size))
+        return _local(HFBackend(str(ensure_embedded(spec)), device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size))
     if kind == "hf" and rest:
         from stillroom.backends.hf import HFBackend
 
@@ -80,7 +88,7 @@ def load_backend(cfg: BackendConfig | str) -> Backend:
             raise ConfigError(f"unknown scripted backend {rest!r}; known: {', '.join(sorted(scripts))}")
         return ScriptedBackend(scripts[rest], name=rest)
     raise ConfigError(
-        f"model spec {spec!r} not understood: expected 'gemma3-270m', 'hf:PATH', 'gguf:FILE', 'openai:MODEL' "
+        f"model spec {spec!r} not understood: expected 'gemma3-270m', 'qwen2.5-coder-0.5b', 'hf:PATH', 'gguf:FILE', 'openai:MODEL' "
         "or 'scripted:NAME'"
     )
 

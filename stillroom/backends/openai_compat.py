@@ -227,7 +227,10 @@ class OpenAIBackend(BackendBase):
                 )
             key = PLACEHOLDER_KEY  # local vLLM / Ollama / llama.cpp servers usually need no key
         self._secret = key
-        self._client = openai.OpenAI(base_url=self.base_url, api_key=key, timeout=self.timeout_s, max_retries=0)
+        # A server on this machine is reached directly, whatever proxy the environment sets.
+        http_client = openai.DefaultHttpxClient(trust_env=False) if is_local_url(self.base_url) else None
+        self._client = openai.OpenAI(base_url=self.base_url, api_key=key, timeout=self.timeout_s, max_retries=0,
+                                     http_client=http_client)
 
     def count_tokens(self, text: str) -> int:
         """tiktoken's count where the model's encoding is available, else the 4-characters estimate."""

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
 from stillroom.options import (
@@ -19,13 +20,18 @@ from stillroom.options import (
     WaitOpt,
     task_overrides,
 )
-from stillroom.ui import console, run_guarded
+from stillroom.ui import console, library_output_to, run_guarded
+
+LIBRARY_LOG = "library.log"
+"""What the libraries print during a compare (progress bars, warnings), in the compare folder."""
 
 
 def print_compare(summary: dict, out: Path) -> None:
     """The compare table in the terminal (finished routes), the others listed with their reason, then the
     recommendation and the report's path."""
-    t = Table(title=f"compare: {summary['task']}")
+    # Light borders, no edge padding: the table fits 80 columns with every route name, so a terminal of 100
+    # still has room for more columns without rich cutting the last one.
+    t = Table(title=f"compare: {summary['task']}", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for col in ("route", "macro-F1", "95% CI", "acc", "Δ " + summary["baseline"], "p50 s", "build s"):
         t.add_column(col, justify="right", no_wrap=True)
     others = []
@@ -107,8 +113,12 @@ def compare(
                 "routes": names, "eval_limit": eval_limit}
         cfg = load_config(config, CompareConfig, over, "--task", bool(task))
         out = run_dir or compare_dir_for(cfg)
-        summary = run_compare(cfg, out)
+        # Library progress bars, warnings and log lines go to the run folder; the terminal keeps ours.
+        with library_output_to(Path(out) / LIBRARY_LOG, training_bars=True):
+            summary = run_compare(cfg, out)
         print_compare(summary, out)
+        if (Path(out) / LIBRARY_LOG).exists():
+            console.print(f"library output: {Path(out) / LIBRARY_LOG}", soft_wrap=True)
 
     run_guarded(body)
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from stillroom.compare.config import ALL_ROUTES, CompareConfig
 from stillroom.config import validate_config
-from stillroom.models import why_not_trainable
+from stillroom.models import tokenizers_differ, why_not_trainable
 
 SHARED = ("task", "train_limit", "val_limit", "eval_split", "eval_limit", "teacher", "student", "spend")
 """Compare fields handed to every route whose config has a field of the same name."""
@@ -109,6 +109,10 @@ def not_applicable(cfg: CompareConfig, spec: RouteSpec) -> str | None:
     if spec.teacher_logits and why_not_trainable(cfg.teacher.spec):
         return (f"the teacher ({cfg.teacher.spec}) gives no logits here: logit KD needs its weights as a local "
                 "transformers folder")
+    if spec.teacher_logits:
+        differ = tokenizers_differ(cfg.teacher.spec, cfg.student.spec)
+        if differ:  # known from the specs alone: nothing is loaded to find out
+            return f"{differ}; logit KD here needs one vocabulary for both (SeqKD distils through text instead)"
     return None
 
 

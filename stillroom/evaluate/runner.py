@@ -107,6 +107,11 @@ def evaluate(
         raise ConfigError(refusal or f"{backend.identity} cannot score log-likelihoods; use method 'generate'")
     if method == "loglik" and task.kind == "free_text":
         raise ValueError("log-likelihood scoring needs answer options; free-text tasks use 'generate'")
+    # A backend that builds what a method needs on first use (the llama.cpp engine: its transformers model for
+    # scoring, its server for generation) builds it now, so that is not counted as the first answers' latency.
+    prepare = getattr(getattr(backend, "backend", backend), "prepare", None)
+    if callable(prepare) and examples:
+        prepare("score" if method == "loglik" else "generate")
     preds: list[dict] = []
     with progress_bar() as bar:
         job = bar.add_task(f"{description} ({method})", total=len(examples))

@@ -130,10 +130,10 @@ def fit_eval_examples(sel: Selection, backend, conditions: list[Condition], cfg:
 def _local_weights(spec: str) -> Path | None:
     """The weights folder or file behind a local spec (for the size on disk), without loading anything."""
     kind, _, rest = spec.partition(":")
-    if spec in ("gemma3-270m", "embedded"):
-        from stillroom.backends.embedded import embedded_model_dir
+    from stillroom.backends.embedded import EMBEDDED, embedded_model_dir
 
-        return embedded_model_dir()
+    if spec in EMBEDDED:
+        return embedded_model_dir(name=spec)
     if kind in ("hf", "gguf") and rest:
         return Path(rest).expanduser()
     return None
