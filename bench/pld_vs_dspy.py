@@ -442,6 +442,9 @@ def parse_args(argv=None):
                          "evaluator; 'auto' = log-likelihood where the backend can score). DSPy can only generate.")
     ap.add_argument("--extra-generate", action="store_true",
                     help="also score zero-shot and PLD by generation (like DSPy) when the primary method is loglik")
+    ap.add_argument("--engine", default="auto", choices=["auto", "transformers", "llamacpp"],
+                    help="engine of the embedded models (BackendConfig.engine; 'auto': llama.cpp on a CPU machine "
+                         "with xllamacpp, transformers otherwise)")
     ap.add_argument("--embedder", default="minilm")
     ap.add_argument("--methods", default="pld,miprov2,gepa",
                     help="comma list of pld, miprov2, gepa (zero-shot and the unoptimised DSPy program always run)")
@@ -514,7 +517,7 @@ def main(argv=None) -> dict:
     # What a build depends on; --resume refuses a work folder built with other settings.
     build_settings = {k: getattr(args, k) for k in (
         "task", "teacher", "student", "seed", "extract_sample", "val", "test", "max_rounds", "teacher_max_tokens",
-        "student_max_tokens", "student_method", "embedder", "mipro_candidates", "mipro_trials", "gepa_metric_calls",
+        "student_max_tokens", "student_method", "embedder", "engine", "mipro_candidates", "mipro_trials", "gepa_metric_calls",
         "dry_run")}
     settings_file = phases.dir / "settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text()) != build_settings:
@@ -541,9 +544,10 @@ def main(argv=None) -> dict:
 
         from stillroom.backends import load_backend
 
-        model = load_backend(args.teacher)
+        model = load_backend(BackendConfig(spec=args.teacher, engine=args.engine))
         model_t = model
-        model_s = Alias(model) if args.student == args.teacher else load_backend(args.student)
+        model_s = (Alias(model) if args.student == args.teacher
+                   else load_backend(BackendConfig(spec=args.student, engine=args.engine)))
         embedder = None
         device = (f"{getattr(model, 'device', 'cpu')}; {os.cpu_count()} CPU cores ({platform.machine()}), "
                   f"torch {torch.__version__} with {torch.get_num_threads()} thread(s); shared machine")
@@ -681,6 +685,8 @@ def main(argv=None) -> dict:
         "teacher": args.teacher if args.dry_run else f"{args.teacher} ({_identity(model_t)})",
         "student": args.student if args.dry_run else f"{args.student} ({_identity(model_s)})",
         "device": device,
+        "engine": None if args.dry_run else {"requested": args.engine,
+                                             "resolved": type(getattr(model_t, "_backend", model_t)).__name__},
         "dry_run": args.dry_run or False,
         "seed": args.seed,
         "command": command,
