@@ -407,7 +407,10 @@ class PLDConfig(SelectionBlock):
     patience: int = Field(1, ge=1, description="Stop after this many rejected rounds in a row.")
     failures_per_round: int = Field(16, ge=1, description="Student failures shown to the resolver per round.")
     successes_per_round: int = Field(8, ge=0, description="Student successes shown too (guards against regressions).")
-    teacher_max_tokens: int = Field(256, ge=16, description="Generation budget per teacher reply.")
+    teacher_max_tokens: int = Field(
+        256, ge=16, description="Generation budget per extraction and synthesis reply (the conflict resolver gets "
+        "twice this). Sized for an instruction model that reasons before its marked answer line; a reply cut at "
+        "the limit before that line is dropped and counted.")
     student_method: Literal["auto", "loglik", "generate"] = Field("auto", description="How the student answers.")
     shots: int = Field(5, ge=0, description="k for the k-shot baseline in the comparison.")
     cot: bool = Field(True, description="Include the chain-of-thought baseline (the student reasons, then answers).")

@@ -47,7 +47,7 @@ def setup(tmp_path_factory):
 def _cfg(root, **over):
     data = {"task": {"spec": str(root / "task.jsonl")}, "teacher": {"spec": f"hf:{root / 'teacher'}"},
             "student": {"spec": f"hf:{root / 'student'}"},
-            "routes": ["zero-shot", "k-shot", "kd-logits", "prune-heal-sft", "sft-gold"],
+            "routes": ["zero-shot", "k-shot", "teacher", "kd-logits", "prune-heal-sft", "sft-gold"],
             "eval_limit": 12, "train_limit": 16, "shots": 2,
             "budgets": {"kd-logits": {"max_steps": 2, "top_k": 8}, "prune-heal-sft": {"drop": 1, "max_steps": 2},
                         "sft-gold": {"max_steps": 2}}}
@@ -67,7 +67,7 @@ def test_compare_routes_side_by_side_rerun_free_and_a_failing_route(setup, tmp_p
     summary = run_compare(cfg, out, plans=plans)
     rows = {r["route"]: r for r in summary["rows"]}
     ok = [r for r in rows.values() if r["status"] == "ok"]
-    assert len(ok) == 5, rows
+    assert len(ok) == 6, rows
     assert rows["gad"]["status"] == "failed" and "planted failure" in rows["gad"]["error"]
     # Same ground: every route on the same 12 test examples.
     assert summary["same_test_examples"] and all(r["n"] == 12 for r in ok)
@@ -79,7 +79,18 @@ def test_compare_routes_side_by_side_rerun_free_and_a_failing_route(setup, tmp_p
         lo, hi = r["accuracy_ci95"]
         assert lo <= r["accuracy"] <= hi
         assert (out / "routes" / r["route"] / "result.json").exists()
+    # With a teacher line, every other route carries its recovery of the teacher's lead over zero-shot, from the
+    # same paired resampling; the table has the column. Two random tiny models have no clear gap, so it may be
+    # undefined: then it is a reason, never a number.
+    gap = summary["recovery"]
+    assert gap["teacher"] == rows["teacher"]["quality"] and gap["student_zero_shot"] == rows["zero-shot"]["quality"]
+    for name in ("k-shot", "kd-logits", "prune-heal-sft", "sft-gold"):
+        rec = rows[name]["recovery"]
+        assert rec["n"] == 12 and rec["defined"] == gap["defined"]
+        assert (rec["value"] is None and rec["reason"]) if not rec["defined"] else rec["ci95"][0] <= rec["value"] <= rec["ci95"][1]
+    assert "recovery" not in rows["teacher"] and "recovery" not in rows["zero-shot"]
     html = (out / "report.html").read_text()
+    assert "recovery [95% CI]" in html
     assert html.count("<img") == 2 and "planted failure" in html and summary["recommendation"] in html
     assert json.loads((out / "compare.json").read_text())["rows"][0]["route"] == "zero-shot"
 

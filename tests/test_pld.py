@@ -1,5 +1,6 @@
 """PLD end to end with a scripted teacher and student whose behaviour follows planted rules."""
 
+import html
 import json
 import re
 
@@ -9,7 +10,14 @@ from stillroom.backends.scripted import ScriptedBackend
 from stillroom.config import BackendConfig, PLDConfig, TaskConfig
 from stillroom.pld.cluster import hashing_embed
 from stillroom.pld.pipeline import run_pld
-from stillroom.pld.prompts import EXTRACT_SYSTEM, RESOLVE_SYSTEM, SYNTH_SYSTEM, parse_rule_list, parse_single
+from stillroom.pld.prompts import (
+    EXTRACT_SYSTEM,
+    RESOLVE_SYSTEM,
+    STRICT_REMINDER,
+    SYNTH_SYSTEM,
+    parse_rule_list,
+    parse_single,
+)
 from stillroom.tasks.task import Example, Task
 
 WORDS = {"fruit": ["apple", "banana", "cherry"], "vehicle": ["car", "bus", "truck"], "tool": ["hammer", "saw", "drill"]}
@@ -43,7 +51,7 @@ def teacher_fn(garbage=False):
         if system == EXTRACT_SYSTEM:
             gold = re.search(r"Correct answer: (\w+)", user).group(1)
             num = int(re.search(r"number (\d+)", user).group(1))
-            if num % 11 == 0 and "could not be read" not in user:
+            if num % 11 == 0 and STRICT_REMINDER not in user:
                 return "hmm"  # unreadable once; the strict retry then succeeds
             if gold == "tool":  # minority label: idiosyncratic instructions that DBSCAN calls noise
                 return json.dumps({"instruction": " ".join(f"w{num}x{k}" for k in range(6))})
@@ -215,7 +223,7 @@ def test_echoed_extraction_is_retried_and_teacher_calls_carry_stop_strings(tmp_p
     def echo_first(prompt, params):
         seen.append(params.stop)
         user = prompt[-1]["content"].split("Now the real case:")[-1]
-        if prompt[0]["content"] == EXTRACT_SYSTEM and "could not be read" not in user:
+        if prompt[0]["content"] == EXTRACT_SYSTEM and STRICT_REMINDER not in user:
             inp = re.search(r"Input: (.*)", user).group(1)
             if int(re.search(r"number (\d+)", inp).group(1)) % 2:
                 return "Whatever the item looks like, answer tool."  # leads away from (most) gold labels
@@ -223,6 +231,7 @@ def test_echoed_extraction_is_retried_and_teacher_calls_carry_stop_strings(tmp_p
         return teacher_fn()(prompt, params)
 
     teacher = ScriptedBackend(echo_first, "teacher")
+    teacher.has_chat_template = False  # a base model: it gets every prompt field as a stop string
     m = run(tmp_path, "echo", teacher, max_rounds=0, train_limit=12)
     rows = [json.loads(x) for x in (tmp_path / "echo" / "extractions.jsonl").read_text().splitlines()]
     assert m["extraction"]["failed"] == 0
@@ -231,6 +240,11 @@ def test_echoed_extraction_is_retried_and_teacher_calls_carry_stop_strings(tmp_p
     assert others and all(len(r["raw"]) == 2 and "shiny" not in r["text"] and "answer tool" not in r["text"] for r in others)
     assert any("answer tool" in r["raw"][0] for r in others) and any("shiny" in r["raw"][0] for r in others)
     assert all(stop and "\nTask:" in stop and "\nInput:" in stop for stop in seen)
+    # A chat model ends its turn itself and may restate a field while it reasons: only the worked-example stops.
+    from stillroom.pld.prompts import EXAMPLE_STOPS, teacher_stops
+
+    assert teacher_stops(ScriptedBackend(echo_first, "chat")) == EXAMPLE_STOPS
+    assert not any("Instruction" in s or "Rule" in s for s in teacher_stops(teacher))  # the marked line is never cut
 
 
 def test_pld_command_with_yaml_config_writes_the_run_folder(tmp_path):
@@ -306,3 +320,161 @@ def test_cot_baseline_gets_its_whole_token_budget(tmp_path):
     run(tmp_path, "cot", ScriptedBackend(teacher_fn(), "teacher"), student=ScriptedBackend(student, "student"),
         cot=True, cot_max_tokens=250, max_rounds=0)
     assert 250 in seen and 240 not in seen and 4000 not in seen
+
+
+class ReasoningTeacher(ScriptedBackend):
+    """A scripted teacher that honours the token budget like a real backend: a reply longer than max_tokens
+    (estimated at 4 characters a token) is cut there and reported with finish_reason 'length'."""
+
+    def generate(self, prompt, params):
+        from stillroom.backends.base import Generation
+
+        g = super().generate(prompt, params)
+        if len(g.text) > 4 * params.max_tokens:
+            return Generation(text=g.text[: 4 * params.max_tokens], usage=g.usage, finish_reason="length")
+        return g
+
+
+def copying_teacher(prompt, params):
+    """What Qwen2.5-Coder-0.5B-Instruct did with PLD's extraction prompt: it reasons first, then copies the
+    prompt's worked example word for word (every third example), runs out of budget mid-reasoning (every
+    third), names an answer the task does not have (one in seven), or writes a real instruction. The strict
+    retry changes nothing (greedy decoding). Its synthesis copies the synthesis prompt's worked rule when the
+    cluster is made of copies."""
+    system, full = prompt[0]["content"], prompt[-1]["content"]
+    demo, _, user = full.partition("Now the real case:")
+    if system == EXTRACT_SYSTEM:
+        gold = re.search(r"Correct answer: (\w+)", user).group(1)
+        num = int(re.search(r"number (\d+)", user).group(1))
+        copied = re.search(r"nstruction: (.+)", demo).group(1)  # the worked example's instruction
+        if num % 3 == 0:
+            return f"The item is a {gold}, so the answer is {gold}.\nInstruction: {copied}"
+        if num % 3 == 1:
+            return "Let me think about what this input describes and why the answer follows from it " * 30
+        if num % 7 == 0:
+            return "It is sweet.\nInstruction: Anything sweet like this is labelled dessert."
+        return f"The words name a {gold}.\nInstruction: {RULE[gold]}"
+    if system == SYNTH_SYSTEM:
+        if "review" in user:  # a cluster of copies: the teacher copies the worked rule too
+            return "Rule: " + re.search(r"(?:Consolidated rule|Rule): (.+)", demo).group(1)
+        labs = re.findall(r"^- \((\w+)\)", user, flags=re.M)
+        return "Rule: " + RULE[max(set(labs), key=labs.count)]
+    if system == RESOLVE_SYSTEM:
+        return "The rules miss tools.\nRules:\n" + "\n".join(f"{i}. {RULE[k]}" for i, k in enumerate(RULE, 1))
+    raise AssertionError("unexpected teacher prompt")
+
+
+def test_teacher_copying_the_worked_example_is_dropped_and_counted(tmp_path):
+    """Regression: copies of the worked example became a cluster and then the rulebook's only rule."""
+    teacher = ReasoningTeacher(copying_teacher, "teacher")
+    # As a base model it gets the worked example in its prompts (a chat model no longer does: see below).
+    teacher.has_chat_template = False
+    m = run(tmp_path, "copy", teacher, max_rounds=0)
+    train = [int(re.search(r"e(\d+)", json.loads(x)["example_id"]).group(1))
+             for x in (tmp_path / "copy" / "extractions.jsonl").read_text().splitlines()]
+    want = {"unreadable": 0, "wrong_label": 0, "quotes_input": 0, "copies_example": sum(n % 3 == 0 for n in train),
+            "truncated": sum(n % 3 == 1 for n in train), "foreign_label": sum(n % 3 == 2 and n % 7 == 0 for n in train)}
+    # Nothing of the worked example (a product review, 'negative') reaches the rules; the real rules do.
+    rules = [r["text"] for v in ("rulebook_v1.json", "rulebook.json")
+             for r in json.loads((tmp_path / "copy" / v).read_text())["rules"]]
+    assert rules and not any("review" in r or "negative" in r or "dessert" in r for r in rules)
+    assert RULE["fruit"] in rules and RULE["vehicle"] in rules
+    assert min(want["copies_example"], want["truncated"], want["foreign_label"]) > 0
+    assert m["extraction"]["dropped"] == want
+    assert m["extraction"]["readable"] == len(train) - sum(want.values())
+    # Counted where a person looks: the report, the run's notes and result.json.
+    report = html.unescape((tmp_path / "copy" / "report.html").read_text())
+    assert f"{want['copies_example']} copies of the prompt's worked example" in report
+    assert f"{want['truncated']} cut at the token limit" in report
+    assert "<td>dropped: copies of the prompt's worked example</td><td>" + str(want["copies_example"]) in report
+    result = json.loads((tmp_path / "copy" / "result.json").read_text())
+    assert any(f"{want['copies_example']} copies of the prompt's worked example" in n for n in result["notes"])
+    assert json.loads((tmp_path / "copy" / "metrics.json").read_text())["extraction"]["dropped"] == want
+
+    # A chat teacher is not shown the worked example at all: it follows the system prompt, and a small one copies.
+    from stillroom.pld.prompts import EXTRACT_DEMO_INSTRUCTION, extraction_messages, wants_worked_example
+
+    chat = ReasoningTeacher(copying_teacher, "chat")
+    assert not wants_worked_example(chat) and wants_worked_example(teacher)
+    ex = make_task().examples[0]
+    assert EXTRACT_DEMO_INSTRUCTION not in json.dumps(extraction_messages(make_task(), ex, demo=wants_worked_example(chat)))
+
+
+def test_copy_ratio_threshold_separates_copies_from_instructions():
+    from stillroom.pld.prompts import COPY_RATIO, EXTRACT_DEMO_INSTRUCTION, copies_worked_example, copy_ratio
+
+    ex = EXTRACT_DEMO_INSTRUCTION
+    assert copy_ratio(ex, ex) == 1.0 and copies_worked_example(ex)
+    assert copy_ratio(ex.replace("negative", "add_to_playlist"), ex) == pytest.approx(0.85, abs=0.01)
+    assert copies_worked_example(f"Sure. {ex} Also check the rest of the input carefully before answering.")
+    for own in ("When the user asks to add a song to a playlist, answer add_to_playlist.",
+                "When a request says the user wants to hear a song soon, answer play_music."):
+        assert copy_ratio(own, ex) < COPY_RATIO and not copies_worked_example(own)
+
+
+def test_answers_outside_the_label_set_and_named_labels():
+    from stillroom.pld.prompts import foreign_labels, named_labels
+
+    intents = ["add_to_playlist", "get_weather", "play_music", "rate_book"]
+    assert foreign_labels("When the product failed, answer negative.", intents) == ["negative"]
+    assert foreign_labels("If the user asks for a song, the intent is play_song.", intents) == ["play_song"]
+    assert foreign_labels('Requests about a forecast are labelled "get_weather".', intents) == []
+    assert foreign_labels("Answer it directly: play_music when a song is named.", intents) == []
+    assert foreign_labels("Anything people ride on roads is labelled vehicle.", ["fruit", "vehicle"]) == []
+    assert foreign_labels("Answer plausible when it fits, implausible otherwise.", ["plausible", "implausible"]) == []
+    assert named_labels("Choose between play music and add_to_playlist.", intents) == ["add_to_playlist", "play_music"]
+
+
+def test_reasoning_reply_is_read_from_its_marked_last_line_and_a_cut_reply_is_truncated():
+    from stillroom.pld.prompts import Rejected, read_instruction
+
+    good = "When the user names a song to hear, answer play_music."
+    reasoning = "The user wants music. Instruction-following matters here.\nSo the rule is clear."
+    assert parse_single(f"{reasoning}\n**Instruction:** {good}", ["instruction"]) == good
+    assert parse_single(f"Instruction: draft one\n{reasoning}\nFinal instruction: {good}", ["instruction"]) == good
+    # Cut at the token limit: the unfinished last line is never read, nor is the reasoning taken for the answer.
+    assert parse_single(f"{reasoning}\nInstruction: When the user names a so", ["instruction"], truncated=True) is None
+    assert parse_single(f"{reasoning}\nInstruction: {good}\nThat is", ["instruction"], truncated=True) == good
+    got = read_instruction(reasoning + " and", True, keys=("instruction",), labels=["play_music", "get_weather"])
+    assert isinstance(got, Rejected) and got.reason == "truncated"
+    assert read_instruction(reasoning, False, keys=("instruction",), labels=["play_music"]) == reasoning.splitlines()[0]
+    # A resolver that numbers its analysis before the rule list: the list after 'Rules:' is the rulebook.
+    reply = f"1. Rule 2 is too broad for these cases.\n2. Nothing covers weather.\nRules:\n1. {good}\n2. Otherwise answer negative."
+    assert parse_rule_list(reply, labels=["play_music", "get_weather"]) == [good]
+    # What Qwen2.5-Coder-0.5B-Instruct wrote for 'Weather for Beauregard, IL': the input quoted, not described.
+    got = read_instruction('Instruction: When the utterance "Weather for Beauregard, IL" is asked about the intent, '
+                           "answer get_weather.", False, keys=("instruction",), labels=["get_weather"],
+                           label="get_weather", quote="Weather for Beauregard, IL")
+    assert isinstance(got, Rejected) and got.reason == "quotes_input"
+    # Quoted whole (the parser's echo rule would call it unreadable) and quoted short: counted as quoting too.
+    for reply, inp in (('Instruction: When the utterance "I need a weather forecast for Sao Tome on December 8th" is '
+                        'read, answer "get_weather".', "Utterance: I need a weather forecast for Sao Tome on December 8th."),
+                       ('Instruction: When "Play some James Cleveland", answer "play_music".',
+                        "Utterance: Play some James Cleveland.")):
+        got = read_instruction(reply, False, keys=("instruction",), labels=["get_weather", "play_music"], quote=inp)
+        assert isinstance(got, Rejected) and got.reason == "quotes_input", reply
+    assert read_instruction("Instruction: When the user asks about the weather in a place, answer get_weather.", False,
+                            keys=("instruction",), labels=["get_weather"], label="get_weather",
+                            quote="Weather for Beauregard, IL") == "When the user asks about the weather in a place, answer get_weather."
+
+
+def test_rulebook_naming_few_labels_is_flagged_at_the_top_of_the_report(tmp_path):
+    from stillroom.pld.rulebook import Rule, Rulebook
+
+    rb = Rulebook("items", [Rule("c0", RULE["fruit"]), Rule("c1", "Anything else is labelled fruit too.")])
+    assert rb.named_labels(["fruit", "vehicle", "tool"]) == ["fruit"]
+
+    def one_label_teacher(prompt, params):  # every rule it writes leads to 'fruit'
+        if prompt[0]["content"] == EXTRACT_SYSTEM:
+            return f"Instruction: {RULE['fruit']}"
+        if prompt[0]["content"] == SYNTH_SYSTEM:
+            return f"Rule: {RULE['fruit']}"
+        return teacher_fn()(prompt, params)
+
+    m = run(tmp_path, "one", ScriptedBackend(one_label_teacher, "teacher"), max_rounds=0)
+    assert m["rulebook"]["labels_named"] == ["fruit"] and m["rulebook"]["label_coverage"] == pytest.approx(1 / 3)
+    report = (tmp_path / "one" / "report.html").read_text()
+    # In the boxes above the first section, ahead of the route's other notes.
+    top = report.split("<h2>")[0]
+    warning = "<div class='note'>Warning: the rules name only 1 of the task&#x27;s 3 labels (fruit)"
+    assert warning in top and top.index(warning) < top.index("Coverage: the")

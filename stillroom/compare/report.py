@@ -1,6 +1,7 @@
-"""The compare report: one table (quality with 95% intervals, a paired test against the baseline, latency,
-tokens, build cost, size), two plots with the Pareto front marked, one plain recommendation, and a link to each
-route's own report. `summarise` makes compare.json; `compare_report` renders it."""
+"""The compare report: one table (quality with 95% intervals, a paired test against the baseline, the share of
+the teacher-student gap each route recovers, latency, tokens, build cost, size), two plots with the Pareto front
+marked, one plain recommendation, and a link to each route's own report. `summarise` makes compare.json;
+`compare_report` renders it."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stillroom.compare.config import CompareConfig
-from stillroom.evaluate.stats import mcnemar, paired_bootstrap
+from stillroom.evaluate.stats import bootstrap_recovery, mcnemar, paired_bootstrap
 from stillroom.report.html import fig_to_img, page, plt, point_labels, table
 
 ALPHA = 0.05
 WITHIN = 0.02
 """'Within 2 points of the teacher': the recommendation's tolerance on macro-F1 (or accuracy)."""
+STUDENT_LINE = "zero-shot"
+"""Recovery is measured from the student's zero-shot line (the route that changes nothing) to the teacher's."""
 
 
 def pareto_front(points: Sequence[tuple[str, float, float]]) -> set[str]:
@@ -52,6 +55,37 @@ def paired_test(base_preds: list[dict], preds: list[dict], labels: list[str] | N
             "significant": bool(pb["p_value"] is not None and pb["p_value"] < ALPHA)}
 
 
+def recovery_test(student_preds: list[dict], teacher_preds: list[dict], preds: list[dict],
+                  labels: list[str] | None) -> dict | None:
+    """The route's recovery of the teacher-student gap (`bootstrap_recovery`) over the examples all three were
+    evaluated on, with the route's, the student's and the teacher's predictions resampled together."""
+    s_by, t_by = {p["id"]: p for p in student_preds}, {p["id"]: p for p in teacher_preds}
+    trip = [(s_by[p["id"]], t_by[p["id"]], p) for p in preds if p["id"] in s_by and p["id"] in t_by]
+    if not trip:
+        return None
+    rec = bootstrap_recovery([s["gold"] for s, _, _ in trip], [p["pred"] for _, _, p in trip],
+                             [s["pred"] for s, _, _ in trip], [t["pred"] for _, t, _ in trip], labels,
+                             metric="macro_f1" if labels else "accuracy")
+    return {"value": rec["recovery"], "ci95": rec["ci"], "defined": rec["defined"], "reason": rec["reason"],
+            "gap": rec["gap"], "gap_ci95": rec["gap_ci"], "n": rec["n"], "metric": rec["metric"],
+            "dropped_resamples": rec["dropped_resamples"]}
+
+
+def _recovery_text(r: dict) -> str:
+    rec = r.get("recovery")
+    if not rec or not rec["defined"]:
+        return ""
+    lo, hi = rec["ci95"]
+    return f", recovering {rec['value']:.2f} [{lo:.2f}, {hi:.2f}] of the teacher's lead over zero-shot"
+
+
+def _undefined_text(rows: list[dict]) -> str:
+    rec = next((r["recovery"] for r in rows if r.get("recovery")), None)
+    if rec is None or rec["defined"]:
+        return ""
+    return f" Recovery is undefined: {rec['reason']}."
+
+
 def recommendation(rows: list[dict]) -> str:
     """One plain line: the cheapest-to-serve route within 2 points of the teacher, else the best route. Routes
     flagged as doubtful (one-class answers) are not recommended; without gold labels nothing is."""
@@ -78,10 +112,11 @@ def _recommend(ok: list[dict], students: list[dict]) -> str:
         if close:
             pick = min(close, key=lambda r: (r["latency_p50_s"] or 0.0, r["build_seconds"]))
             return (f"Cheapest route within {WITHIN * 100:.0f} points of the teacher ({teacher['quality']:.3f}): "
-                    f"{pick['route']} ({pick['quality']:.3f}, {pick['latency_p50_s']:.3f} s per answer, built in "
-                    f"{pick['build_seconds']:.0f} s).")
+                    f"{pick['route']} ({pick['quality']:.3f}{_recovery_text(pick)}, {pick['latency_p50_s']:.3f} s "
+                    f"per answer, built in {pick['build_seconds']:.0f} s).{_undefined_text(ok)}")
         return (f"No route comes within {WITHIN * 100:.0f} points of the teacher ({teacher['quality']:.3f}); the best "
-                f"is {best['route']} ({best['quality']:.3f}){_sig_text(best)}.")
+                f"is {best['route']} ({best['quality']:.3f}{_recovery_text(best)}){_sig_text(best)}."
+                f"{_undefined_text(ok)}")
     return f"Best route: {best['route']} ({best['quality']:.3f}){_sig_text(best)}."
 
 
@@ -97,6 +132,10 @@ def _sig_text(r: dict) -> str:
 def summarise(cfg: CompareConfig, entries: list[dict]) -> dict:
     """compare.json: one row per route, paired tests against the baseline, Pareto fronts, the recommendation."""
     base = next((e for e in entries if e["status"] == "ok" and e["route"] == cfg.baseline), None)
+    teacher = next((e for e in entries if e["status"] == "ok" and e["route"] == "teacher"), None)
+    student = next((e for e in entries if e["status"] == "ok" and e["route"] == STUDENT_LINE), None)
+    if teacher is None or student is None or None in (_quality(teacher["result"]), _quality(student["result"])):
+        teacher = student = None  # recovery needs both lines measured (gold labels)
     rows = []
     for e in entries:
         row = {k: e.get(k) for k in ("route", "reference", "status", "reason", "error", "folder", "reused")}
@@ -118,15 +157,30 @@ def summarise(cfg: CompareConfig, entries: list[dict]) -> dict:
             })
             if base is not None:
                 row["vs_baseline"] = paired_test(base.get("predictions", []), e.get("predictions", []), labels)
+            if (teacher is not None and e is not teacher and e is not student
+                    and row["quality"] is not None):
+                row["recovery"] = recovery_test(student.get("predictions", []), teacher.get("predictions", []),
+                                                e.get("predictions", []), labels)
         rows.append(row)
     done = [r for r in rows if r["status"] == "ok"]
     same = len({tuple(r["examples"]) for r in done}) <= 1
     measured = [r for r in done if r["quality"] is not None]
     latency_points = [(r["route"], r["latency_p50_s"] or 0.0, r["quality"]) for r in measured]
     cost_points = [(r["route"], r["build_seconds"], r["quality"]) for r in measured]
+    gap = None
+    if teacher is not None and student is not None:
+        t_row = next(r for r in rows if r["route"] == "teacher")
+        s_row = next(r for r in rows if r["route"] == STUDENT_LINE)
+        # The gap itself, from any route's paired resampling (identical in each: same examples, same seed).
+        rec = next((r["recovery"] for r in rows if r.get("recovery")), None)
+        gap = {"teacher": t_row["quality"], "student_zero_shot": s_row["quality"],
+               "metric": t_row["metric"], "gap": rec["gap"] if rec else t_row["quality"] - s_row["quality"],
+               "gap_ci95": rec["gap_ci95"] if rec else None,
+               "defined": bool(rec and rec["defined"]),
+               "reason": rec["reason"] if rec else "no route besides the teacher and zero-shot finished"}
     return {
         "task": cfg.task.spec, "teacher": cfg.teacher.spec, "student": cfg.student.spec, "baseline": cfg.baseline,
-        "same_test_examples": same, "rows": rows,
+        "same_test_examples": same, "recovery": gap, "rows": rows,
         "pareto": {"latency": sorted(pareto_front(latency_points)), "build_cost": sorted(pareto_front(cost_points))},
         "recommendation": recommendation(rows),
     }
@@ -149,7 +203,8 @@ def _scatter(points, front: set[str], xlabel: str, title: str, ylabel: str, log:
     ax.set_ylabel(ylabel)
     # Zoomed to the routes' range (weak students all sit near the floor of a 0-1 axis); the axis says so.
     top = max((y for _, _, y in points), default=1.0)
-    ax.set_ylim(0, min(1.0, top * 1.25 + 0.05))
+    # Headroom above the best point, so its name does not run into the title.
+    ax.set_ylim(0, max(min(1.0, top * 1.25 + 0.05), top + 0.08))
     ax.set_title(title)
     ax.grid(alpha=.3)
     return fig_to_img(fig)
@@ -195,10 +250,36 @@ def _mb(b) -> str:
     return "-" if not b else f"{b / 1e6:.0f} MB"
 
 
+def _recovery_cell(r: dict, gap: dict) -> str:
+    if r["route"] == "teacher":
+        return "1 by definition"
+    if r["route"] == STUDENT_LINE:
+        return "0 by definition"
+    rec = r.get("recovery")
+    if not rec:
+        return "-"
+    if not rec["defined"]:
+        return "undefined"
+    lo, hi = rec["ci95"]
+    return f"{rec['value']:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def _recovery_legend(gap: dict, metric: str) -> str:
+    head = (f"<p>Recovery: (route − zero-shot) / (teacher − zero-shot) on {metric}, the share of the teacher's lead "
+            "that the route wins back (0: none, 1: all of it); its interval resamples the route's, the student's "
+            "and the teacher's answers on the same examples together.")
+    if gap["defined"]:
+        lo, hi = gap["gap_ci95"]
+        return head + (f" Teacher {gap['teacher']:.3f}, zero-shot {gap['student_zero_shot']:.3f}: a lead of "
+                       f"{gap['gap']:+.3f} [{lo:+.3f}, {hi:+.3f}].</p>")
+    return head + f" <b>Undefined here</b>: {html.escape(str(gap['reason']))}; no route can be said to recover it.</p>"
+
+
 def compare_report(summary: dict, out: Path) -> str:
     """The compare report as one self-contained HTML page: a quality table, a cost table, the routes that did not
     run with their reason, the two trade-off plots and the route notes."""
     rows = summary["rows"]
+    gap = summary.get("recovery")
     done = [r for r in rows if r["status"] == "ok"]
     metric = done[0]["metric"] if done else "macro_f1"
     n = done[0]["n"] if done else 0
@@ -216,8 +297,11 @@ def compare_report(summary: dict, out: Path) -> str:
         else:
             diff = f"{t['diff']:+.3f}{' *' if t['significant'] else ''}"
             p = f"{_p(t['bootstrap_p'])} / {_p(t['mcnemar_p'])}"
-        quality.append([name, r["condition"], r["n"], _ci(r["macro_f1"], r["macro_f1_ci95"]),
-                        _ci(r["accuracy"], r["accuracy_ci95"]), diff, p, r["invalid_rate"]])
+        cells = [name, r["condition"], r["n"], _ci(r["macro_f1"], r["macro_f1_ci95"]),
+                 _ci(r["accuracy"], r["accuracy_ci95"]), diff, p]
+        if gap is not None:
+            cells.append(_recovery_cell(r, gap))
+        quality.append(cells + [r["invalid_rate"]])
         b = r["build"]
         cost.append([name, f"{r['latency_p50_s']:.3f} / {r['latency_p95_s']:.3f}", r["output_tokens"], r["input_tokens"],
                      r["system_prompt_tokens"], _with_resumed(b["teacher_calls"], b.get("resumed_calls", 0)),
@@ -225,7 +309,8 @@ def compare_report(summary: dict, out: Path) -> str:
                      f"{b['teacher_cost_usd']:.4f}", f"{b['seconds']:.0f}", b["training_steps"],
                      _mb(r["size_on_disk_bytes"]), link])
     q_table = table(["route", "served as", "n", "macro-F1 [95% CI]", "accuracy [95% CI]",
-                     f"Δ {metric} vs {summary['baseline']}", "p: bootstrap / McNemar", "invalid"], quality)
+                     f"Δ {metric} vs {summary['baseline']}", "p: bootstrap / McNemar"]
+                    + (["recovery [95% CI]"] if gap is not None else []) + ["invalid"], quality)
     c_table = _unescape_links(table(["route", "latency p50 / p95 s", "output tok / answer", "prompt tok / answer",
                                      "system-prompt tok", "teacher calls", "teacher tokens", "USD", "build wall s",
                                      "training steps", "served size", "route report"], cost))
@@ -233,6 +318,8 @@ def compare_report(summary: dict, out: Path) -> str:
               f"examples. Δ and p: paired bootstrap of {metric} against {html.escape(summary['baseline'])} on the same "
               "examples, and McNemar on correctness; * marks p &lt; 0.05. Any other difference is within what chance "
               "gives on this many examples.</p>")
+    if gap is not None:
+        legend += _recovery_legend(gap, metric)
     cost_legend = ("<p>Latency and tokens are per answer when the route is served. Build cost counts every teacher "
                    "call and token of the route's own run folder, the same however often the build was interrupted; "
                    "the part paid by an earlier, interrupted invocation and resumed from the cache is shown in "

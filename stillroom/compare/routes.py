@@ -66,9 +66,10 @@ ROUTES: dict[str, RouteSpec] = {
     "k-shot": RouteSpec(EVAL, CONDITION, roles={"model": "student", "shots": "shots"}),
     "cot": RouteSpec(EVAL, CONDITION, roles={"model": "student"}, sizes={"method": "cot", "cot_max_tokens": 64}),
     "teacher": RouteSpec(EVAL, CONDITION, roles={"model": "teacher", "shots": "shots"}, reference=True),
+    # PLD keeps its own teacher budget (256 tokens a reply): an instruction teacher reasons before its marked
+    # answer line, and a reply cut before that line is dropped.
     "pld": RouteSpec("stillroom.config:PLDConfig", "stillroom.pld.pipeline:run_pld",
-                     sizes={"max_rounds": 1, "teacher_max_tokens": 96, "compare_baselines": False, "cot": False,
-                            "shots": 0}),
+                     sizes={"max_rounds": 1, "compare_baselines": False, "cot": False, "shots": 0}),
     # The teacher answers as the 'teacher' reference line is evaluated (k gold shots), and SeqKD imitates it,
     # right or wrong (a base-model teacher is often wrong; filtering by gold labels would leave little to train
     # on and would no longer be SeqKD).

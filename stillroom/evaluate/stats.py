@@ -1,5 +1,6 @@
-"""Uncertainty of quality figures: bootstrap intervals for accuracy and macro-F1, and paired tests of one
-condition against another on the same examples (paired bootstrap and exact McNemar).
+"""Uncertainty of quality figures: bootstrap intervals for accuracy and macro-F1, paired tests of one
+condition against another on the same examples (paired bootstrap and exact McNemar), and the share of a
+teacher-student gap that a route recovers (paired bootstrap over three prediction sets).
 
 On 40 test examples a 10-point gap can be noise; every comparison Stillroom reports carries one of these."""
 
@@ -83,6 +84,58 @@ def paired_bootstrap(gold: Sequence, pred_a: Sequence, pred_b: Sequence, labels:
         p = float(min(1.0, 2 * min((diffs <= 0).mean(), (diffs >= 0).mean())))
     return {"diff": diff_obs, "ci": [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))],
             "p_value": p}
+
+
+def _metric_rows(gold: Sequence, pred: Sequence, labels: Sequence | None, metric: str, idx: np.ndarray) -> np.ndarray:
+    """`metric` of `pred` on each resample (row of example indices) in `idx`: macro-F1 over `labels`, or
+    accuracy."""
+    if metric == "macro_f1" and labels:
+        g, p, k = _encode(gold, pred, labels)
+        return _macro_f1_rows(g[idx], p[idx], k)
+    correct = np.array([x == y for x, y in zip(gold, pred, strict=True)], dtype=float)
+    return correct[idx].mean(axis=1)
+
+
+def bootstrap_recovery(gold: Sequence, pred_route: Sequence, pred_student: Sequence, pred_teacher: Sequence,
+                       labels: Sequence | None, *, metric: str = "macro_f1", n_boot: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> dict:
+    """Recovery = (route − student) / (teacher − student) on `metric`, with a paired percentile bootstrap interval.
+
+    The three prediction lists are over the same examples (`gold`); each resample draws the same examples for
+    all three, so the interval carries their correlation. 0 means no better than the student, 1 as good as the
+    teacher; below 0 or above 1 happen and are reported as they are.
+
+    The ratio only means something when the teacher is clearly above the student: when the observed gap
+    (teacher − student) is ≤ 0, or its own interval reaches 0, recovery is *undefined* (`recovery` None and a
+    `reason`), not a huge or sign-flipped number. When defined, the few resamples whose gap is ≤ 0 (fewer than
+    (1 − level)/2 of them, by the rule above) are left out of the interval and their share is reported as
+    `dropped_resamples`.
+
+    Returns {'recovery', 'ci', 'gap', 'gap_ci', 'defined', 'reason', 'dropped_resamples', 'n', 'metric'}.
+    """
+    n = len(gold)
+    metric = metric if (metric == "macro_f1" and labels) else "accuracy"
+    out = {"recovery": None, "ci": None, "gap": None, "gap_ci": None, "defined": False, "reason": None,
+           "dropped_resamples": 0.0, "n": n, "metric": metric}
+    if n == 0:
+        return {**out, "reason": "no examples shared by the route, the student and the teacher"}
+    lo_q, hi_q = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    obs = np.zeros((1, n), dtype=np.int64) + np.arange(n)  # the observed sample as a single "resample"
+    idx = np.concatenate([obs, _resample(n, n_boot, seed)])
+    r, s, t = (_metric_rows(gold, p, labels, metric, idx) for p in (pred_route, pred_student, pred_teacher))
+    gap, num = t - s, r - s
+    out["gap"] = float(gap[0])
+    out["gap_ci"] = [float(np.percentile(gap[1:], lo_q)), float(np.percentile(gap[1:], hi_q))]
+    if gap[0] <= 0:
+        return {**out, "reason": f"the teacher ({t[0]:.3f}) is not above the student ({s[0]:.3f})"}
+    if out["gap_ci"][0] <= 0:
+        return {**out, "reason": (f"the teacher's lead over the student ({gap[0]:+.3f}, interval "
+                                  f"[{out['gap_ci'][0]:+.3f}, {out['gap_ci'][1]:+.3f}]) is not clear of 0")}
+    ok = gap[1:] > 0
+    ratios = num[1:][ok] / gap[1:][ok]
+    return {**out, "recovery": float(num[0] / gap[0]), "defined": True,
+            "ci": [float(np.percentile(ratios, lo_q)), float(np.percentile(ratios, hi_q))],
+            "dropped_resamples": float(1 - ok.mean())}
 
 
 def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:

@@ -18,8 +18,8 @@ from stillroom.backends.base import GenerationParams
 from stillroom.config import PLDConfig
 from stillroom.evaluate.runner import EvalResult
 from stillroom.pld.cluster import Embedder, cluster_instructions, coverage_report, load_embedder
-from stillroom.pld.extract import extract_instructions
-from stillroom.pld.prompts import TEACHER_STOPS
+from stillroom.pld.extract import drop_counts, extract_instructions, retried
+from stillroom.pld.prompts import teacher_stops, wants_worked_example
 from stillroom.pld.report import pld_report
 from stillroom.pld.resolve import Resolution, resolve_conflicts
 from stillroom.pld.rulebook import Rulebook
@@ -49,7 +49,7 @@ def fit_pld_examples(cfg: PLDConfig, sel, teacher, student) -> dict:
     """Apply the task's overlong policy to the selection in place (extraction prompts checked against the
     teacher; zero-shot, k-shot and chain-of-thought prompts against the student) and return the counts.
     Makes no call."""
-    from stillroom.pld.prompts import extraction_messages
+    from stillroom.pld.prompts import extraction_messages, wants_worked_example
     from stillroom.tasks.fit import fit_examples
     from stillroom.tasks.prompts import render_chat
 
@@ -63,7 +63,8 @@ def fit_pld_examples(cfg: PLDConfig, sel, teacher, student) -> dict:
         return out
 
     for name, backend, prompts_of in (
-        ("train", teacher, lambda ex: [(extraction_messages(task, ex, strict=True), cfg.teacher_max_tokens)]),
+        ("train", teacher, lambda ex: [(extraction_messages(task, ex, strict=True, demo=wants_worked_example(teacher)),
+                                        cfg.teacher_max_tokens)]),
         ("val", student, student_prompts),
         ("test", student, student_prompts),
     ):
@@ -84,7 +85,7 @@ def build_pld(ctx: RouteContext, embedder: Embedder | None) -> Built:
     student_b = open_cached_backend(cfg.student, ctx.run.cache_path, None, backend=student)
     usage = lambda: {"teacher": teacher_b.meter.summary(), "student": student_b.meter.summary()}  # noqa: E731
     try:
-        phases = _build_rulebook(ctx, teacher_b, student_b, embedder)
+        phases = _build_rulebook(ctx, teacher_b, student_b, embedder, teacher)
     except BaseException:
         ctx.run.write_json("usage.json", usage())
         raise
@@ -124,19 +125,22 @@ def _invalid_notes(results: dict[str, EvalResult]) -> list[str]:
             for name, r in results.items() if r.metrics.get("invalid_rate") == 1.0]
 
 
-def _build_rulebook(ctx: RouteContext, teacher_b, student_b, embedder) -> dict:
-    """Phases 1-4 into the run folder; returns the final rulebook and the phases' figures for metrics.json."""
+def _build_rulebook(ctx: RouteContext, teacher_b, student_b, embedder, raw_teacher) -> dict:
+    """Phases 1-4 into the run folder; returns the final rulebook and the phases' figures for metrics.json.
+    The prompts' shape follows the uncached `raw_teacher`: a base model gets the worked example and every prompt
+    field as a stop string, a chat model neither."""
     cfg: PLDConfig = ctx.cfg
     task, run, notes = ctx.task, ctx.run, ctx.notes
-    tparams = GenerationParams(max_tokens=cfg.teacher_max_tokens, temperature=0.0, stop=TEACHER_STOPS)
+    tparams = GenerationParams(max_tokens=cfg.teacher_max_tokens, temperature=0.0, stop=teacher_stops(raw_teacher))
+    demo = wants_worked_example(raw_teacher)
     # Phase 1: extraction.
-    instructions = extract_instructions(task, ctx.sel.train, teacher_b, tparams)
+    instructions = extract_instructions(task, ctx.sel.train, teacher_b, tparams, demo)
     run.write_jsonl("extractions.jsonl", [asdict(i) for i in instructions])
     ok = [i for i in instructions if i.ok]
     failed = len(instructions) - len(ok)
+    dropped = drop_counts(instructions)
     if failed:
-        notes.append(f"Extraction: {failed} of {len(instructions)} teacher replies were unreadable after one retry "
-                     "and were recorded as failed (see extractions.jsonl).")
+        notes.append(extraction_note(dropped, len(instructions)))
 
     def student_eval(rb: Rulebook | None, examples, name: str) -> EvalResult:
         # Model selection on the validation split: the same evaluator, the rulebook as the system prompt.
@@ -145,26 +149,19 @@ def _build_rulebook(ctx: RouteContext, teacher_b, student_b, embedder) -> dict:
                             examples)
 
     # Phase 2: clustering and synthesis.
-    rulebook, coverage = _cluster_and_synthesize(ctx, ok, teacher_b, tparams, student_eval, embedder)
+    rulebook, coverage = _cluster_and_synthesize(ctx, ok, teacher_b, tparams, student_eval, embedder, demo)
     # Phase 3: conflict resolution, every version kept.
     resolution: Resolution = resolve_conflicts(
-        task, rulebook, teacher_b, lambda rb: student_eval(rb, ctx.sel.val, f"val v{rb.version}"), tparams,
+        task, rulebook, teacher_b, lambda rb: student_eval(rb, ctx.sel.val, f"val v{rb.version}"),
+        # The resolver rewrites the whole list after its analysis: twice the budget of one rule.
+        GenerationParams(max_tokens=2 * cfg.teacher_max_tokens, temperature=0.0, stop=tparams.stop),
         max_rounds=cfg.max_rounds, patience=cfg.patience, max_failures=cfg.failures_per_round,
         max_successes=cfg.successes_per_round, seed=cfg.task.seed,
         on_version=lambda rb, _val: run.write_text(f"rulebook_v{rb.version}.json", rb.to_json()),
     )
     final = resolution.best
     final.meta.update({"val_macro_f1": resolution.best_val.metrics["macro_f1"] if resolution.best_val else None})
-    # Coverage is what the deployed rules say, not which clusters their examples came from.
-    label_set = list(task.labels) if task.labels else sorted({str(e.label) for e in ctx.sel.train})
-    named = final.named_labels(label_set)
-    unnamed = [lab for lab in label_set if lab not in named]
-    if unnamed and final.rules:
-        no_cluster = set(coverage["uncovered_labels"])
-        notes.append(f"Coverage: the {len(final.rules)} rule(s) name only {', '.join(map(str, named)) or 'no label'}; "
-                     f"no rule names {', '.join(map(str, unnamed))}"
-                     + (" (no cluster held their examples either: minority labels can vanish in clustering)."
-                        if no_cluster and set(unnamed) <= no_cluster else "."))
+    named, unnamed = _label_coverage(final, ctx, coverage)
     # Phase 4: the deployable artefacts.
     run.write_text("rulebook.json", final.to_json())
     run.write_text("rulebook.md", final.to_markdown())
@@ -177,15 +174,50 @@ def _build_rulebook(ctx: RouteContext, teacher_b, student_b, embedder) -> dict:
             f1 = student_eval(rb, ctx.sel.val, f"ablate {r.id}").metrics["macro_f1"]
             ablation.append({"rule": r.id, "text": r.text, "val_macro_f1_without": f1, "effect": base - f1})
     sp_tokens = student_b.count_tokens(final.system_prompt()) if final.rules else 0
-    return {"final": final, "extraction": {"instructions": len(instructions), "readable": len(ok), "failed": failed},
+    return {"final": final, "extraction": {"instructions": len(instructions), "readable": len(ok), "failed": failed,
+                                           "dropped": dropped, "retried": retried(instructions)},
             "clustering": {k: v for k, v in coverage.items() if k != "per_cluster"},
             "conflict_rounds": [asdict(r) for r in resolution.rounds],
             "rulebook": {"version": final.version, "rules": len(final.rules), "system_prompt_tokens": sp_tokens,
-                         "labels_named": named, "labels_not_named": unnamed},
+                         "labels_named": named, "labels_not_named": unnamed,
+                         "label_coverage": len(named) / (len(named) + len(unnamed)) if named or unnamed else None},
             "ablation": ablation}
 
 
-def _cluster_and_synthesize(ctx: RouteContext, ok, teacher_b, tparams, student_eval, embedder):
+def _label_coverage(final: Rulebook, ctx: RouteContext, coverage: dict) -> tuple[list, list]:
+    """(labels the final rules name, labels they do not). Coverage is what the deployed rules say, not which
+    clusters their examples came from. Fewer than half named puts a warning first in the notes (it heads the
+    report): a rulebook that names few answers cannot lead the student to the rest."""
+    task, notes = ctx.task, ctx.notes
+    label_set = list(task.labels) if task.labels else sorted({str(e.label) for e in ctx.sel.train})
+    named = final.named_labels(label_set)
+    unnamed = [lab for lab in label_set if lab not in named]
+    if unnamed and final.rules:
+        no_cluster = set(coverage["uncovered_labels"])
+        notes.append(f"Coverage: the {len(final.rules)} rule(s) name only {', '.join(map(str, named)) or 'no label'}; "
+                     f"no rule names {', '.join(map(str, unnamed))}"
+                     + (" (no cluster held their examples either: minority labels can vanish in clustering)."
+                        if no_cluster and set(unnamed) <= no_cluster else "."))
+    if label_set and len(named) < len(label_set) / 2:
+        notes.insert(0, f"Warning: the rules name only {len(named)} of the task's {len(label_set)} labels "
+                        f"({', '.join(map(str, named)) or 'none'}); the student gets no rule that leads to "
+                        f"{', '.join(map(str, unnamed))}.")
+    return named, unnamed
+
+
+def extraction_note(dropped: dict[str, int], total: int) -> str:
+    """The run's note on extractions that were dropped, by reason."""
+    words = {"unreadable": "unreadable", "truncated": "cut at the token limit (teacher_max_tokens) before their "
+             "instruction line", "copies_example": "copies of the prompt's worked example",
+             "foreign_label": "leading to an answer the task does not have",
+             "wrong_label": "leading to another answer than their example's",
+             "quotes_input": "quoting their example's input instead of describing it"}
+    parts = [f"{n} {words[r]}" for r, n in dropped.items() if n]
+    return (f"Extraction: {sum(dropped.values())} of {total} teacher replies were dropped after one retry: "
+            + "; ".join(parts) + " (see extractions.jsonl).")
+
+
+def _cluster_and_synthesize(ctx: RouteContext, ok, teacher_b, tparams, student_eval, embedder, demo=True):
     """Phase 2: embed the readable instructions, cluster them (one eps, or the sweep's best on validation) and
     synthesise one rule per cluster; writes clusters.json. Returns the rulebook and the coverage report."""
     cfg: PLDConfig = ctx.cfg
@@ -197,7 +229,7 @@ def _cluster_and_synthesize(ctx: RouteContext, ok, teacher_b, tparams, student_e
     candidates = []
     for eps in sweep:
         clustering = cluster_instructions(emb, eps, cfg.min_samples)
-        rb = synthesize_rules(task, ok, emb, clustering, teacher_b, tparams)
+        rb = synthesize_rules(task, ok, emb, clustering, teacher_b, tparams, demo)
         score = student_eval(rb, ctx.sel.val, f"val eps={eps}").metrics["macro_f1"] if len(sweep) > 1 else None
         candidates.append((eps, clustering, rb, score))
     eps, clustering, rulebook, _ = max(candidates, key=lambda c: (c[3] or 0.0, -abs(c[0] - cfg.eps)))
@@ -212,6 +244,7 @@ def _cluster_and_synthesize(ctx: RouteContext, ok, teacher_b, tparams, student_e
                      "rule was synthesised. The conflict loop starts from an empty rulebook. Try a larger eps, "
                      "a smaller min_samples or eps_sweep.")
     if rulebook.meta.get("synthesis_fallbacks"):
-        notes.append(f"Synthesis: {rulebook.meta['synthesis_fallbacks']} cluster(s) got an unreadable rule twice; "
-                     "their medoid instruction stands in (origin 'medoid').")
+        why = ", ".join(f"{n} {r}" for r, n in rulebook.meta.get("synthesis_rejected", {}).items())
+        notes.append(f"Synthesis: {rulebook.meta['synthesis_fallbacks']} cluster(s) got no usable rule in two "
+                     f"replies ({why or 'unreadable'}); their medoid instruction stands in (origin 'medoid').")
     return rulebook, coverage

@@ -37,8 +37,16 @@ def pld_report(metrics: dict, rulebook: Rulebook, config: dict) -> str:
         ["input tokens", b.get("teacher_input_tokens")], ["output tokens", b.get("teacher_output_tokens")],
         ["cost (USD)", b.get("teacher_cost_usd")]])))
     ex, cl = metrics["extraction"], metrics["clustering"]
+    dropped = ex.get("dropped", {})
     sections.append(("Extraction and clustering", table(["item", "value"], [
-        ["instructions extracted", ex["instructions"]], ["readable", ex["readable"]], ["failed", ex["failed"]],
+        ["extractions (one per training example)", ex["instructions"]], ["used as instructions", ex["readable"]],
+        ["retried once (first reply not usable)", ex.get("retried", 0)],
+        ["dropped: unreadable", dropped.get("unreadable", ex["failed"])],
+        ["dropped: cut at the token limit", dropped.get("truncated", 0)],
+        ["dropped: copies of the prompt's worked example", dropped.get("copies_example", 0)],
+        ["dropped: an answer the task does not have", dropped.get("foreign_label", 0)],
+        ["dropped: another answer than the example's", dropped.get("wrong_label", 0)],
+        ["dropped: quoting the example's input", dropped.get("quotes_input", 0)],
         ["eps / min_samples", f"{cl['eps']} / {cl['min_samples']}"], ["clusters", cl["clusters"]],
         ["noise (dropped)", f"{cl['noise']} ({cl['noise_share']:.0%})"],
         ["labels with no cluster", ", ".join(map(str, cl["uncovered_labels"])) or "none"],

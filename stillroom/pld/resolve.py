@@ -93,6 +93,7 @@ def resolve_conflicts(
     best_f1 = float(current_val.metrics["macro_f1"] or 0.0)
     stale = 0
     version = rulebook.version
+    labels = [str(x) for x in task.labels] if task.labels else []
     for rnd in range(1, max_rounds + 1):
         preds = res.best_val.predictions
         failures = [p for p in preds if not p["correct"]]
@@ -110,13 +111,14 @@ def resolve_conflicts(
             break
         ans = ask_with_retry(
             teacher, [lambda strict, t=texts, f=failures, s=successes: resolution_messages(task, t, f, s, strict)],
-            parse=lambda text, f=failures, s=successes: parse_rule_list(text, forbid=[p["input"] for p in f + s]),
+            parse=lambda text, cut, f=failures, s=successes: parse_rule_list(
+                text, forbid=[p["input"] for p in f + s], truncated=cut, labels=labels),
             params=params, description=f"resolve round {rnd}",
         )[0]
         version += 1
         if not ans.ok:
             res.rounds.append(Round(rnd, version, best_f1, None, False, len(failures), len(successes),
-                                    "teacher reply unreadable after one retry; rulebook kept"))
+                                    f"teacher reply not usable after one retry ({ans.reason}); rulebook kept"))
             stale += 1
             if stale >= patience:
                 break

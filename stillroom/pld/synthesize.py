@@ -16,7 +16,7 @@ import numpy as np
 from stillroom.backends.base import Backend, GenerationParams, fits_context
 from stillroom.pld.cluster import Clustering, medoid
 from stillroom.pld.extract import Instruction
-from stillroom.pld.prompts import parse_single, synthesis_messages
+from stillroom.pld.prompts import read_instruction, synthesis_messages
 from stillroom.pld.rulebook import Rule, Rulebook
 from stillroom.pld.teacher import Answer, ask_with_retry
 from stillroom.tasks.task import Task
@@ -32,28 +32,34 @@ def synthesize_rules(
     clustering: Clustering,
     teacher: Backend,
     params: GenerationParams,
+    demo: bool = True,
 ) -> Rulebook:
-    """One rule per cluster, in cluster order; `instructions` and `embeddings` align with the clustering."""
+    """One rule per cluster, in cluster order; `instructions` and `embeddings` align with the clustering.
+    `demo`: open each prompt with the worked example."""
     groups = [clustering.members(c) for c in clustering.clusters]
     shown = []
     for idx in groups:
         centre = embeddings[idx].mean(axis=0)
         order = sorted(idx, key=lambda i: -float(embeddings[i] @ centre))
-        shown.append(fit_members(task, instructions, order[:MAX_MEMBERS_SHOWN], teacher, params))
+        shown.append(fit_members(task, instructions, order[:MAX_MEMBERS_SHOWN], teacher, params, demo))
 
     def build(s):
         return lambda strict: synthesis_messages(task, [instructions[i].text for i in s],
-                                                 [instructions[i].label for i in s], strict)
+                                                 [instructions[i].label for i in s], strict, demo)
 
     asked = [k for k, s in enumerate(shown) if s]
+    labels = [str(x) for x in task.labels] if task.labels else []
+    # A rule that copies the worked example or leads to an answer the task does not have is retried, then the
+    # cluster's medoid stands in.
     replies = ask_with_retry(teacher, [build(shown[k]) for k in asked],
-                             parse=lambda t: parse_single(t, ("rule", "instruction")), params=params,
-                             description="synthesize")
+                             parse=lambda t, cut: read_instruction(t, cut, keys=("rule", "instruction"), labels=labels),
+                             params=params, description="synthesize")
     answers = [Answer(None) for _ in groups]
     for k, ans in zip(asked, replies, strict=True):
         answers[k] = ans
     rules = []
     fallbacks = 0
+    rejected = Counter(a.reason for a in answers if not a.ok and a.raw)
     for c, idx, ans in zip(clustering.clusters, groups, answers, strict=True):
         text = ans.value
         origin = "synthesis"
@@ -65,17 +71,18 @@ def synthesize_rules(
         rules.append(Rule(id=f"c{c}", text=text, version=1, cluster=c, example_ids=[instructions[i].example_id for i in idx],
                           labels=labels, origin=origin))
     return Rulebook(task=task.name, rules=rules, version=1,
-                    meta={"synthesis_fallbacks": fallbacks, "synthesis_members_trimmed": sum(
+                    meta={"synthesis_fallbacks": fallbacks, "synthesis_rejected": dict(rejected),
+                          "synthesis_members_trimmed": sum(
                         min(len(g), MAX_MEMBERS_SHOWN) - len(s) for g, s in zip(groups, shown, strict=True))})
 
 
 def fit_members(task: Task, instructions: Sequence[Instruction], members: list[int], teacher: Backend,
-                params: GenerationParams) -> list[int]:
+                params: GenerationParams, demo: bool = True) -> list[int]:
     """The longest prefix of `members` (nearest the centroid first) whose synthesis prompt, strict variant
     included, fits the teacher's context window with room for its reply; [] when not even one fits."""
     def fits(n: int) -> bool:
         s = members[:n]
-        msgs = synthesis_messages(task, [instructions[i].text for i in s], [instructions[i].label for i in s], True)
+        msgs = synthesis_messages(task, [instructions[i].text for i in s], [instructions[i].label for i in s], True, demo)
         return fits_context(teacher, msgs, params.max_tokens)[0]
 
     n = len(members)
