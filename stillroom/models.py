@@ -18,14 +18,16 @@ EMBEDDED_SPECS = ("gemma3-270m", "embedded", "qwen2.5-coder-0.5b")
 
 
 def resolve_model_path(spec: str) -> Path:
-    """A local transformers folder for a white-box model spec: 'gemma3-270m' or 'qwen2.5-coder-0.5b' (embedded
-    models, converted on first use), 'hf:PATH' or a plain folder. API, scripted and GGUF specs are refused with
-    the reason."""
+    """A local transformers folder for a white-box model spec: 'gemma3-270m' or 'qwen2.5-coder-0.5b' (the
+    embedded models, converted on first use), 'hf:PATH', a plain folder, or 'gguf:FILE' (converted once, `gguf_model_folder`). API and scripted
+    specs are refused with the reason."""
     if spec in EMBEDDED_SPECS:
         from stillroom.backends.embedded import ensure_embedded
 
         return Path(ensure_embedded(spec))
     kind, _, rest = spec.partition(":")
+    if kind == "gguf" and rest:
+        return gguf_model_folder(rest)
     if kind in ("openai", "scripted", "gguf"):
         raise ConfigError(
             f"{spec!r}: this route needs the model's weights as a local transformers folder; an API or scripted "
@@ -37,51 +39,40 @@ def resolve_model_path(spec: str) -> Path:
     return path
 
 
-def vocabulary_of(spec: str) -> tuple[str, int] | None:
-    """(tokenizer family, logits) of a white-box spec, read without loading or converting anything: the embedded
-    models' known values, else a local folder's config.json (`model_type` without '_text', `vocab_size`); None
-    when unknown (an API model, a GGUF file, a folder not there yet)."""
-    import json
+def gguf_model_folder(file: str | Path) -> Path:
+    """A transformers folder converted once from a GGUF file (dequantised to float32 by transformers), kept in the
+    Stillroom cache under a name derived from the file's path, size and mtime: white-box routes (logit KD's
+    teacher, pruning) then load it like any local model. Raises `ConfigError` naming a missing file."""
+    from stillroom.backends.embedded import is_converted, save_model_folder
+    from stillroom.paths import cache_root
 
-    from stillroom.backends.embedded import EMBEDDED
+    f = Path(file).expanduser()
+    if not f.is_file():
+        raise ConfigError(f"'gguf:{file}': no GGUF file at {f}")
+    st = f.stat()
+    key = hashlib.sha256(f"{f.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    folder = cache_root() / "models" / "gguf" / f"{f.stem}-{key}"
+    if is_converted(folder):
+        return folder
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if spec in EMBEDDED:
-        m = EMBEDDED[spec]
-        return m.family, m.vocab_size
-    kind, _, rest = spec.partition(":")
-    if kind in ("openai", "scripted", "gguf"):
-        return None
-    cfg = Path(rest if kind == "hf" and rest else spec).expanduser() / "config.json"
-    try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    data = data.get("text_config", data) if isinstance(data.get("text_config"), dict) else data
-    model_type, vocab = str(data.get("model_type", "")).removesuffix("_text"), data.get("vocab_size")
-    return (model_type, int(vocab)) if model_type and isinstance(vocab, int) else None
-
-
-def tokenizers_differ(teacher: str, student: str) -> str | None:
-    """Why `teacher` and `student` cannot share logits (different tokenizer families), or None when they share
-    one or it is not known without loading them (then the KD route's own vocabulary check decides)."""
-    t, s = vocabulary_of(teacher), vocabulary_of(student)
-    if t is None or s is None or t[0] == s[0]:
-        return None
-    return (f"the teacher ({teacher}: {t[0]}, {t[1]:,} logits) and the student ({student}: {s[0]}, {s[1]:,} logits) "
-            "have different tokenizers")
+    tok = AutoTokenizer.from_pretrained(str(f.parent), gguf_file=f.name)
+    model = AutoModelForCausalLM.from_pretrained(str(f.parent), gguf_file=f.name, dtype=torch.float32)
+    return save_model_folder(model, tok, folder)  # atomic: a crash leaves no half-written folder
 
 
 def why_not_trainable(spec: str) -> str | None:
-    """Why the weights a spec names cannot be loaded and trained here as a transformers model (None when they
-    can): API and scripted models have no weights here; a GGUF file is served by llama.cpp but is not a
-    transformers folder (`resolve_model_path` refuses it too), so a route that trains or reads logits refuses it
-    when it is planned rather than failing inside."""
+    """Why the weights a spec names cannot be trained here as a transformers model (None when they can): API and
+    scripted models have no weights here; a GGUF file is served by llama.cpp, and a route that trains refuses it
+    when it is planned rather than failing inside. (A GGUF *teacher* does give logits: `resolve_model_path`
+    converts it once, `gguf_model_folder`, and logit KD reads it like any local model.)"""
     kind = spec.partition(":")[0]
     if kind in ("openai", "scripted"):
         return "is an API model: it cannot be trained"
     if kind == "gguf":
-        return ("is a GGUF file: llama.cpp serves it, but it cannot be trained or give logits here; give its "
-                "transformers folder (hf:PATH) instead")
+        return ("is a GGUF file: llama.cpp serves it, but it cannot be trained here; give its transformers folder "
+                "(hf:PATH) instead")
     return None
 
 

@@ -111,3 +111,35 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def tiny_sp_tokenizer(corpus: Sequence[str], vocab_size: int = 200, limit_alphabet: int = 40):
+    """A small SentencePiece-style BPE tokenizer (like Gemma's: '▁' for spaces, ``<0xNN>`` byte-fallback tokens for
+    every byte) trained in-process on `corpus`; a small alphabet makes rarer characters (CJK, emoji) fall back to
+    bytes. Genuinely different from `tiny_tokenizer` (ByteLevel BPE), for cross-tokenizer tests."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.normalizer = normalizers.Replace(" ", "▁")
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    t.train_from_iterator(list(corpus) * 20, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                                 limit_alphabet=limit_alphabet))
+    # Rebuilt with the 256 byte pieces as ordinary vocabulary entries (as in Gemma's vocabulary), byte fallback on.
+    model = json.loads(t.to_str())["model"]
+    vocab = dict(model["vocab"])
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    sp = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
+    sp.add_special_tokens(specials)
+    sp.normalizer, sp.pre_tokenizer = t.normalizer, t.pre_tokenizer
+    sp.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    bos = sp.token_to_id("<bos>")
+    sp.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                      special_tokens=[("<bos>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")

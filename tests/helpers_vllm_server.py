@@ -84,7 +84,8 @@ class VLLMShapedServer:
     def _route(self, path: str, body: dict) -> tuple[int, dict]:
         if path == "/tokenize" and self.tokenize_supported:
             ids = self._encode(body["prompt"], body.get("add_special_tokens", True))
-            return 200, {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": None}
+            strs = self.tokenizer.convert_ids_to_tokens(ids) if body.get("return_token_strs") else None
+            return 200, {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": strs}
         if path == "/v1/completions":
             return 200, self._completions(body)
         return 404, _error(f"Not Found: {path}", 404)

@@ -32,10 +32,38 @@ def test_missing_gguf_file_is_named(tmp_path):
         load_backend(f"gguf:{tmp_path / 'nothing.gguf'}")
 
 
-@pytest.mark.parametrize("spec", ["openai:gpt-4o", "scripted:echo", "gguf:model.gguf"])
+@pytest.mark.parametrize("spec", ["openai:gpt-4o", "scripted:echo"])
 def test_white_box_routes_refuse_models_without_local_weights(spec):
     with pytest.raises(ConfigError, match="local transformers folder"):
         resolve_model_path(spec)
+
+
+def test_gguf_weights_are_local_weights(tmp_path, monkeypatch):
+    """A GGUF file is converted once into a transformers folder in the cache; a missing one is named."""
+    import stillroom.backends.embedded as emb
+
+    with pytest.raises(ConfigError, match="no GGUF file at .*missing.gguf"):
+        resolve_model_path(f"gguf:{tmp_path / 'missing.gguf'}")
+    monkeypatch.setenv("STILLROOM_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "tiny.gguf"
+    f.write_bytes(b"GGUF")
+    calls = []
+
+    def fake_save(model, tok, dest):
+        calls.append(dest)
+        dest.mkdir(parents=True)
+        (dest / "config.json").write_text("{}")
+        (dest / emb._DONE_MARKER).write_text("ok")
+        return dest
+
+    import transformers
+
+    monkeypatch.setattr(emb, "save_model_folder", fake_save)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: object())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: object())
+    first = resolve_model_path(f"gguf:{f}")
+    assert resolve_model_path(f"gguf:{f}") == first and len(calls) == 1  # converted once
+    assert first.is_relative_to(tmp_path / "cache")
 
 
 def test_white_box_and_folder_checks(tmp_path):

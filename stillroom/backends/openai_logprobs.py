@@ -227,6 +227,26 @@ class ServerScorer:
                           check=lambda reply, rc: rc.token_ids(reply.get("tokens"), "tokens", nonempty=bool(text)),
                           retries=retries)
 
+    def server_tokenize_pieces(self, text: str, *, add_special_tokens: bool = True,
+                               retries: int | None = None) -> tuple[list[int], list[str]]:
+        """(token ids, vocabulary pieces) of `text` from vLLM's `/tokenize` (`return_token_strs`); the pieces are
+        the raw vocabulary strings ('Ġthe', '▁the', '<0xE6>'), from which cross-tokenizer KD gets token bytes."""
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        body: dict = {"model": self.backend.model, "prompt": text, "return_token_strs": True}
+        if not add_special_tokens:
+            body["add_special_tokens"] = False
+
+        def check(reply: dict, rc: ReplyCheck):
+            ids = rc.token_ids(reply.get("tokens"), "tokens", nonempty=bool(text))
+            strs = reply.get("token_strs")
+            if not isinstance(strs, list) or len(strs) != len(ids) or not all(isinstance(x, str) for x in strs):
+                raise rc.bad("token_strs", f"is {_show(strs)}",
+                             f"{len(ids)} vocabulary pieces, one per token (vLLM's return_token_strs)")
+            return ids, list(strs)
+
+        return self._post(server_root(self.backend.base_url) + "/tokenize", body,
+                          what=f"tokenizing {shown!r} with pieces", check=check, retries=retries)
+
     # ---------------------------------------------------------------------------------------------- probing
 
     @property
@@ -477,8 +497,12 @@ def topk_from_prompt_logprobs(entry: dict, k: int, rc: ReplyCheck | None = None,
 
 
 def teacher_forced_topk(scorer: ServerScorer, prompts: Sequence[Sequence[int]], k: int,
-                        positions: Callable[[int], range]) -> list[list[list[tuple[int, float]]]]:
+                        positions: Callable[[int], range], *, actual: list | None = None,
+                        ) -> list[list[list[tuple[int, float]]]]:
     """For each id sequence, the top-k of the distributions that predict `positions(i)` (vLLM's `prompt_logprobs`).
+
+    With `actual` (a list), the log-probability of the actual token at each of those positions is appended to it,
+    one list per sequence (vLLM returns the actual token with the top-k, whatever its rank).
 
     Every position's map is checked (finite log-probabilities at most 0, the prompt token sent there present)
     before anything is returned to be cached. Raises `ConfigError` naming the server's limit when `k` exceeds its
@@ -492,21 +516,26 @@ def teacher_forced_topk(scorer: ServerScorer, prompts: Sequence[Sequence[int]], 
                 raise rc.bad(f"choices[{i}].prompt_logprobs", f"is {_show(plp)}",
                              "vLLM's per-token top-k maps (is this a vLLM server?)")
             rc.token_list(plp, f"choices[{i}].prompt_logprobs", min_len=len(prompts[i]))
-            rows = []
+            rows, tok_lps = [], []
             for p in positions(i):
                 field = f"choices[{i}].prompt_logprobs[{p}]"
                 top = topk_from_prompt_logprobs(plp[p], k, rc, field)
-                if int(prompts[i][p]) not in _entry_logprobs(plp[p], field, rc):
+                entries = _entry_logprobs(plp[p], field, rc)
+                if int(prompts[i][p]) not in entries:
                     raise rc.bad(field, f"lacks the prompt token {prompts[i][p]}",
                                  "the token sent there among the log-probabilities (vLLM always includes it)")
                 rows.append(top)
-            out.append(rows)
+                tok_lps.append(float(entries[int(prompts[i][p])][0]))
+            out.append((rows, tok_lps))
         return out
 
     try:
-        return scorer.completions({"prompt": [list(p) for p in prompts], "prompt_logprobs": int(k), "max_tokens": 1,
-                                   "temperature": 0.0},
-                                  what=f"the top-{k} request for {len(prompts)} teacher-forced sequence(s)", check=check)
+        got = scorer.completions({"prompt": [list(p) for p in prompts], "prompt_logprobs": int(k), "max_tokens": 1,
+                                  "temperature": 0.0},
+                                 what=f"the top-{k} request for {len(prompts)} teacher-forced sequence(s)", check=check)
+        if actual is not None:
+            actual.extend(lps for _, lps in got)  # after the check passed: a retried reply adds nothing twice
+        return [rows for rows, _ in got]
     except BadReply:
         raise
     except BackendError as exc:

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from stillroom.compare.config import ALL_ROUTES, CompareConfig
 from stillroom.config import validate_config
-from stillroom.models import tokenizers_differ, why_not_trainable
+from stillroom.models import why_not_trainable
 
 SHARED = ("task", "train_limit", "val_limit", "eval_split", "eval_limit", "teacher", "student", "spend")
 """Compare fields handed to every route whose config has a field of the same name."""
@@ -107,13 +107,8 @@ def not_applicable(cfg: CompareConfig, spec: RouteSpec) -> str | None:
         why = why_not_trainable(cfg.student.spec)
         if why:
             return f"the student ({cfg.student.spec}) {why}"
-    if spec.teacher_logits and why_not_trainable(cfg.teacher.spec):
-        return (f"the teacher ({cfg.teacher.spec}) gives no logits here: logit KD needs its weights as a local "
-                "transformers folder")
     if spec.teacher_logits:
-        differ = tokenizers_differ(cfg.teacher.spec, cfg.student.spec)
-        if differ:  # known from the specs alone: nothing is loaded to find out
-            return f"{differ}; logit KD here needs one vocabulary for both (SeqKD distils through text instead)"
+        return kd_logits_refusal(cfg.teacher)
     return None
 
 
@@ -126,8 +121,26 @@ def route_config(cfg: CompareConfig, name: str) -> BaseModel:
     data.update({k: getattr(cfg, v) for k, v in spec.roles.items()})
     data = {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in data.items()}
     data.update(spec.sizes)
+    if spec.teacher_logits and cfg.teacher.spec.startswith("openai:") and "top_k" in data:
+        # A vLLM teacher fills the cache through prompt_logprobs: stay within vLLM's default max_logprobs (20).
+        data["top_k"] = min(int(data["top_k"]), 20)
     data.update(cfg.budgets.get(name, {}))
     return validate_config(model, data, source=f"compare budgets[{name!r}]")
+
+
+def kd_logits_refusal(teacher: Any) -> str | None:
+    """Why logit KD cannot use this teacher, or None: it runs whenever the teacher's weights are local (embedded,
+    hf:, gguf: converted once, a folder) or it is served by vLLM (prompt_logprobs); a chat-only API and a scripted
+    teacher give no logits. Different tokenizers are no reason: `kd logits` then aligns them by bytes."""
+    from stillroom.backends.openai_logprobs import is_openai_api
+
+    kind = teacher.spec.partition(":")[0]
+    if kind == "scripted":
+        return f"the teacher ({teacher.spec}) is scripted: it has no logits"
+    if kind == "openai" and (not teacher.base_url or is_openai_api(teacher.base_url)):
+        return (f"the teacher ({teacher.spec}) is a chat-only API: it gives no logits (no prompt log-probabilities); "
+                "logit KD needs its weights (hf:, gguf:, embedded) or a vLLM server (prompt_logprobs)")
+    return None
 
 
 def plan_route(cfg: CompareConfig, name: str) -> RoutePlan:

@@ -85,6 +85,12 @@ def logits_cmd(
     lora: LoraOpt = None, epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, lr: LrOpt = None,
     batch_size: BatchOpt = None, train_limit: TrainLimitOpt = None, eval_limit: EvalLimitOpt = None,
     shots: ShotsOpt = None, run_dir: RunDirOpt = None, base_url: BaseUrlOpt = None, api_key_env: KeyEnvOpt = None,
+    tokenizers: Annotated[str | None, typer.Option(
+        help="auto (default: align by bytes when teacher and student tokenize differently), same (refuse "
+        "different tokenizers) or cross (always ULD on byte-aligned spans).")] = None,
+    hybrid: Annotated[bool | None, typer.Option(
+        "--hybrid", help="Across tokenizers: add GOLD's hybrid term (tokens both vocabularies share compared one to "
+        "one).")] = None,
     input_field: InputFieldOpt = None,
     label_field: LabelFieldOpt = None,
     id_field: IdFieldOpt = None,
@@ -110,6 +116,7 @@ def logits_cmd(
                                  online, on_policy, lora, epochs, max_steps, lr, batch_size, train_limit,
                                  eval_limit, shots)
         over["teacher"].update({"base_url": base_url, "api_key_env": api_key_env})
+        over["xtok"] = {"mode": tokenizers, "hybrid": hybrid}
         over["task"] = task_overrides(task, input_field=input_field, label_field=label_field, id_field=id_field,
                                   instruction=instruction, instruction_file=instruction_file)
         cfg = load_config(config, KDLogitsConfig, over, "--task and --student", bool(task and student))
@@ -138,7 +145,8 @@ def hints_cmd(
 ) -> None:
     """Hint KD: the logit loss plus hidden-state matching through a learned projection (student width →
     teacher width), MSE or cosine, on a layer mapping (default uniform). Teacher states are cached with its
-    logits."""
+    logits. Same architecture family and tokenizer only (states are matched position by position); across
+    tokenizers, use `kd logits`."""
 
     def body():
         from stillroom.locking import wait_for_holders

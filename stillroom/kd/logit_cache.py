@@ -12,7 +12,10 @@ Each shard holds, for its examples' answer positions (the positions whose logits
 concatenated in example order: ``idx`` int32 [P, k] (top-k token ids), ``logp`` float32 [P, k] (their
 log-probabilities at the cache's temperature), ``rest`` float32 [P] (log of the remaining mass,
 log(1 − Σ top-k p), computed as an exact log-sum-exp) and ``offsets`` int64 [n + 1]; with hints also
-``hidden.<layer>`` float16 [H, d] and ``hidden_offsets``. A shard is written to a temporary file and renamed into
+``hidden.<layer>`` float16 [H, d] and ``hidden_offsets``. A cross-tokenizer cache (``xtok``, the teacher's own
+vocabulary, `stillroom.kd.xtok`) also holds ``tok_logp`` float32 [P] (the teacher's log-probability of the
+actual answer token at each position: the merge factor of multi-token spans) and ``byte_offsets`` int32 [P, 2]
+(each answer token's UTF-8 byte span, relative to the start of the answer). A shard is written to a temporary file and renamed into
 place, so it is either complete or absent: an interrupted build resumes at the first missing shard and never
 recomputes a finished one, and a finished cache is opened without loading the teacher at all.
 
@@ -42,6 +45,9 @@ from stillroom.runs import atomic_write_text
 
 CACHE_FORMAT = 1
 """Bumped when the shard layout changes (part of the cache key)."""
+
+_ALL_IDS = 2**31 - 1
+"""The vocabulary bound of a served teacher whose vocabulary size is unknown (cross-tokenizer: every id kept)."""
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -215,12 +221,14 @@ def check_ids_in_range(encoded: Sequence[Encoded], size: int) -> None:
 
 
 def cache_key(teacher_id: str, encoded: Sequence[Encoded], *, k: int, temperature: float, vocab_size: int,
-              hint_layers: Sequence[int] = (), hint_positions: str = "answer") -> str:
+              hint_layers: Sequence[int] = (), hint_positions: str = "answer", xtok: bool = False) -> str:
     """Hash of everything that determines a cache's content."""
     h = hashlib.sha256()
     head = {"format": CACHE_FORMAT, "teacher": teacher_id, "k": int(k), "temperature": float(temperature),
             "vocab_size": int(vocab_size), "hint_layers": [int(x) for x in hint_layers],
             "hint_positions": hint_positions if hint_layers else None}
+    if xtok:
+        head["xtok"] = True  # only when set: same-vocabulary caches keep their keys
     h.update(json.dumps(head, sort_keys=True).encode())
     for e in encoded:
         h.update(json.dumps([e.prompt_ids, e.answer_ids]).encode())
@@ -293,8 +301,14 @@ class LogitCache:
                 self._hidden_offsets[s] = f.get_tensor("hidden_offsets")
         return self._handles[s]
 
+    @property
+    def xtok(self) -> bool:
+        """Whether the cache holds the cross-tokenizer fields (tok_logp, byte_offsets)."""
+        return bool(self.meta.get("xtok"))
+
     def get(self, i: int) -> dict[str, Any]:
-        """Example i's targets: {'targets': TeacherTargets over its answer positions, 'hidden': {layer: [H, d]}}."""
+        """Example i's targets: {'targets': TeacherTargets over its answer positions, 'hidden': {layer: [H, d]}},
+        and for a cross-tokenizer cache 'tok_logp' [A] and 'byte_offsets' [A, 2]."""
         if not 0 <= i < self.n:
             raise IndexError(i)
         s, j = divmod(i, self.shard_size)
@@ -307,7 +321,11 @@ class LogitCache:
         if self.hint_layers:
             ha, hb = (int(x) for x in self._hidden_offsets[s][j : j + 2])
             hidden = {layer: f.get_slice(f"hidden.{layer}")[ha:hb] for layer in self.hint_layers}
-        return {"targets": targets, "hidden": hidden}
+        out = {"targets": targets, "hidden": hidden}
+        if self.xtok:
+            out["tok_logp"] = f.get_slice("tok_logp")[a:b]
+            out["byte_offsets"] = f.get_slice("byte_offsets")[a:b]
+        return out
 
 
 @dataclass
@@ -337,6 +355,7 @@ def build_logit_cache(
     hint_positions: str = "answer",
     extra_meta: dict | None = None,
     progress: bool = True,
+    xtok: bool = False,
 ) -> tuple[LogitCache, BuildStats]:
     """Run the teacher once over `encoded` and store its top-k answer-position log-probabilities under `root`.
 
@@ -346,6 +365,9 @@ def build_logit_cache(
     to the range shared with the student (see `check_vocab`); None keeps them all. Resumable: finished shards are
     kept, the rest computed. `extra_meta` is stored in meta.json as is (e.g. the hint layer map). Returns the
     opened cache and what was done.
+
+    `xtok`: a cross-tokenizer cache (teacher's own vocabulary): every encoded example carries its answer tokens'
+    byte offsets in ``meta['byte_offsets']``, stored with the teacher's log-probability of each actual answer token.
     """
     import time
 
@@ -356,14 +378,18 @@ def build_logit_cache(
     if not encoded:
         raise ConfigError("no training examples to score with the teacher")
     vocab = int(vocab_size) if vocab_size else 0
+    if xtok:
+        missing = next((e.id for e in encoded if len(e.meta.get("byte_offsets") or ()) != len(e.answer_ids)), None)
+        if missing is not None:
+            raise ConfigError(f"example {missing!r}: a cross-tokenizer cache needs byte offsets for every answer token")
     key = cache_key(teacher_id, encoded, k=k, temperature=temperature, vocab_size=vocab,
-                    hint_layers=hint_layers, hint_positions=hint_positions)
+                    hint_layers=hint_layers, hint_positions=hint_positions, xtok=xtok)
     folder = Path(root) / key
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"format": CACHE_FORMAT, "key": key, "teacher": teacher_id, "n_examples": len(encoded),
             "shard_size": int(shard_size), "k": int(k), "temperature": float(temperature), "vocab_size": vocab,
             "hint_layers": [int(x) for x in hint_layers], "hint_positions": hint_positions,
-            "ids": [e.id for e in encoded], **(extra_meta or {})}
+            "ids": [e.id for e in encoded], **({"xtok": True} if xtok else {}), **(extra_meta or {})}
     meta_path = folder / "meta.json"
     if meta_path.exists():
         old = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -384,7 +410,8 @@ def build_logit_cache(
         t0 = time.perf_counter()
         # Settings that depend on the loaded teacher (its vocabulary) go into meta.json once known.
         if not vocab:
-            vocab = int(model.vocab_size if served else model.config.get_text_config().vocab_size)
+            vocab = int(model.vocab_size if served else model.config.get_text_config().vocab_size) if not (
+                served and model.vocab_size is None) else _ALL_IDS
             meta["vocab_size"] = vocab
         atomic_write_text(meta_path, json.dumps(meta) + "\n")
         device = None if served else next(model.parameters()).device
@@ -398,8 +425,10 @@ def build_logit_cache(
                 for s in todo:
                     part = list(encoded[s * shard_size : (s + 1) * shard_size])
                     score = model.score_shard if served else partial(_score_shard, model, device=device)
+                    kw = {"xtok": True} if xtok else {}
                     tensors, n_tok = score(part, k=k, temperature=temperature, vocab=vocab, batch_size=batch_size,
-                                           pad_id=pad_id, hint_layers=hint_layers, hint_positions=hint_positions)
+                                           pad_id=pad_id, hint_layers=hint_layers, hint_positions=hint_positions,
+                                           **kw)
                     _save_atomic(tensors, folder / f"shard-{s:05d}.safetensors", {"n": str(len(part))})
                     stats.computed.append(s)
                     stats.teacher_tokens += n_tok
@@ -423,8 +452,10 @@ class _nullbar:
 
 
 @torch.no_grad()
-def _score_shard(model, part, *, device, k, temperature, vocab, batch_size, pad_id, hint_layers, hint_positions):
+def _score_shard(model, part, *, device, k, temperature, vocab, batch_size, pad_id, hint_layers, hint_positions,
+                 xtok=False):
     idx, logp, rest, offsets = [], [], [], [0]
+    tok_logp: list[torch.Tensor] = []
     hidden: dict[int, list[torch.Tensor]] = {layer: [] for layer in hint_layers}
     h_offsets = [0]
     n_tok = 0
@@ -436,7 +467,11 @@ def _score_shard(model, part, *, device, k, temperature, vocab, batch_size, pad_
         labels = inputs["labels"]
         mask = labels != -100
         # Rows in example order: within each row the answer positions, left to right.
-        t = topk_targets(logits[mask][:, :vocab], k, temperature)
+        rows = logits[mask][:, :vocab]
+        t = topk_targets(rows, k, temperature)
+        if xtok:
+            lp = torch.log_softmax(rows.float() / temperature, dim=-1)
+            tok_logp.append(lp.gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1).clamp(min=LOG_FLOOR).cpu())
         idx.append(t.idx.to(torch.int32).cpu())
         logp.append(t.logp.cpu())
         rest.append(t.rest.cpu())
@@ -461,11 +496,20 @@ def _score_shard(model, part, *, device, k, temperature, vocab, batch_size, pad_
         "rest": torch.cat(rest).float().clamp(min=LOG_FLOOR).contiguous(),
         "offsets": torch.tensor(offsets, dtype=torch.int64),
     }
+    if xtok:
+        tensors["tok_logp"] = torch.cat(tok_logp).float().contiguous()
+        tensors["byte_offsets"] = xtok_offsets(part)
     if hint_layers:
         for layer in hint_layers:
             tensors[f"hidden.{layer}"] = torch.cat(hidden[layer]).contiguous()
         tensors["hidden_offsets"] = torch.tensor(h_offsets, dtype=torch.int64)
     return tensors, n_tok
+
+
+def xtok_offsets(part: Sequence[Encoded]) -> torch.Tensor:
+    """[P, 2] int32 answer-token byte offsets of a shard's examples, in row order."""
+    rows = [tuple(o) for e in part for o in e.meta["byte_offsets"]]
+    return torch.tensor(rows, dtype=torch.int32).reshape(-1, 2)
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

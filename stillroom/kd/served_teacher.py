@@ -9,8 +9,14 @@ teaches a local student without ever being loaded here.
 
 Limits, each refused with a message: k is at most the server's `max_logprobs` (vLLM's default 20; raise it with
 `--max-logprobs`); the log-probabilities are at temperature 1 (vLLM returns the model's own distribution), so the
-cache's temperature must be 1; a server has no hidden states, so no hint KD; and teacher and student must share a
-tokenizer, checked by comparing the server's `/tokenize` of a probe text with the student tokenizer's ids.
+cache's temperature must be 1; a server has no hidden states, so no hint KD.
+
+Same vocabulary: teacher and student must share a tokenizer, checked by comparing the server's `/tokenize` of a probe
+text with the student tokenizer's ids. Across tokenizers (`ServedTokenizer`): the teacher's token ids *and* their
+vocabulary pieces come from `/tokenize` (`return_token_strs`), the pieces give each token's bytes, and the cache
+holds the teacher's own ids, the actual answer token's log-probability and the byte offsets
+(`stillroom.kd.xtok_train`). The server's tokenizer does not say which id is its EOS, so the teacher's answers end
+without one (the student's EOS then has no teacher span and is taught by the cross-entropy term only).
 """
 
 from __future__ import annotations
@@ -32,6 +38,43 @@ from stillroom.errors import BackendError, ConfigError
 from stillroom.kd.losses import LOG_FLOOR
 
 
+class _PieceBytes:
+    """id → bytes of the tokens a `ServedTokenizer` has seen (special tokens named by the server count as text;
+    they occur in prompts, whose offsets are never used)."""
+
+    def __init__(self):
+        self.table: dict[int, bytes] = {}
+
+    def __getitem__(self, i: int) -> bytes:
+        return self.table.get(int(i), b"")
+
+
+class ServedTokenizer:
+    """The teacher's tokenizer behind a vLLM server, through `/tokenize`: enough of a tokenizer for
+    `encode_examples` and cross-tokenizer alignment (ids, and each id's bytes from its vocabulary piece)."""
+
+    bos_token_id = None
+    eos_token_id = None  # unknown to the client: the teacher's answers get no EOS
+
+    def __init__(self, scorer: ServerScorer):
+        from stillroom.kd.xtok import infer_scheme
+
+        self.scorer = scorer
+        self.token_bytes = _PieceBytes()
+        _, pieces = scorer.server_tokenize_pieces(PROBE_TEXT)
+        self.scheme = infer_scheme(pieces or [])
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text` from the server; records each id's bytes."""
+        from stillroom.kd.xtok import piece_bytes
+
+        ids, pieces = self.scorer.server_tokenize_pieces(text, add_special_tokens=add_special_tokens)
+        for i, p in zip(ids, pieces or [], strict=True):
+            if i not in self.token_bytes.table:
+                self.token_bytes.table[i] = piece_bytes(p, self.scheme)
+        return ids
+
+
 class ServedTeacher:
     """The teacher side of `build_logit_cache` for a model behind a vLLM server (`score_shard`)."""
 
@@ -41,6 +84,16 @@ class ServedTeacher:
         self.identity = f"served:{backend.base_url}:{backend.model}"
         """Names the teacher in the cache key (a different server or model gets a different cache)."""
         self.vocab_size: int | None = None
+
+    def tokenizer(self) -> ServedTokenizer:
+        """The teacher's tokenizer through the server (cross-tokenizer KD); `ConfigError` without `/tokenize`."""
+        try:
+            return ServedTokenizer(self.scorer)
+        except BackendError as exc:
+            raise ConfigError(
+                f"{self.backend.identity}: cross-tokenizer KD needs the teacher's tokens and their pieces from the "
+                f"server's /tokenize (return_token_strs), which failed ({exc}). Serve the teacher with vLLM."
+            ) from None
 
     def check_tokenizer(self, student_tokenizer: Any) -> None:
         """Refuse unless the server tokenizes a probe text to the student tokenizer's ids."""
@@ -64,7 +117,8 @@ class ServedTeacher:
             )
 
     def score_shard(self, part: Sequence[Any], *, k: int, temperature: float, vocab: int, batch_size: int,
-                    pad_id: int = 0, hint_layers: Sequence[int] = (), hint_positions: str = "answer"):
+                    pad_id: int = 0, hint_layers: Sequence[int] = (), hint_positions: str = "answer",
+                    xtok: bool = False):
         """The shard tensors `build_logit_cache` stores (idx, logp, rest, offsets) and the tokens sent."""
         if hint_layers:
             raise ConfigError("a served teacher has no hidden states to give: hint KD needs a local teacher")
@@ -76,8 +130,11 @@ class ServedTeacher:
         batches = [list(part[i : i + batch_size]) for i in range(0, len(part), batch_size)]
 
         def one(batch):
-            return teacher_forced_topk(self.scorer, [e.ids for e in batch], k,
-                                       lambda i: range(len(batch[i].prompt_ids), len(batch[i].ids)))
+            actual: list = []
+            top = teacher_forced_topk(self.scorer, [e.ids for e in batch], k,
+                                      lambda i: range(len(batch[i].prompt_ids), len(batch[i].ids)),
+                                      actual=actual if xtok else None)
+            return top, actual
 
         workers = min(self.backend.max_concurrency, len(batches))
         if workers <= 1:
@@ -85,8 +142,10 @@ class ServedTeacher:
         else:
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 rows_per_batch = list(pool.map(one, batches))
-        idx, logp, rest, offsets = [], [], [], [0]
-        for batch, rows in zip(batches, rows_per_batch, strict=True):
+        idx, logp, rest, offsets, tok_logp = [], [], [], [0], []
+        for batch, (rows, actual) in zip(batches, rows_per_batch, strict=True):
+            for lps in actual:
+                tok_logp.extend(lps)
             for e, positions in zip(batch, rows, strict=True):
                 for top in positions:
                     ids, lps = _fixed_width(top, k, vocab)
@@ -100,6 +159,11 @@ class ServedTeacher:
             "rest": torch.tensor(rest, dtype=torch.float32).clamp(min=LOG_FLOOR),
             "offsets": torch.tensor(offsets, dtype=torch.int64),
         }
+        if xtok:
+            from stillroom.kd.logit_cache import xtok_offsets
+
+            tensors["tok_logp"] = torch.tensor(tok_logp, dtype=torch.float32).clamp(min=LOG_FLOOR)
+            tensors["byte_offsets"] = xtok_offsets(part)
         return tensors, sum(len(e.ids) for e in part)
 
 

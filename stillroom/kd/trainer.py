@@ -45,7 +45,6 @@ from stillroom.kd.logit_cache import (
     answer_forward,
     build_logit_cache,
     check_ids_in_range,
-    check_vocab,
     encode_examples,
     left_pad,
 )
@@ -56,6 +55,20 @@ from stillroom.kd.losses import (
     dense_divergence,
     sparse_divergence,
     topk_targets,
+)
+from stillroom.kd.uld import SharedVocab
+from stillroom.kd.xtok import TokenBytes
+from stillroom.kd.xtok_train import (
+    CrossCollator,
+    CrossDataset,
+    CrossExample,
+    XTokConfig,
+    XTokTrainer,
+    check_cross_settings,
+    choose_path,
+    choose_served_path,
+    encode_cross,
+    shared_vocab_for,
 )
 from stillroom.models import (
     bf16_supported,
@@ -147,6 +160,11 @@ class KDLogitsConfig(KDConfig, SelectionBlock, BaselineBlock):
         False, description="On-policy KD through TRL's DistillationTrainer (student samples, resident teacher scores)."
     )
     max_completion_length: int = Field(32, ge=1, description="On-policy: tokens the student samples per prompt.")
+    xtok: XTokConfig = Field(
+        default_factory=XTokConfig,
+        description="Teacher and student with different tokenizers: ULD on byte-aligned spans (`mode` 'auto' "
+        "detects it; 'same' / 'cross' force a path).",
+    )
 
     @model_validator(mode="after")
     def _check(self):
@@ -447,6 +465,81 @@ def train_kd(
     )
 
 
+# ---------------------------------------------------------------------------------------------- across tokenizers
+
+
+def train_xtok(
+    student: Any,
+    student_tok: Any,
+    examples: Sequence[CrossExample],
+    cfg: Any,
+    xtok: XTokConfig,
+    *,
+    cache: LogitCache,
+    output_dir: str | Path,
+    shared: SharedVocab | None = None,
+    callbacks: Sequence[Any] = (),
+) -> TrainResult:
+    """Distil into `student` from a finished cross-tokenizer `cache` (`cfg` is a `KDConfig`: optimisation,
+    `ce_weight`, `beta`, LoRA). `shared` is needed when `xtok.hybrid`."""
+    if xtok.hybrid and shared is None:
+        raise ConfigError("the hybrid term needs the shared vocabulary (shared_vocab_for)")
+    if abs(cache.temperature - cfg.temperature) > 1e-9:
+        raise ConfigError(f"the cache was built at temperature {cache.temperature}, training asks for {cfg.temperature}")
+    if cfg.lora.enabled and not hasattr(student, "peft_config"):
+        student = apply_lora(student, cfg)
+    student.train()
+    trainer = XTokTrainer(
+        model=student, args=training_arguments(cfg, output_dir), train_dataset=CrossDataset(examples, cache),
+        data_collator=CrossCollator(pad_id=student_tok.pad_token_id if student_tok.pad_token_id is not None else 0,
+                                    merge=xtok.merge),
+        kd=cfg, xtok=xtok, shared=shared if xtok.hybrid else None, callbacks=list(callbacks) or None,
+    )
+    t0 = time.perf_counter()
+    out = trainer.train()
+    seconds = time.perf_counter() - t0
+    spans = sum(len(x.plan) for x in examples)
+    tokens = sum(len(x.student.answer_ids) for x in examples)
+    notes = [f"cross-tokenizer ULD ({xtok.merge} merge{', hybrid' if xtok.hybrid else ''}): {spans} aligned spans "
+             f"over {tokens} student answer tokens, teacher top-{cache.k} + tail in its own vocabulary"]
+    return TrainResult(
+        model=trainer.model, steps=int(out.global_step), seconds=seconds, tokens=trainer.tokens_seen,
+        answer_tokens=trainer.answer_tokens_seen, tokens_per_s=trainer.tokens_seen / max(seconds, 1e-9),
+        log_history=[h for h in trainer.state.log_history if "loss" in h or "train_loss" in h], notes=notes,
+    )
+
+
+def distill_cross(cfg: Any, pairs: Sequence[tuple[str, str, str]], *, student: Any, student_tok: Any,
+                  teacher_tok: Any, load_teacher: Any, teacher_id: str, teacher_logits: int | None,
+                  cache_root: Path, output_dir: Path, progress: bool = True) -> tuple[TrainResult, dict]:
+    """The cross-tokenizer body of `kd logits`: encode both sides, fill (or reuse) the teacher cache in the
+    teacher's vocabulary (the teacher is loaded only for missing shards, then freed), train. Returns the training
+    result and the cache summary for train.json."""
+    sb = TokenBytes(student_tok)
+    xs = encode_cross(student_tok, teacher_tok, pairs, max_length=cfg.max_length, append_eos=cfg.append_eos,
+                      student_bytes=sb)
+    t_pad = getattr(teacher_tok, "pad_token_id", None)
+    t0 = time.perf_counter()
+    with process_state().main_process_first():
+        cache, stats = build_logit_cache(
+            load_teacher, [x.teacher for x in xs], cache_root, teacher_id=teacher_id, k=cfg.top_k,
+            temperature=cfg.temperature, shard_size=cfg.shard_size, batch_size=cfg.teacher_batch_size,
+            pad_id=t_pad if t_pad is not None else 0, progress=progress, xtok=True,
+        )
+    release_memory()
+    info = {"folder": str(cache.folder), "computed_shards": stats.computed, "reused_shards": stats.skipped,
+            "seconds": round(time.perf_counter() - t0, 2), "teacher_tokens": stats.teacher_tokens, "k": cache.k,
+            "cross_tokenizer": True, "aligned_spans": sum(len(x.plan) for x in xs),
+            "student_answer_tokens": sum(len(x.student.answer_ids) for x in xs)}
+    shared = None
+    if cfg.xtok.hybrid:
+        shared = shared_vocab_for(student_tok, teacher_tok, student_bytes=sb,
+                                  student_vocab=int(student.config.get_text_config().vocab_size),
+                                  teacher_vocab=int(teacher_logits or cache.vocab_size))
+    result = train_xtok(student, student_tok, xs, cfg, cfg.xtok, cache=cache, output_dir=output_dir, shared=shared)
+    return result, info
+
+
 def train_on_policy(
     student: Any,
     teacher: Any,
@@ -569,22 +662,13 @@ def build_logits(ctx, progress: bool = True):
     train = ctx.train_pool(shots, labelled=True)
     s_tok = load_tokenizer(m.student_path)
     s_cfg = AutoConfig.from_pretrained(str(m.student_path)).get_text_config()
-    t_tok, t_cfg = s_tok, None
-    if m.served:
-        plan = VocabPlan(size=int(s_cfg.vocab_size))  # one tokenizer, checked against the server's before use
-    else:
-        if m.teacher_path.resolve() != m.student_path.resolve():
-            t_tok = load_tokenizer(m.teacher_path)
-        t_cfg = AutoConfig.from_pretrained(str(m.teacher_path)).get_text_config()
-        plan = check_vocab(s_tok, t_tok, int(s_cfg.vocab_size), int(t_cfg.vocab_size))
+    t_tok, t_cfg, plan, cross = pair_tokenizers(ctx, s_tok, s_cfg)
     prompts = [render_prompt(ctx.task, ex, shots) for ex in train]
-    encoded = encode_examples(
-        s_tok, [(ex.id, p, continuation(str(ex.label))) for ex, p in zip(train, prompts, strict=True)],
-        max_length=cfg.max_length, append_eos=cfg.append_eos,
-    )
+    pairs = [(ex.id, p, continuation(str(ex.label))) for ex, p in zip(train, prompts, strict=True)]
+    # Across tokenizers each side encodes its own ids (`distill_cross`); here, the student's ids are the teacher's.
+    encoded = [] if cross else encode_examples(s_tok, pairs, max_length=cfg.max_length, append_eos=cfg.append_eos)
     check_ids_in_range(encoded, plan.size)
-    ctx.notes.extend([plan.note] if plan.note else [])
-    load_teacher = teacher_loader(m, s_tok, cfg.dtype)
+    load_teacher = teacher_loader(m, s_tok, cfg.dtype, same_tokenizer=not cross)
     deps = []
     if cfg.eval_teacher:
         deps.append(Deployment(name="teacher", backend=None, model=str(m.teacher_path), shots=shots,
@@ -593,15 +677,16 @@ def build_logits(ctx, progress: bool = True):
         deps.append(Deployment(name="student (no KD)", backend=None, model=str(m.student_path), shots=shots,
                                load=lambda: HFBackend.from_objects(load_causal_lm(m.student_path, dtype=cfg.dtype),
                                                                    s_tok, name="student-base")))
-    trained, info = train_or_reuse(ctx, s_tok, encoded, prompts, plan, s_cfg, t_cfg, load_teacher, progress)
+    trained, info = train_or_reuse(ctx, s_tok, encoded, prompts, plan, s_cfg, t_cfg, load_teacher, progress,
+                                   cross=(pairs, t_tok) if cross else None)
     if trained is None:
         return None  # other ranks of a multi-GPU run: the main process saves and evaluates
     student_dir = ctx.run.file("student")
     deps.append(Deployment(name="student (KD)", backend=HFBackend.from_objects(trained, s_tok, name="student-kd"),
                            model=str(student_dir), shots=shots, model_dir=student_dir))
-    method = "on-policy GKD (TRL)" if cfg.on_policy else f"{cfg.divergence} ({cfg.teacher_mode} teacher, top-{cfg.top_k})"
+    method = kd_method(cfg, cross)
     ctx.notes.append(f"method: {method}")
-    extra = {"split": cfg.eval_split, "train_examples": len(encoded), "method": method,
+    extra = {"split": cfg.eval_split, "train_examples": len(pairs), "method": method,
              "teacher": m.served.identity if m.served else str(m.teacher_path), "student": str(m.student_path),
              "train": {k: v for k, v in info.items() if k != "log_history"}}
     cost = BuildCost(teacher_input_tokens=int((info.get("cache") or {}).get("teacher_tokens", 0) or 0),
@@ -610,21 +695,56 @@ def build_logits(ctx, progress: bool = True):
                  artifacts={"student": str(student_dir), "teacher_logits": str(ctx.run.file("teacher_logits"))})
 
 
-def teacher_loader(m: KDModels, s_tok, dtype: str):
-    """A function that loads the teacher when it is needed (the served one: after checking its tokenizer)."""
+def pair_tokenizers(ctx, s_tok, s_cfg):
+    """(teacher tokenizer, teacher text config, same-vocabulary plan, cross): whether teacher and student tokenize
+    differently, and so take the cross-tokenizer path (`stillroom.kd.xtok_train`; `xtok.mode` can force either)."""
+    from transformers import AutoConfig
+
+    cfg: KDLogitsConfig = ctx.cfg
+    m: KDModels = ctx.prepared
+    t_tok, t_cfg = s_tok, None
+    plan = VocabPlan(size=int(s_cfg.vocab_size))
+    if m.served:
+        cross, note = choose_served_path(cfg.xtok.mode, m.served, s_tok, int(s_cfg.vocab_size))
+        t_tok = m.served.tokenizer() if cross else s_tok  # ids and token bytes through the server's /tokenize
+    else:
+        if m.teacher_path.resolve() != m.student_path.resolve():
+            t_tok = load_tokenizer(m.teacher_path)
+        t_cfg = AutoConfig.from_pretrained(str(m.teacher_path)).get_text_config()
+        cross, same, note = choose_path(cfg.xtok.mode, s_tok, t_tok, int(s_cfg.vocab_size), int(t_cfg.vocab_size))
+        plan = same or plan
+    if cross:
+        check_cross_settings(cfg, served=bool(m.served))
+    ctx.notes.extend(n for n in (plan.note, note) if n)
+    return t_tok, t_cfg, plan, cross
+
+
+def kd_method(cfg: KDLogitsConfig, cross: bool) -> str:
+    """The method line of a KD report."""
+    if cross:
+        return (f"ULD across tokenizers ({cfg.xtok.merge} merge{', hybrid' if cfg.xtok.hybrid else ''}, cached "
+                f"teacher top-{cfg.top_k} + tail)")
+    return "on-policy GKD (TRL)" if cfg.on_policy else f"{cfg.divergence} ({cfg.teacher_mode} teacher, top-{cfg.top_k})"
+
+
+def teacher_loader(m: KDModels, s_tok, dtype: str, *, same_tokenizer: bool = True):
+    """A function that loads the teacher when it is needed (a served one sharing the student's tokenizer: after
+    checking it)."""
 
     def load():
         if m.served:
-            m.served.check_tokenizer(s_tok)
+            if same_tokenizer:
+                m.served.check_tokenizer(s_tok)
             return m.served
         return load_causal_lm(m.teacher_path, dtype=dtype)
 
     return load
 
 
-def train_or_reuse(ctx, s_tok, encoded, prompts, plan, s_cfg, t_cfg, load_teacher, progress):
+def train_or_reuse(ctx, s_tok, encoded, prompts, plan, s_cfg, t_cfg, load_teacher, progress, cross=None):
     """The trained student: reloaded when the run folder holds it (same training settings), else trained and
-    saved with train.json. Returns (model, train.json's content); (None, {}) on a secondary rank."""
+    saved with train.json. `cross` = (pairs, teacher tokenizer) takes the cross-tokenizer path. Returns (model,
+    train.json's content); (None, {}) on a secondary rank."""
     from stillroom.backends.embedded import save_model_folder
 
     cfg: KDLogitsConfig = ctx.cfg
@@ -639,12 +759,20 @@ def train_or_reuse(ctx, s_tok, encoded, prompts, plan, s_cfg, t_cfg, load_teache
         teacher = load_teacher()
         result = train_on_policy(student, teacher, s_tok, prompts, cfg, output_dir=ctx.run.file("trainer"),
                                  max_completion_length=cfg.max_completion_length)
+    elif cross is not None:
+        m: KDModels = ctx.prepared
+        result, cache_info = distill_cross(
+            cfg, cross[0], student=student, student_tok=s_tok, teacher_tok=cross[1], load_teacher=load_teacher,
+            teacher_id=m.served.identity if m.served else model_fingerprint(m.teacher_path),
+            teacher_logits=None if m.served else int(t_cfg.vocab_size), cache_root=ctx.run.file("teacher_logits"),
+            output_dir=ctx.run.file("trainer"), progress=progress,
+        )
     else:
         cache, cache_info, teacher = teacher_targets(ctx, encoded, plan, s_tok, s_cfg, t_cfg, load_teacher, progress)
         result = train_kd(student, s_tok, encoded, cfg, output_dir=ctx.run.file("trainer"), cache=cache,
                           teacher=teacher, vocab_size=plan.size)
     trained = merged(result.model)
-    info = {**result.summary(), "cache": cache_info, "examples": len(encoded), "config_digest": ctx.digest()}
+    info = {**result.summary(), "cache": cache_info, "examples": len(prompts), "config_digest": ctx.digest()}
     del teacher, result
     release_memory()
     if not process_state().is_main_process:
