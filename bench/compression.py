@@ -249,12 +249,13 @@ def main() -> None:
                 block[healing]["train_seconds"] = h["seconds"]
         results[str(n)] = block
     sd = results["selfdistill"]
+    se = f"{len(examples)} test examples: about ±{50 / len(examples) ** 0.5:.1f} points standard error at 50% accuracy"
     results["notes"] = [
-        f"Self-data acceptance was {sd['kept']}/{sd['examples']} ({sd['acceptance']:.1%}; reasons {sd['reasons']}): the "
-        "base 270M model's rewrites of a one-word intent label rarely state an intent, so the self_data healing set "
-        "is the sft set except for the rewrites kept. Where acceptance is that low, sft and self_data differ by noise "
-        f"only ({len(examples)} test examples: about ±{50 / len(examples) ** 0.5:.1f} points standard error at 50% "
-        "accuracy).",
+        f"Self-data acceptance was {sd['kept']}/{sd['examples']} ({sd['acceptance']:.1%}; reasons {sd['reasons']}); "
+        "a rejected rewrite leaves the original answer in the self_data healing set. "
+        + ("At acceptance this low the self_data set is the sft set but for a few rewrites, so sft and self_data "
+           f"differ by noise only ({se})." if sd["acceptance"] < 0.1 else
+           f"Differences between the healings of less than about two standard errors are noise ({se})."),
         "recovery = score / unpruned score; healing trains on the task itself, so it can exceed 1. "
         "recovery_vs_unpruned_sft divides by the unpruned model after the same healing instead.",
         "Speculative decoding on CPU: the draft's own forward passes cost about as much as the target's at this size, "
