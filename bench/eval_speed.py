@@ -434,7 +434,9 @@ def main(argv=None) -> dict:
             for key, backend, counter, what in order:
                 console.print(f"PLD round {ri + 1}/{len(rounds)} ({name}): {key} ...")
                 def fn(b=backend, sp=sp, name=name):
-                    return evaluate(task, val, b, system_prompt=sp, method="loglik", description=name)
+                    # timed=False as PLD's validation passes call it (route.py's validate): the latency sample
+                    # (issue 19) re-scores with the prefix store cleared and off, which PLD's loop never pays.
+                    return evaluate(task, val, b, system_prompt=sp, method="loglik", description=name, timed=False)
 
                 res = measure(pld, key, quiet(fn) if key == "stillroom_before" else fn, counter, what)
                 pld_scores.setdefault(key, []).extend(p["loglik"] for p in res.predictions)
