@@ -21,6 +21,20 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def machine_load() -> dict:
+    """The machine's load when called (UTC time, 1/5/15-minute load averages, `uptime`'s line): a benchmark records
+    it at its start and end, since its wall-clock figures on a shared machine mean little without it."""
+    import datetime
+    import subprocess
+
+    try:
+        line = subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        line = None
+    return {"utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "loadavg": [round(x, 2) for x in os.getloadavg()], "uptime": line, "cpus": os.cpu_count()}
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 

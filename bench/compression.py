@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
 from pathlib import Path
 
-from _common import ROOT, StateFile, log  # noqa: E402  (also sets the offline environment)
+from _common import ROOT, StateFile, log, machine_load  # noqa: E402  (also sets the offline environment)
 
 CANDIDATES = {
     "measured_on": "60 test examples (seed 0), log-likelihood evaluator, embedded Gemma-3 270M",
@@ -101,6 +102,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: <stillroom cache>/bench/compression)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compression.json")
     args = ap.parse_args()
+    load_start, t_start = machine_load(), time.perf_counter()
 
     import torch
 
@@ -225,6 +227,8 @@ def main() -> None:
         "speculative": {"k": args.spec_k, "prompts": len(spec_prompts), "max_new_tokens": args.spec_tokens,
                         "method": "transformers assisted generation, greedy, fixed K, target = unpruned"},
         "angular_best_blocks": st.get("analysis")["best_block"],
+        "load": {"start": load_start, "end": machine_load()},
+        "wall_seconds_this_invocation": time.perf_counter() - t_start,
     }
     for n in sizes:
         block = {"drop": st.get(f"prune/{n}")["drop"], "angular_distance": st.get(f"prune/{n}")["angular_distance"]}
@@ -245,17 +249,20 @@ def main() -> None:
                 block[healing]["train_seconds"] = h["seconds"]
         results[str(n)] = block
     sd = results["selfdistill"]
+    se = f"{len(examples)} test examples: about ±{50 / len(examples) ** 0.5:.1f} points standard error at 50% accuracy"
     results["notes"] = [
-        f"Self-data acceptance was {sd['kept']}/{sd['examples']} ({sd['acceptance']:.1%}; reasons {sd['reasons']}): the "
-        "base 270M model's rewrites of a one-word intent label rarely state an intent, so the self_data healing set "
-        "is the sft set except for the rewrites kept. Where acceptance is that low, sft and self_data differ by noise "
-        f"only ({len(examples)} test examples: about ±4.5 points standard error at 50% accuracy).",
+        f"Self-data acceptance was {sd['kept']}/{sd['examples']} ({sd['acceptance']:.1%}; reasons {sd['reasons']}); "
+        "a rejected rewrite leaves the original answer in the self_data healing set. "
+        + ("At acceptance this low the self_data set is the sft set but for a few rewrites, so sft and self_data "
+           f"differ by noise only ({se})." if sd["acceptance"] < 0.1 else
+           f"Differences between the healings of less than about two standard errors are noise ({se})."),
         "recovery = score / unpruned score; healing trains on the task itself, so it can exceed 1. "
         "recovery_vs_unpruned_sft divides by the unpruned model after the same healing instead.",
         "Speculative decoding on CPU: the draft's own forward passes cost about as much as the target's at this size, "
         "so speedup < 1 even with accepted length > 1.",
-        "Stage times are wall-clock on a shared 2-core CPU (the 2-block stages ran with 1 thread while other "
-        "benchmarks were running, the 4-block stages with 2 threads on a quiet machine).",
+        f"Stage times are wall-clock on a shared {os.cpu_count()}-core CPU with {args.threads} torch thread(s); the "
+        "machine's load at the start and end of this invocation is under `load` (stages finished by an earlier "
+        "invocation of the same work folder keep that invocation's times).",
     ]
     results["command"] = "python bench/compression.py " + " ".join(sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -36,13 +36,14 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 import warnings
 from pathlib import Path
 
-from _common import ROOT  # noqa: E402  (also sets the offline environment)
+from _common import ROOT, machine_load  # noqa: E402  (also sets the offline environment)
 
 TASK_YAML = """\
 task: {name}
@@ -289,7 +290,7 @@ def main(argv=None) -> dict:
     task, examples, prompts, options, golds = load_examples(args.task, args.examples, args.shots, args.seed)
     requests = [ScoreRequest(p, tuple(continuation(o) for o in opts)) for p, opts in zip(prompts, options, strict=True)]
     n = len(requests)
-    load_start = os.getloadavg()[0]
+    load_start, load_snapshot = os.getloadavg()[0], machine_load()
     console.print(f"[bold]{args.task}[/]: {n} examples, {args.shots}-shot, model {folder}, "
                   f"{torch.get_num_threads()} torch threads, load avg {load_start:.2f} on {os.cpu_count()} CPUs")
 
@@ -433,7 +434,9 @@ def main(argv=None) -> dict:
             for key, backend, counter, what in order:
                 console.print(f"PLD round {ri + 1}/{len(rounds)} ({name}): {key} ...")
                 def fn(b=backend, sp=sp, name=name):
-                    return evaluate(task, val, b, system_prompt=sp, method="loglik", description=name)
+                    # timed=False as PLD's validation passes call it (route.py's validate): the latency sample
+                    # (issue 19) re-scores with the prefix store cleared and off, which PLD's loop never pays.
+                    return evaluate(task, val, b, system_prompt=sp, method="loglik", description=name, timed=False)
 
                 res = measure(pld, key, quiet(fn) if key == "stillroom_before" else fn, counter, what)
                 pld_scores.setdefault(key, []).extend(p["loglik"] for p in res.predictions)
@@ -476,6 +479,8 @@ def main(argv=None) -> dict:
         "task": args.task, "examples": n, "shots": args.shots, "seed": args.seed, "device": "cpu", "dtype": "float32",
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "load_avg_1m_at_start": load_start, "load_avg_1m_at_end": os.getloadavg()[0],
+        "load": {"start": load_snapshot, "end": machine_load()},
+        "command": "python bench/eval_speed.py " + " ".join(sys.argv[1:]),
         "note": "shared CPU (other jobs running; see load averages); methods interleaved in slices/rounds",
         "machine": platform.platform(), "model": str(folder), "prompt_tokens_mean": sum(ntok) / n,
         "baseline_commit": args.baseline_commit,

@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import ROOT, StateFile, log  # noqa: E402  (also sets the offline environment)
+from _common import ROOT, StateFile, log, machine_load  # noqa: E402  (also sets the offline environment)
 
 LORA = {"lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}}
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -108,7 +108,7 @@ def main(argv=None) -> dict:
     work = Path(args.work or cache_root() / "bench" / "kd_quality")
     work.mkdir(parents=True, exist_ok=True)
     st = State(work / "state.json")
-    t_start = time.perf_counter()
+    t_start, load_start = time.perf_counter(), machine_load()
     teacher_path = Path(ensure_embedded_gemma())
     task = load_task(args.task)
     splits = task.splits(seed=0)
@@ -193,14 +193,15 @@ def main(argv=None) -> dict:
         "budget": {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr,
                    "lora": "r=16, alpha=32, all linear layers", "torch_threads": args.threads,
                    "seconds": timings, "wall_seconds_this_run": round(time.perf_counter() - t_start, 1),
+                   "load_this_run": {"start": load_start, "end": machine_load()},
                    "device": f"cpu ({os.cpu_count()} cores, shared)", "machine": platform.platform()},
         "notes": [
             "Logit KD and SeqKD use the Stillroom routes themselves (distill_logits, distill_data); SFT uses "
             "stillroom.train.sft.train_sft with the same LoRA settings, scheduler (linear), steps and prompts.",
             "KD arms use ce_weight 0 (pure distillation) and SeqKD keeps every teacher answer (no correctness "
             "filter), so neither sees a gold label: only SFT does.",
-            "Single seed, small test set: differences of a few points are within noise (60 examples: ±6 points "
-            "standard error at 50% accuracy).",
+            f"Single seed, small test set: differences of a few points are within noise ({len(test)} examples: "
+            f"±{50 / len(test) ** 0.5:.1f} points standard error at 50% accuracy).",
         ],
         "command": "python bench/kd_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }

@@ -51,7 +51,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # `_common`, also when this file is loaded by path (tests)
 
+from _common import machine_load  # noqa: E402  (bench/ is on sys.path when run as a script)
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -380,9 +382,15 @@ def run_pld_build(args, task, model_t, model_s, work: Path, embedder, val_exampl
     wall = time.perf_counter() - t0
     run = work / "pld"
     b = m["build"]
+    # The route's build cost (run_route's BuildCost) counts the build's teacher calls from the run folder's
+    # durable cache, earlier invocations included, so they are not added again on --resume; the cache hits are
+    # in the run's usage.json (this invocation's meter).
+    usage = json.loads((run / "usage.json").read_text()) if (run / "usage.json").exists() else {}
     res = {
         "status": "ok",
-        **call_counts(b["teacher_calls"], b["teacher_cache_hits"], 0, 0, args.resume),
+        "teacher_calls": b["teacher_calls"],
+        "teacher_cache_hits": (usage.get("teacher") or {}).get("cache_hits"),
+        "resumed": args.resume,
         "build_seconds": round(b["seconds"], 1),
         "pld_wall_seconds_incl_own_test_eval": round(wall, 1),
         "rules": m["rulebook"]["rules"],
@@ -434,6 +442,9 @@ def parse_args(argv=None):
                          "evaluator; 'auto' = log-likelihood where the backend can score). DSPy can only generate.")
     ap.add_argument("--extra-generate", action="store_true",
                     help="also score zero-shot and PLD by generation (like DSPy) when the primary method is loglik")
+    ap.add_argument("--engine", default="auto", choices=["auto", "transformers", "llamacpp"],
+                    help="engine of the embedded models (BackendConfig.engine; 'auto': llama.cpp on a CPU machine "
+                         "with xllamacpp, transformers otherwise)")
     ap.add_argument("--embedder", default="minilm")
     ap.add_argument("--methods", default="pld,miprov2,gepa",
                     help="comma list of pld, miprov2, gepa (zero-shot and the unoptimised DSPy program always run)")
@@ -502,11 +513,11 @@ def main(argv=None) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     phases = Phases(work)
-    started = time.perf_counter()
+    started, load_start = time.perf_counter(), machine_load()
     # What a build depends on; --resume refuses a work folder built with other settings.
     build_settings = {k: getattr(args, k) for k in (
         "task", "teacher", "student", "seed", "extract_sample", "val", "test", "max_rounds", "teacher_max_tokens",
-        "student_max_tokens", "student_method", "embedder", "mipro_candidates", "mipro_trials", "gepa_metric_calls",
+        "student_max_tokens", "student_method", "embedder", "engine", "mipro_candidates", "mipro_trials", "gepa_metric_calls",
         "dry_run")}
     settings_file = phases.dir / "settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text()) != build_settings:
@@ -533,9 +544,10 @@ def main(argv=None) -> dict:
 
         from stillroom.backends import load_backend
 
-        model = load_backend(args.teacher)
+        model = load_backend(BackendConfig(spec=args.teacher, engine=args.engine))
         model_t = model
-        model_s = Alias(model) if args.student == args.teacher else load_backend(args.student)
+        model_s = (Alias(model) if args.student == args.teacher
+                   else load_backend(BackendConfig(spec=args.student, engine=args.engine)))
         embedder = None
         device = (f"{getattr(model, 'device', 'cpu')}; {os.cpu_count()} CPU cores ({platform.machine()}), "
                   f"torch {torch.__version__} with {torch.get_num_threads()} thread(s); shared machine")
@@ -673,6 +685,8 @@ def main(argv=None) -> dict:
         "teacher": args.teacher if args.dry_run else f"{args.teacher} ({_identity(model_t)})",
         "student": args.student if args.dry_run else f"{args.student} ({_identity(model_s)})",
         "device": device,
+        "engine": None if args.dry_run else {"requested": args.engine,
+                                             "resolved": type(getattr(model_t, "_backend", model_t)).__name__},
         "dry_run": args.dry_run or False,
         "seed": args.seed,
         "command": command,
@@ -682,6 +696,7 @@ def main(argv=None) -> dict:
         **results,
         "extras": extras,
         "total_seconds": round(time.perf_counter() - started, 1),
+        "load": {"start": load_start, "end": machine_load()},
         "notes": notes,
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
