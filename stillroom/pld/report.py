@@ -33,7 +33,7 @@ def pld_report(metrics: dict, rulebook: Rulebook, config: dict) -> str:
     sections.append(("Trade-off", f"<div class='plots'>{plots}</div>"))
     b = metrics["build"]
     sections.append(("Build cost of the rulebook (teacher)", table(["item", "value"], [
-        ["wall time (s)", b["seconds"]], ["teacher calls", b.get("teacher_calls")], ["cache hits", b.get("teacher_cache_hits")],
+        ["wall time (s)", b["seconds"]], ["teacher calls", b.get("teacher_calls")], ["of them paid by earlier, interrupted runs", b.get("resumed_calls")],
         ["input tokens", b.get("teacher_input_tokens")], ["output tokens", b.get("teacher_output_tokens")],
         ["cost (USD)", b.get("teacher_cost_usd")]])))
     ex, cl = metrics["extraction"], metrics["clustering"]
