@@ -187,3 +187,22 @@ def test_evaluation_builds_the_scoring_model_before_timing_answers(monkeypatch, 
                     examples=[Example(id="a", input="hello world", label="positive")])
         res = evaluate(task, task.examples, e, method="loglik")
         assert loads == [1] and res.predictions[0]["latency_s"] < 1.0
+
+
+def test_scoring_latency_on_the_engine_is_measured_like_any_local_model(monkeypatch, one_thread):
+    """A model behind the llama.cpp engine scores on transformers, so its log-likelihood latency is measured the
+    way every local route's is (one answer at a time after a warm-up), not by the evaluation's batched timing:
+    the demo's prompting routes were timed the other way while its trained routes were timed this way."""
+    from stillroom.evaluate.latency import LOCAL_METHOD
+    from stillroom.evaluate.runner import evaluate
+    from stillroom.tasks.task import Example, Task
+
+    tok = tiny_tokenizer(CORPUS)
+    model = tiny_gemma(tok)
+    with FakeOpenAIServer() as srv:
+        e, _ = _engine(monkeypatch, tok, model, srv, [])
+        task = Task(name="t", kind="classification", instruction="Label it.", labels=["positive", "negative"],
+                    examples=[Example(id=str(i), input=f"hello world {i}", label="positive") for i in range(3)])
+        res = evaluate(task, task.examples, e, method="loglik")
+        assert res.metrics["latency_method"].startswith(LOCAL_METHOD.split("{n}")[0])
+        assert srv.requests == []

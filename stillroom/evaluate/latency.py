@@ -41,9 +41,14 @@ SERVED_METHOD = ("served model: the round-trip time of each test answer's reques
 EVAL_METHOD = "the evaluation's own timing (answers in batches of 8; a batch's time shared by its answers)"
 
 
-def _local(backend):
-    """The local transformers backend behind `backend` (a cached wrapper or the backend itself), else None."""
+def _local(backend, method: str = "generate"):
+    """The local transformers backend behind `backend` (a cached wrapper or the backend itself), else None.
+
+    A llama.cpp engine (`backends.llamacpp.LlamaCppEngine`) scores on the transformers backend of the same model
+    (its `hf`), so for 'loglik' that is what is timed, the same way as any other local model."""
     inner = getattr(backend, "backend", backend)
+    if method == "loglik" and getattr(type(inner), "hf", None) is not None and not hasattr(inner, "hf_model"):
+        inner = inner.hf
     return inner if getattr(inner, "hf_model", None) is not None and hasattr(inner, "clear_prefix_cache") else None
 
 
@@ -61,7 +66,7 @@ def measure_latency(task: Task, examples: Sequence[Example], backend, *, shots: 
     that is not a local transformers model (its evaluation's own timing stands).
 
     `method` is the resolved one ('loglik', 'generate' or 'cot'); `max_tokens` the generation budget."""
-    inner = _local(backend)
+    inner = _local(backend, method)
     if inner is None or not examples:
         return None
     n = SCORE_SAMPLE if method == "loglik" else GENERATE_SAMPLE
