@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1200px;margin:2em auto;color:#222;padding:0 1em}
 h1{font-size:1.6em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;margin:.8em 0} td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}
+table{border-collapse:collapse;margin:.8em 0;font-size:.86em} td,th{border:1px solid #ccc;padding:.25em .45em;text-align:right}
 th{background:#f4f4f4} td:first-child,th:first-child{text-align:left}
 td{white-space:nowrap} td:last-child{white-space:normal}
 .note{background:#fff8e0;border-left:4px solid #e0b000;padding:.5em 1em;margin:.8em 0}
