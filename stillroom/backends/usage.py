@@ -190,13 +190,8 @@ class UsageMeter:
             raise exc
 
     def _stop_message(self, tokens: int, cost: float, settled: bool) -> str:
-        cap = self.cap
-        assert cap is not None
-        spent = []
-        if cap.max_tokens is not None:
-            spent.append(f"{self.spent_tokens:,} tokens spent of a cap of {cap.max_tokens:,}")
-        if cap.max_cost_usd is not None:
-            spent.append(f"${self.spent_cost_usd:.4f} spent of a cap of ${cap.max_cost_usd:.4f}")
+        assert self.cap is not None
+        spent = _spent_against(self.cap, self.spent_tokens, self.spent_cost_usd, "a cap")
         when = "" if settled else f", {self._in_flight} call(s) still in flight"
         return (
             "spend cap reached: " + "; ".join(spent) + f" (this run folder, earlier invocations included{when}; the "
@@ -434,11 +429,7 @@ class Ledger:
     def _stop_message(self, tokens: int, cost: float) -> str:
         cap = self.cap
         assert cap is not None
-        spent = []
-        if cap.max_tokens is not None:
-            spent.append(f"{self.spent_tokens:,} tokens spent of the {self.what}'s cap of {cap.max_tokens:,}")
-        if cap.max_cost_usd is not None:
-            spent.append(f"${self.spent_cost_usd:.4f} spent of the {self.what}'s cap of ${cap.max_cost_usd:.4f}")
+        spent = _spent_against(cap, self.spent_tokens, self.spent_cost_usd, f"the {self.what}'s cap")
         shares = ", ".join(
             f"{k} {v[0]:,} tokens" + (f" / ${v[1]:.4f}" if cap.max_cost_usd is not None else "")
             for k, v in sorted(self.by_key.items(), key=lambda kv: -kv[1][0]) if v[0] or v[1])
@@ -494,3 +485,14 @@ def command_ledger(cap: SpendCap | None, folder: str | Path | None = None, what:
     finally:
         _active.remove(ledger)
         ledger.save()
+
+
+def _spent_against(cap, tokens: int, cost: float, cap_name: str) -> list[str]:
+    """The stop message's spend figures, one per cap set (tokens, USD); shared by a run's meter and a compare's
+    ledger so both word a stop the same way."""
+    spent = []
+    if cap.max_tokens is not None:
+        spent.append(f"{tokens:,} tokens spent of {cap_name} of {cap.max_tokens:,}")
+    if cap.max_cost_usd is not None:
+        spent.append(f"${cost:.4f} spent of {cap_name} of ${cap.max_cost_usd:.4f}")
+    return spent
