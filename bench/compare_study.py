@@ -1,16 +1,20 @@
 """The compare study: every route of `stillroom compare` on one task, the same test examples (at least 200), one
-teacher and one student, with 95% intervals and paired tests against zero-shot.
+teacher and one student, with 95% intervals, recovery of the teacher's lead and paired tests against zero-shot.
 
-Teacher: the embedded Gemma-3 270M. Student: the same model with layers 14:18 removed (14 of 18 layers, as in
-bench/kd_quality.py), so there is a real gap for the routes to close. Every route runs into its own folder under
-the work folder and is resumable: an interrupted study continues where it stopped (`stillroom compare`'s own
-resume), and a rerun with nothing changed computes nothing.
+Default pair: the embedded Qwen2.5-Coder-0.5B-Instruct teaching the embedded Gemma-3 270M base (another family,
+another tokenizer: logit KD aligns them by bytes), so there is a real gap for the routes to close. `--student
+qwen2.5-coder-0.5b --routes zero-shot,k-shot,cot,pld` runs PLD and the prompt baselines with the instruction model
+as its own student; `--drop 14:18` gives the earlier self-distillation study (the 270M teacher, itself minus
+layers 14:18 as the student). Every route runs into its own folder under the work folder and is resumable: an
+interrupted study continues where it stopped (`stillroom compare`'s own resume), and a rerun with nothing changed
+computes nothing.
 
-    python bench/compare_study.py                      # all routes, 200 test examples
-    python bench/compare_study.py --test 24 --routes zero-shot,k-shot   # a quick look
+    python bench/compare_study.py --task bigbench:intent_recognition          # all routes, 200 test examples
+    python bench/compare_study.py --test 24 --routes zero-shot,k-shot         # a quick look
 
-Writes bench/results/compare_study.json (the compare summary, command, machine) and the report's two plots as
-bench/results/compare_study_quality_latency.png and ..._build_cost.png; prints the table.
+Writes bench/results/compare_study_<name>.json (the compare summary, command, budgets, machine load) and the
+report's two plots as bench/results/compare_study_<name>_quality_latency.png and ..._build_cost.png; prints the
+table. <name> is --name, else the task's short name.
 """
 
 from __future__ import annotations
@@ -26,22 +30,31 @@ from pathlib import Path
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-from _common import ROOT, log, student_folder  # noqa: E402  (also sets the offline environment and puts the repo on sys.path)
+from _common import ROOT, log, machine_load, student_folder  # noqa: E402  (also sets the offline environment and puts the repo on sys.path)
+
+TRAINED = ("seqkd", "cot-data", "kd-logits", "prune-heal-sft", "prune-heal-self-data", "sft-gold")
+"""The routes whose training budget --steps/--batch/--lr set (GAD has its own two-stage budget below)."""
 
 
-def study_config(args, student: Path):
+def budgets(args) -> dict:
+    """Every route's budget: one training budget for all training routes, so they compare at equal steps and data."""
+    train = {"max_steps": args.steps, "batch_size": args.batch, "learning_rate": args.lr}
+    out = {r: dict(train) for r in TRAINED}
+    out["gad"] = {"warmup_steps": args.steps, "batch_size": args.batch, "warmup_learning_rate": args.lr,
+                  "adversarial_steps": args.gad_steps}
+    out["pld"] = {"teacher_max_tokens": args.pld_tokens}
+    return out
+
+
+def study_config(args, student: str):
     """The compare config this bench runs, built from its arguments (test_configs validates it and plans every
     route, so a renamed field cannot silently break the bench)."""
     from stillroom.compare.config import CompareConfig
 
     return CompareConfig.model_validate({
-        "task": {"spec": args.task, "seed": 0}, "teacher": {"spec": "gemma3-270m"}, "student": {"spec": f"hf:{student}"},
+        "task": {"spec": args.task, "seed": 0}, "teacher": {"spec": args.teacher}, "student": {"spec": student},
         "routes": args.routes.split(",") if args.routes else None, "eval_limit": args.test, "train_limit": args.train,
-        "val_limit": 24, "shots": args.shots,
-        "budgets": {"seqkd": {"max_steps": 16}, "cot-data": {"max_steps": 16}, "kd-logits": {"max_steps": 16},
-                    "gad": {"adversarial_steps": 8, "warmup_steps": 8}, "prune-heal-sft": {"max_steps": 16},
-                    "prune-heal-self-data": {"max_steps": 16}, "sft-gold": {"max_steps": 16},
-                    "pld": {"teacher_max_tokens": 64}},
+        "val_limit": args.val, "shots": args.shots, "budgets": budgets(args),
     })
 
 
@@ -49,16 +62,27 @@ def parse_args(argv=None):
     """The bench's arguments."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", default="bigbench:intent_recognition")
+    ap.add_argument("--teacher", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--student", default="gemma3-270m")
+    ap.add_argument("--drop", default=None,
+                    help="instead of --student: the embedded Gemma-3 270M minus these layers ('14:18')")
     ap.add_argument("--test", type=int, default=200, help="test examples (the same for every route)")
-    ap.add_argument("--train", type=int, default=48, help="training pool (the same for every route)")
+    ap.add_argument("--train", type=int, default=96, help="training pool (the same for every route)")
+    ap.add_argument("--val", type=int, default=24, help="validation examples (PLD's conflict loop)")
     ap.add_argument("--shots", type=int, default=5)
-    ap.add_argument("--drop", default="14:18", help="layers removed from the teacher to make the student")
+    ap.add_argument("--steps", type=int, default=32, help="optimizer steps of every training route")
+    ap.add_argument("--batch", type=int, default=8, help="batch size of every training route")
+    ap.add_argument("--lr", type=float, default=5e-4, help="learning rate of every training route (LoRA)")
+    ap.add_argument("--gad-steps", type=int, default=8, help="GAD's adversarial steps after its SeqKD warm-up")
+    ap.add_argument("--pld-tokens", type=int, default=256, help="PLD's teacher budget per extraction reply")
     ap.add_argument("--routes", default=None, help="comma-separated routes (default: all)")
+    ap.add_argument("--name", default=None, help="results name (default: the task's short name)")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--reuse-only", action="store_true",
                     help="write the results of the routes already finished in the work folder; list the others as "
                          "not finished (nothing is computed)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compare_study.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results file (default: bench/results/compare_study_<name>.json)")
     return ap.parse_args(argv)
 
 
@@ -71,10 +95,14 @@ def main() -> None:
     from stillroom.compare.run import run_compare
     from stillroom.runs import atomic_write_text, cache_root
 
-    work = args.work or cache_root() / "bench" / "compare_study"
-    student = student_folder(args.drop)
+    name = args.name or args.task.split(":")[-1].split("/")[-1]
+    out = args.out or ROOT / "bench" / "results" / f"compare_study_{name}.json"
+    work = args.work or cache_root() / "bench" / f"compare_study_{name}"
+    student = f"hf:{student_folder(args.drop)}" if args.drop else args.student
     cfg = study_config(args, student)
-    log(f"compare study: {args.task}, teacher gemma3-270m, student {student.name}, {args.test} test examples -> {work}")
+    log(f"compare study {name}: {args.task}, teacher {args.teacher}, student {student}, {args.test} test examples "
+        f"-> {work}")
+    load_start = machine_load()
     t0 = time.perf_counter()
     plans = None
     if args.reuse_only:
@@ -91,21 +119,23 @@ def main() -> None:
     rows = [{k: v for k, v in r.items() if k not in ("examples", "predictions")} for r in summary["rows"]]
     result = {
         "command": "python bench/compare_study.py " + " ".join(
-            f"--{k} {v}" for k, v in vars(args).items() if v is not None and k not in ("out", "work")),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False) and k not in ("out", "work")),
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
                     "cuda": torch.cuda.is_available()},
         "wall_seconds_this_invocation": round(seconds, 1),
+        "load": {"start": load_start, "end": machine_load()},
+        "budgets": budgets(args),
         "note": "Latency and build seconds were measured on a shared 2-core CPU machine: compare them within this "
                 "study only. Routes reused from an earlier invocation keep the seconds of their first build.",
         **{k: v for k, v in summary.items() if k != "rows"}, "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     html = (work / "report.html").read_text(encoding="utf-8")
     imgs = re.findall(r'<img src="data:image/png;base64,([^"]+)">', html)
-    for name, data in zip(("quality_latency", "build_cost"), imgs, strict=False):
-        (args.out.parent / f"compare_study_{name}.png").write_bytes(base64.b64decode(data))
-    log(f"wrote {args.out} ({seconds:.0f} s); report {work / 'report.html'}")
+    for plot, data in zip(("quality_latency", "build_cost"), imgs, strict=False):
+        (out.parent / f"{out.stem}_{plot}.png").write_bytes(base64.b64decode(data))
+    log(f"wrote {out} ({seconds:.0f} s); report {work / 'report.html'}")
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ def test_the_bench_scripts_configs_validate(tmp_path):
     from stillroom.compare.routes import plan_routes
 
     study = _bench("compare_study")
-    cfg = study.study_config(study.parse_args([]), tmp_path / "student")
+    cfg = study.study_config(study.parse_args([]), "gemma3-270m")
     assert all(p.config is not None for p in plan_routes(cfg) if not p.skip_reason)
     kd = _bench("kd_quality")
     cfgs = kd.kd_configs(kd.parse_args([]), tmp_path / "teacher", tmp_path / "student")
