@@ -4,7 +4,10 @@ The Gemma-3 270M student answers one intent for almost every example zero-shot; 
 come from the options' lengths (a longer option sums more negative log-probabilities). lm-evaluation-harness
 reports both `acc` (argmax of the summed log-likelihood) and `acc_norm` (argmax of the log-likelihood divided by
 the option's length in characters); this measures both, as macro-F1 and accuracy, for each model, zero-shot and
-k-shot, on the same test examples. It reports; it changes no default.
+k-shot, on the same test examples. A third reading is contextual calibration (Zhao et al. 2021, "Calibrate
+Before Use"): each option's log-likelihood minus its log-likelihood for a content-free input ("N/A") under the
+same prompt and shots, which removes the prior the prompt itself puts on each label. It reports; it changes no
+default.
 
     .venv/bin/python bench/scoring_norm.py --task bigbench:intent_recognition --limit 40 --shots 0,5
     .venv/bin/python bench/scoring_norm.py --from-compare runs/compare-...   # no model run: a compare's scores
@@ -20,6 +23,7 @@ import gc
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from _common import ROOT, log  # noqa: E402  (also sets the offline environment)
@@ -60,29 +64,38 @@ def main() -> None:
         for k in (int(x) for x in args.shots.split(",")):
             log(f"{role} ({spec}), {k}-shot")
             res = evaluate(task, test, backend, shots=sel.shots(k), method="loglik", description=f"{role} {k}-shot")
-            rows[f"{role} {k}-shot"] = {"model": spec, "shots": k, **figures(task, test, res.predictions)}
+            # The content-free input gets the same prompt, shots and options as every test example.
+            free = evaluate(task, [replace(test[0], id="content-free", input="N/A")], backend, shots=sel.shots(k),
+                            method="loglik", description=f"{role} {k}-shot, content-free", timed=False)
+            rows[f"{role} {k}-shot"] = {"model": spec, "shots": k,
+                                        **figures(task, test, res.predictions, free.predictions[0]["loglik"])}
         del backend
         gc.collect()
     write_and_print(args, rows)
 
 
-def figures(task, examples, preds: list[dict]) -> dict:
+def figures(task, examples, preds: list[dict], free: list[float] | None = None) -> dict:
     """Raw and length-normalised macro-F1 and accuracy from per-option log-likelihoods (`loglik` of each record,
-    in the order of `task.options(ex)`)."""
+    in the order of `task.options(ex)`); with `free` (the options' log-likelihoods for a content-free input),
+    calibrated ones too (classification tasks, where every example has the same options)."""
     from stillroom.evaluate.metrics import classification_metrics
     from stillroom.tasks.prompts import continuation
 
     by_id = {ex.id: ex for ex in examples}
-    gold, raw, norm = [], [], []
+    gold, raw, norm, calib = [], [], [], []
     for p in preds:
         opts = task.options(by_id[p["id"]])
         lens = [len(continuation(o)) for o in opts]
         gold.append(p["gold"])
         raw.append(opts[max(range(len(opts)), key=lambda i: p["loglik"][i])])
         norm.append(opts[max(range(len(opts)), key=lambda i: p["loglik"][i] / lens[i])])
+        if free is not None:
+            calib.append(opts[max(range(len(opts)), key=lambda i: p["loglik"][i] - free[i])])
     labels = list(task.labels)
     out = {"n": len(preds)}
-    for name, pred in (("raw", raw), ("norm", norm)):
+    for name, pred in (("raw", raw), ("norm", norm), ("calib", calib)):
+        if not pred:
+            continue
         m = classification_metrics(gold, pred, labels)
         top = max(set(pred), key=pred.count)
         out[name] = {"macro_f1": round(m["macro_f1"], 3), "accuracy": round(m["accuracy"], 3),
@@ -127,16 +140,21 @@ def write_and_print(args, rows: dict, source: str | None = None) -> None:
     result = {"commands": commands, "task": args.task, "split": "test",
               "limit": args.limit, "seed": args.seed, "from_compare": source,
               "note": "raw: argmax of summed log-likelihood (lm-eval acc); norm: argmax of log-likelihood / option "
-                      "length in characters (lm-eval acc_norm)", "rows": rows}
+                      "length in characters (lm-eval acc_norm); calib: argmax of log-likelihood minus the option's "
+                      "log-likelihood for the content-free input 'N/A' under the same prompt (contextual calibration)", "rows": rows}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
-    print(f"\n{'condition':<44} {'F1 raw':>7} {'acc raw':>8} {'F1 norm':>8} {'acc norm':>9}  most common answer raw / norm")
+    print(f"\n{'condition':<44} {'F1 raw':>7} {'acc raw':>8} {'F1 norm':>8} {'acc norm':>9} {'F1 calib':>9}"
+          "  most common answer raw / norm / calib")
     for name, r in rows.items():
+        c = r.get("calib")
         print(f"{name:<44} {r['raw']['macro_f1']:>7.3f} {r['raw']['accuracy']:>8.3f} {r['norm']['macro_f1']:>8.3f} "
-              f"{r['norm']['accuracy']:>9.3f}  {r['raw']['most_common_answer']} x{r['raw']['most_common_count']} / "
-              f"{r['norm']['most_common_answer']} x{r['norm']['most_common_count']}")
+              f"{r['norm']['accuracy']:>9.3f} {c['macro_f1'] if c else float('nan'):>9.3f}  "
+              f"{r['raw']['most_common_answer']} x{r['raw']['most_common_count']} / "
+              f"{r['norm']['most_common_answer']} x{r['norm']['most_common_count']}"
+              + (f" / {c['most_common_answer']} x{c['most_common_count']}" if c else ""))
     print(f"-> {args.out}")
 
 
