@@ -190,7 +190,6 @@ class ServedTeacher:
             tensors["byte_offsets"] = xtok_offsets(part)
         return tensors, sum(len(e.ids) for e in part)
 
-
     def _topk(self, prompts: list[list[int]], k: int, spans: list[tuple[int, int]]):
         """(top-k rows, actual tokens' log-probabilities) of one request: the sequences' positions `spans`
         ([start, stop) each). Metered (`metered`): a completed request is read back from the run's cache; a new
