@@ -308,3 +308,169 @@ def test_scoring_requests_are_retried_like_completions():
         b = OpenAIBackend("fake", base_url=srv.base_url, max_retries=2, timeout_s=5)
         reply = b.scorer.completions({"prompt": "hello", "max_tokens": 1})
         assert reply["choices"] and srv.posts == 2
+
+
+# ------------------------------------------------------------------------------------------------ a paid teacher
+# A served teacher's top-k requests are paid teacher calls: metered into the route's build cost, held against the
+# spend cap (or a compare's ledger) before each is sent, and kept in the run's cache so a resume repays nothing.
+
+
+def _topk_sent(srv) -> list[str]:
+    """Every top-k request body the server received, as canonical JSON."""
+    return [json.dumps(b, sort_keys=True) for p, b in srv.requests if p == "/v1/completions"]
+
+
+def _billed(srv) -> tuple[int, int]:
+    """(input, output) tokens the server billed for its top-k requests: every id sent, one generated per prompt."""
+    bodies = [b for p, b in srv.requests if p == "/v1/completions"]
+    return sum(len(q) for b in bodies for q in b["prompt"]), sum(len(b["prompt"]) for b in bodies)
+
+
+def _metered_teacher(srv, cache_path, spend=None, concurrency=1):
+    from stillroom.backends import open_cached_backend
+    from stillroom.config import BackendConfig
+    from stillroom.kd.served_teacher import ServedTeacher
+
+    backend = served(srv, max_concurrency=concurrency)
+    teacher = ServedTeacher(backend)
+    teacher.metered(open_cached_backend(BackendConfig(spec="openai:served-model", base_url=srv.base_url),
+                                        cache_path, spend, backend=backend))
+    return teacher
+
+
+def _kd_cfg(tmp_path, tok, srv):
+    from stillroom.backends.embedded import save_model_folder
+
+    if not (tmp_path / "student").exists():
+        save_model_folder(tiny_gemma(tok, seed=13), tok, tmp_path / "student")
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"id": f"x{i}", "input": f"{WORDS[i % len(WORDS)]} {i}",
+                                        "label": LABELS[i % 3]}) + "\n" for i in range(20)))
+    cfg = {"task": {"spec": str(task)}, "student": {"spec": str(tmp_path / "student")}, "top_k": 8,
+           "teacher": {"spec": "openai:served-model", "base_url": srv.base_url, "max_concurrency": 2,
+                       "max_retries": 0, "price_in_per_mtok": 1000.0, "price_out_per_mtok": 2000.0},
+           "lora": {"enabled": False}, "max_steps": 1, "batch_size": 4, "eval_limit": 2, "eval_before": False,
+           "teacher_batch_size": 2}
+    path = tmp_path / "kd.yaml"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_served_teacher_is_metered_capped_and_resumed_by_the_route(tok, model, tmp_path):
+    import re
+
+    import typer
+    from typer.testing import CliRunner
+
+    from stillroom.kd.cli import register
+
+    app = typer.Typer()
+    register(app)
+    with VLLMShapedServer(model, tok) as srv:
+        cfg = _kd_cfg(tmp_path, tok, srv)
+        whole = CliRunner().invoke(app, ["kd", "logits", str(cfg), "--run-dir", str(tmp_path / "whole")])
+        assert whole.exit_code == 0, whole.output
+        sent, (tin, tout) = _topk_sent(srv), _billed(srv)
+        assert len(sent) == 5  # 10 training examples, 2 a request
+        # The build cost counts the served teacher's calls, tokens and USD as the server billed them.
+        build = json.loads((tmp_path / "whole" / "result.json").read_text())["build"]
+        assert (build["teacher_calls"], build["teacher_input_tokens"], build["teacher_output_tokens"]) == (5, tin, tout)
+        assert build["teacher_cost_usd"] == pytest.approx((tin * 1000.0 + tout * 2000.0) / 1e6)
+        assert build["resumed_calls"] == 0
+        assert json.loads((tmp_path / "whole" / "usage.json").read_text())["run_tokens"] == tin + tout
+
+        # A cap of half the fill: the route stops with the spend-cap message before a request could exceed it.
+        cap = (tin + tout) // 2
+        srv.requests.clear()
+        capped = CliRunner().invoke(app, ["kd", "logits", str(cfg), "--run-dir", str(tmp_path / "cut"),
+                                          "--max-spend-tokens", str(cap)])
+        msg = " ".join(capped.output.split())
+        assert capped.exit_code == 2 and "spend cap reached" in msg, capped.output
+        paid, billed = _topk_sent(srv), sum(_billed(srv))
+        nxt = int(re.search(r"could use up to ([\d,]+) tokens", msg).group(1).replace(",", ""))
+        assert 0 < len(paid) < 5 and billed <= cap < billed + nxt, (billed, cap, nxt)
+        assert f"{billed:,} tokens spent of a cap of {cap:,}" in msg
+        assert not (tmp_path / "cut" / "result.json").exists()
+
+        # Resumed without the cap: no completed request is sent again, and the build cost is the whole fill's.
+        srv.requests.clear()
+        rerun = CliRunner().invoke(app, ["kd", "logits", str(cfg), "--run-dir", str(tmp_path / "cut")])
+        assert rerun.exit_code == 0, rerun.output
+        again = _topk_sent(srv)
+        assert not set(again) & set(paid) and sorted(again + paid) == sorted(sent)
+        got = json.loads((tmp_path / "cut" / "result.json").read_text())["build"]
+        for key in ("teacher_calls", "teacher_input_tokens", "teacher_output_tokens", "teacher_cost_usd"):
+            assert got[key] == build[key], (key, got, build)
+        assert got["resumed_calls"] == len(paid) and got["resumed_tokens"] == billed
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_an_interrupted_cache_fill_resends_no_completed_request(tok, model, tmp_path, monkeypatch, concurrency):
+    import stillroom.kd.served_teacher as st
+    from stillroom.kd.logit_cache import build_logit_cache, encode_examples
+
+    encoded = encode_examples(tok, _pairs(12), max_length=64)  # one shard, six requests of two
+    kw = {"k": 8, "vocab_size": len(tok), "batch_size": 2, "pad_id": tok.pad_token_id, "progress": False}
+    with VLLMShapedServer(model, tok) as srv:
+        want, _ = build_logit_cache(_metered_teacher(srv, tmp_path / "w.sqlite"), encoded, tmp_path / "whole",
+                                    teacher_id="t", **kw)
+        everything = _topk_sent(srv)
+        assert len(everything) == 6
+        srv.requests.clear()
+        real, started = st.teacher_forced_topk, []
+
+        def ctrl_c_before_the_fourth(*a, **k):  # Ctrl-C lands while the shard is half filled
+            started.append(1)
+            if len(started) == 4:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+
+        monkeypatch.setattr(st, "teacher_forced_topk", ctrl_c_before_the_fourth)
+        with pytest.raises(KeyboardInterrupt):
+            build_logit_cache(_metered_teacher(srv, tmp_path / "c.sqlite", concurrency=concurrency), encoded,
+                              tmp_path / "cut", teacher_id="t", **kw)
+        monkeypatch.setattr(st, "teacher_forced_topk", real)
+        first = _topk_sent(srv)
+        assert 3 <= len(first) < 6 and not list((tmp_path / "cut").glob("*/shard-*.safetensors"))
+        srv.requests.clear()
+        got, stats = build_logit_cache(_metered_teacher(srv, tmp_path / "c.sqlite", concurrency=concurrency),
+                                       encoded, tmp_path / "cut", teacher_id="t", **kw)
+        second = _topk_sent(srv)
+    # Every request the interrupted fill completed was kept: the resume sends only the others, once each.
+    assert not set(second) & set(first) and sorted(first + second) == sorted(everything)
+    assert stats.computed == [0]
+    for i in range(len(encoded)):  # and the cache is the one an uninterrupted fill writes, to the bit
+        a, b = want.get(i)["targets"], got.get(i)["targets"]
+        assert torch.equal(a.idx, b.idx) and torch.equal(a.logp, b.logp) and torch.equal(a.rest, b.rest)
+
+
+@pytest.mark.parametrize("scope", ["run", "compare"])
+def test_a_served_teacher_never_exceeds_the_cap(tok, model, tmp_path, scope):
+    from stillroom.backends.usage import SpendCap, command_ledger
+    from stillroom.config import SpendConfig
+    from stillroom.errors import SpendCapReached
+    from stillroom.kd.logit_cache import build_logit_cache, encode_examples
+
+    encoded = encode_examples(tok, _pairs(12), max_length=64)
+    kw = {"teacher_id": "t", "k": 8, "vocab_size": len(tok), "batch_size": 2, "pad_id": tok.pad_token_id,
+          "progress": False}
+    with VLLMShapedServer(model, tok) as srv:
+        build_logit_cache(_metered_teacher(srv, tmp_path / "w.sqlite"), encoded, tmp_path / "whole", **kw)
+        cap = sum(_billed(srv)) * 2 // 3
+        srv.requests.clear()
+        cache = tmp_path / "cmp" / "routes" / "kd-logits" / "cache.sqlite"
+        with pytest.raises(SpendCapReached) as ei:
+            if scope == "compare":  # the compare's one ledger holds the cap; the route's own spend config is unset
+                with command_ledger(SpendCap(max_tokens=cap), tmp_path / "cmp", what="compare") as ledger:
+                    build_logit_cache(_metered_teacher(srv, cache, concurrency=3), encoded, tmp_path / "c", **kw)
+            else:
+                build_logit_cache(_metered_teacher(srv, cache, SpendConfig(max_tokens=cap), concurrency=3), encoded,
+                                  tmp_path / "c", **kw)
+        billed = sum(_billed(srv))
+    msg = str(ei.value)
+    assert 0 < billed <= cap and "spend cap reached" in msg
+    cap_name = "the compare's cap" if scope == "compare" else "a cap"
+    assert f"{billed:,} tokens spent of {cap_name} of {cap:,}" in msg, msg
+    if scope == "compare":
+        assert ledger.spent_tokens == billed and ledger.shares() == {"kd-logits": {"tokens": billed,
+                                                                                   "cost_usd": 0.0}}

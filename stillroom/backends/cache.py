@@ -59,6 +59,12 @@ CREATE TABLE IF NOT EXISTS scores (
     input_tokens INTEGER NOT NULL DEFAULT 0,
     latency_s REAL NOT NULL DEFAULT 0,
     created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS topk (
+    key TEXT PRIMARY KEY,
+    identity TEXT NOT NULL,
+    result TEXT NOT NULL,
+    created_at REAL NOT NULL
 )
 """
 
@@ -183,6 +189,17 @@ class ResponseCache:
             "VALUES (?, ?, ?, ?, ?, ?)",
             (key, identity, json.dumps([float(x) for x in loglik]), int(input_tokens), float(latency_s), time.time()),
         )
+
+    def get_topk(self, key: str):
+        """A served teacher's checked top-k reply for a request key (`stillroom.kd.served_teacher`), or None."""
+        rows = self._query("SELECT result FROM topk WHERE key = ?", (key,))
+        return json.loads(rows[0][0]) if rows else None
+
+    def put_topk(self, key: str, *, identity: str, result) -> None:
+        """Store one served top-k request's checked result (JSON) and commit it immediately. Its spend is not
+        here: the server's bill is recorded as it arrives (`put_spend`), so the run's totals count it once."""
+        self._query("INSERT OR IGNORE INTO topk (key, identity, result, created_at) VALUES (?, ?, ?, ?)",
+                    (key, identity, json.dumps(result), time.time()))
 
     def total_usage(self, identity: str | None = None) -> dict:
         """Spend recorded in the file (all backends, or one `identity`): calls, input/output tokens, cost."""

@@ -496,6 +496,13 @@ def topk_from_prompt_logprobs(entry: dict, k: int, rc: ReplyCheck | None = None,
     return [(t, lp) for t, lp, _ in items[:k]]
 
 
+def topk_body(prompts: Sequence[Sequence[int]], k: int) -> dict:
+    """The `/completions` body (less `model`) of a teacher-forced top-k request: every sequence as token ids, the
+    k most likely tokens at each prompt position, one token generated (vLLM generates at least one)."""
+    return {"prompt": [[int(t) for t in p] for p in prompts], "prompt_logprobs": int(k), "max_tokens": 1,
+            "temperature": 0.0}
+
+
 def teacher_forced_topk(scorer: ServerScorer, prompts: Sequence[Sequence[int]], k: int,
                         positions: Callable[[int], range], *, actual: list | None = None,
                         ) -> list[list[list[tuple[int, float]]]]:
@@ -530,8 +537,7 @@ def teacher_forced_topk(scorer: ServerScorer, prompts: Sequence[Sequence[int]], 
         return out
 
     try:
-        got = scorer.completions({"prompt": [list(p) for p in prompts], "prompt_logprobs": int(k), "max_tokens": 1,
-                                  "temperature": 0.0},
+        got = scorer.completions(topk_body(prompts, k),
                                  what=f"the top-{k} request for {len(prompts)} teacher-forced sequence(s)", check=check)
         if actual is not None:
             actual.extend(lps for _, lps in got)  # after the check passed: a retried reply adds nothing twice

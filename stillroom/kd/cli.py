@@ -91,6 +91,8 @@ def logits_cmd(
     hybrid: Annotated[bool | None, typer.Option(
         "--hybrid", help="Across tokenizers: add GOLD's hybrid term (tokens both vocabularies share compared one to "
         "one).")] = None,
+    max_cost: Annotated[float | None, typer.Option(help="Served teacher spend cap in USD for this run folder.")] = None,
+    max_spend_tokens: Annotated[int | None, typer.Option(help="Served teacher spend cap in tokens.")] = None,
     input_field: InputFieldOpt = None,
     label_field: LabelFieldOpt = None,
     id_field: IdFieldOpt = None,
@@ -117,6 +119,7 @@ def logits_cmd(
                                  eval_limit, shots)
         over["teacher"].update({"base_url": base_url, "api_key_env": api_key_env})
         over["xtok"] = {"mode": tokenizers, "hybrid": hybrid}
+        over["spend"] = {"max_cost_usd": max_cost, "max_tokens": max_spend_tokens}
         over["task"] = task_overrides(task, input_field=input_field, label_field=label_field, id_field=id_field,
                                   instruction=instruction, instruction_file=instruction_file)
         cfg = load_config(config, KDLogitsConfig, over, "--task and --student", bool(task and student))

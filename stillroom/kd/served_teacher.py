@@ -17,10 +17,19 @@ vocabulary pieces come from `/tokenize` (`return_token_strs`), the pieces give e
 holds the teacher's own ids, the actual answer token's log-probability and the byte offsets
 (`stillroom.kd.xtok_train`). The server's tokenizer does not say which id is its EOS, so the teacher's answers end
 without one (the student's EOS then has no teacher span and is taught by the cross-entropy term only).
+
+Spend and resumption: inside a route (`metered`), every top-k request is a paid teacher call like any other. Its
+worst case (every token sent, one generated per sequence) is held against the run's spend cap, or the compare's
+ledger, before it is sent; what the server bills is charged to the route's meter and kept in the run's cache as
+it arrives (the route's build cost); and its checked result is committed to the run's cache, keyed by the teacher
+and the exact request, before the shard is written. A crash or Ctrl-C mid-shard therefore loses no completed
+request: the rerun reads them back and sends only the others.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -33,8 +42,9 @@ from stillroom.backends.openai_logprobs import (
     is_openai_api,
     rest_logmass,
     teacher_forced_topk,
+    topk_body,
 )
-from stillroom.errors import BackendError, ConfigError
+from stillroom.errors import BackendError, ConfigError, SpendCapReached
 from stillroom.kd.losses import LOG_FLOOR
 
 
@@ -84,6 +94,15 @@ class ServedTeacher:
         self.identity = f"served:{backend.base_url}:{backend.model}"
         """Names the teacher in the cache key (a different server or model gets a different cache)."""
         self.vocab_size: int | None = None
+        self.run: Any = None
+        """The route's teacher (`metered`): the run's cache and usage meter, which every request goes through."""
+
+    def metered(self, run: Any) -> None:
+        """Send every request through a route's teacher (`RouteContext.open_teacher` around `self.backend`: the
+        run's durable cache and its usage meter, with the spend cap or the compare's ledger)."""
+        if run.backend is not self.backend:
+            raise ValueError("the route's teacher must wrap this served teacher's backend")
+        self.run = run
 
     def tokenizer(self) -> ServedTokenizer:
         """The teacher's tokenizer through the server (cross-tokenizer KD); `ConfigError` without `/tokenize`."""
@@ -130,21 +149,26 @@ class ServedTeacher:
         batches = [list(part[i : i + batch_size]) for i in range(0, len(part), batch_size)]
 
         def one(batch):
-            actual: list = []
-            top = teacher_forced_topk(self.scorer, [e.ids for e in batch], k,
-                                      lambda i: range(len(batch[i].prompt_ids), len(batch[i].ids)),
-                                      actual=actual if xtok else None)
-            return top, actual
+            return self._topk([e.ids for e in batch], k, [(len(e.prompt_ids), len(e.ids)) for e in batch])
 
         workers = min(self.backend.max_concurrency, len(batches))
-        if workers <= 1:
-            rows_per_batch = [one(b) for b in batches]
-        else:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                rows_per_batch = list(pool.map(one, batches))
+        try:
+            if workers <= 1:
+                rows_per_batch = [one(b) for b in batches]
+            else:
+                pool = ThreadPoolExecutor(max_workers=workers)
+                try:
+                    rows_per_batch = list(pool.map(one, batches))
+                except BaseException:
+                    # Requests already sent finish and are kept (in the run's cache); no new one starts.
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+                pool.shutdown(wait=True)
+        except SpendCapReached as exc:
+            raise (self.run.meter.settled_stop(exc) if self.run is not None else exc) from None
         idx, logp, rest, offsets, tok_logp = [], [], [], [0], []
         for batch, (rows, actual) in zip(batches, rows_per_batch, strict=True):
-            for lps in actual:
+            for lps in actual if xtok else ():
                 tok_logp.extend(lps)
             for e, positions in zip(batch, rows, strict=True):
                 for top in positions:
@@ -165,6 +189,42 @@ class ServedTeacher:
             tensors["tok_logp"] = torch.tensor(tok_logp, dtype=torch.float32).clamp(min=LOG_FLOOR)
             tensors["byte_offsets"] = xtok_offsets(part)
         return tensors, sum(len(e.ids) for e in part)
+
+    def _topk(self, prompts: list[list[int]], k: int, spans: list[tuple[int, int]]):
+        """(top-k rows, actual tokens' log-probabilities) of one request: the sequences' positions `spans`
+        ([start, stop) each). Metered (`metered`): a completed request is read back from the run's cache; a new
+        one holds its worst case against the cap while it runs and is committed the moment it is checked."""
+        run = self.run
+
+        def send():
+            actual: list = []
+            rows = teacher_forced_topk(self.scorer, prompts, k, lambda i: range(*spans[i]), actual=actual)
+            return rows, actual
+
+        if run is None:
+            return send()
+        key = topk_key(self.backend.identity, self.backend.model, prompts, k, spans)
+        hit = run.cache.get_topk(key)
+        if hit is not None:
+            run.meter.record_hit()
+            return [[[(int(t), float(lp)) for t, lp in pos] for pos in seq] for seq in hit["rows"]], hit["actual"]
+        # vLLM bills exactly the ids sent and the one token it generates per sequence; the bill itself is charged
+        # through the backend's usage listener as the reply arrives (retries included).
+        reservation = run.meter.reserve(sum(len(p) for p in prompts), len(prompts), run.model, wait=True)
+        try:
+            rows, actual = send()
+        finally:
+            run.meter.cancel(reservation)
+        run.cache.put_topk(key, identity=self.backend.identity, result={"rows": rows, "actual": actual})
+        return rows, actual
+
+
+def topk_key(identity: str, model: str, prompts: Sequence[Sequence[int]], k: int,
+             spans: Sequence[tuple[int, int]]) -> str:
+    """Cache key of a top-k request: the teacher, the exact request body, and the positions kept of it."""
+    payload = json.dumps({"backend": identity, "completions": {"model": model, **topk_body(prompts, k)},
+                          "positions": [[int(a), int(b)] for a, b in spans]}, sort_keys=True)
+    return "topk:" + hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
 def _fixed_width(top: list[tuple[int, float]], k: int, vocab: int) -> tuple[list[int], list[float]]:

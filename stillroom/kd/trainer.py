@@ -35,7 +35,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import Trainer, TrainingArguments
 
-from stillroom.config import EVALUATION_ONLY, BackendConfig, BaselineBlock, SelectionBlock, TrainingBlock
+from stillroom.config import (
+    EVALUATION_ONLY,
+    BackendConfig,
+    BaselineBlock,
+    SelectionBlock,
+    SpendConfig,
+    TrainingBlock,
+    spend_field,
+)
 from stillroom.errors import ConfigError
 from stillroom.kd.hints import HintProjector, hint_loss, parse_layer_map
 from stillroom.kd.logit_cache import (
@@ -160,6 +168,7 @@ class KDLogitsConfig(KDConfig, SelectionBlock, BaselineBlock):
         False, description="On-policy KD through TRL's DistillationTrainer (student samples, resident teacher scores)."
     )
     max_completion_length: int = Field(32, ge=1, description="On-policy: tokens the student samples per prompt.")
+    spend: SpendConfig = spend_field("Cap on a served teacher's spend for this run (its prompt_logprobs requests).")
     xtok: XTokConfig = Field(
         default_factory=XTokConfig,
         description="Teacher and student with different tokenizers: ULD on byte-aligned spans (`mode` 'auto' "
@@ -658,6 +667,10 @@ def build_logits(ctx, progress: bool = True):
 
     cfg: KDLogitsConfig = ctx.cfg
     m: KDModels = ctx.prepared
+    if m.served:
+        # A served teacher is a paid teacher: its requests go through the run's cache and usage meter (the spend
+        # cap, or the compare's ledger), like every other route's teacher calls.
+        m.served.metered(ctx.open_teacher(cfg.teacher, m.served.backend))
     shots = ctx.shots(cfg.shots)
     train = ctx.train_pool(shots, labelled=True)
     s_tok = load_tokenizer(m.student_path)
@@ -689,10 +702,14 @@ def build_logits(ctx, progress: bool = True):
     extra = {"split": cfg.eval_split, "train_examples": len(pairs), "method": method,
              "teacher": m.served.identity if m.served else str(m.teacher_path), "student": str(m.student_path),
              "train": {k: v for k, v in info.items() if k != "log_history"}}
-    cost = BuildCost(teacher_input_tokens=int((info.get("cache") or {}).get("teacher_tokens", 0) or 0),
-                     training_steps=int(info.get("steps", 0)))
+    if m.served:  # the served teacher's calls, tokens and USD as billed, earlier invocations included
+        cost = BuildCost.from_meter(ctx.teacher.meter.summary(), training_steps=int(info.get("steps", 0)))
+    else:
+        cost = BuildCost(teacher_input_tokens=int((info.get("cache") or {}).get("teacher_tokens", 0) or 0),
+                         training_steps=int(info.get("steps", 0)))
     return Built(deployments=deps, cost=cost, extra=extra,
-                 artifacts={"student": str(student_dir), "teacher_logits": str(ctx.run.file("teacher_logits"))})
+                 artifacts={"student": str(student_dir), "teacher_logits": str(ctx.run.file("teacher_logits"))},
+                 usage=ctx.teacher.meter.summary if m.served else None)
 
 
 def pair_tokenizers(ctx, s_tok, s_cfg):
