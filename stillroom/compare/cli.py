@@ -59,6 +59,19 @@ def print_compare(summary: dict, out: Path) -> None:
     console.print(f"report: [bold]{out / 'report.html'}[/]", soft_wrap=True)
 
 
+def no_route_finished(summary: dict, out: Path) -> str | None:
+    """The error line of a compare in which no route finished (every one failed, was skipped or was not run):
+    what became of each route and where its error is. None when at least one route finished."""
+    rows = summary["rows"]
+    if any(r["status"] == "ok" for r in rows):
+        return None
+    what = ", ".join(f"{r['route']} {r['status']}" for r in rows) or "no route planned"
+    where = f"the reasons are listed above and in {Path(out) / 'report.html'}"
+    if any(r["status"] == "failed" for r in rows):
+        where += f"; a failed route's traceback is in {Path(out) / 'routes' / '<route>' / 'route.json'}"
+    return f"no route finished ({what}): {where}"
+
+
 def _check_routes(names: list[str]) -> None:
     """Route names given on the command line, checked here so a typo is reported as the command line's (with the
     nearest known route), not as an error in the YAML file."""
@@ -94,7 +107,8 @@ def compare(
     and write one report: quality with 95% intervals and a paired test against zero-shot, latency, tokens, build
     cost and size, the Pareto fronts, and a recommendation. Each route keeps its own run folder under
     <run-dir>/routes/. Rerunning with nothing changed makes no model call and no training step; changing one
-    route's budget reruns that route only."""
+    route's budget reruns that route only. Exits with status 2 when no route finished (the failed and skipped ones
+    are listed with their reasons)."""
 
     def body():
         from stillroom.locking import wait_for_holders
@@ -119,6 +133,11 @@ def compare(
         print_compare(summary, out)
         if (Path(out) / LIBRARY_LOG).exists():
             console.print(f"library output: {Path(out) / LIBRARY_LOG}", soft_wrap=True)
+        nothing = no_route_finished(summary, out)
+        if nothing:
+            from stillroom.errors import StillroomError
+
+            raise StillroomError(nothing)  # exit status 2, like every other failed command
 
     run_guarded(body)
 
