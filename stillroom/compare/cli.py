@@ -9,17 +9,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from stillroom.options import (
-    IdFieldOpt,
-    InputFieldOpt,
-    InstructionFileOpt,
-    InstructionOpt,
-    LabelFieldOpt,
-    LabelsOpt,
-    TaskOpt,
-    WaitOpt,
-    task_overrides,
-)
+from stillroom.options import NO_OPTIONS, Shared, TaskOpt, shared_options
 from stillroom.ui import console, library_output_to, run_guarded
 
 LIBRARY_LOG = "library.log"
@@ -87,6 +77,7 @@ def _check_routes(names: list[str]) -> None:
                                      param_hint="'--routes'")
 
 
+@shared_options(labels=True)
 def compare(
     config: Annotated[Path | None, typer.Argument(help="YAML config: task, teacher, student, routes, budgets (CompareConfig).")] = None,
     task: TaskOpt = None,
@@ -94,14 +85,8 @@ def compare(
     student: Annotated[str | None, typer.Option(help="Student model spec (default: the embedded gemma3-270m).")] = None,
     routes: Annotated[str | None, typer.Option(help="Comma-separated routes to run (overrides the config).")] = None,
     eval_limit: Annotated[int | None, typer.Option(help="Evaluated examples, the same for every route.")] = None,
-    labels: LabelsOpt = None,
-    input_field: InputFieldOpt = None,
-    label_field: LabelFieldOpt = None,
-    id_field: IdFieldOpt = None,
-    instruction: InstructionOpt = None,
-    instruction_file: InstructionFileOpt = None,
     run_dir: Annotated[Path | None, typer.Option(help="Compare folder (default: runs/compare-<task>-<hash of task, teacher, student and selection>; rerun resumes).")] = None,
-    wait: WaitOpt = False,
+    opts: Shared = NO_OPTIONS,
 ) -> None:
     """Run every route that applies to one teacher → student pair on the same task and the same test examples,
     and write one report: quality with 95% intervals and a paired test against zero-shot, latency, tokens, build
@@ -113,7 +98,7 @@ def compare(
     def body():
         from stillroom.locking import wait_for_holders
 
-        wait_for_holders(wait)  # the compare folder and every route folder in it
+        wait_for_holders(opts.wait)  # the compare folder and every route folder in it
         from stillroom.compare.config import CompareConfig
         from stillroom.compare.run import compare_dir_for, run_compare
         from stillroom.options import load_config
@@ -121,8 +106,7 @@ def compare(
         names = [r.strip() for r in routes.split(",") if r.strip()] if routes else None
         if names:
             _check_routes(names)
-        over = {"task": task_overrides(task, labels=labels, input_field=input_field, label_field=label_field,
-                                       id_field=id_field, instruction=instruction, instruction_file=instruction_file),
+        over = {"task": opts.task(task),
                 "teacher": {"spec": teacher}, "student": {"spec": student},
                 "routes": names, "eval_limit": eval_limit}
         cfg = load_config(config, CompareConfig, over, "--task", bool(task))

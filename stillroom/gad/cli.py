@@ -11,15 +11,7 @@ from typing import Annotated
 
 import typer
 
-from stillroom.options import (
-    IdFieldOpt,
-    InputFieldOpt,
-    InstructionFileOpt,
-    InstructionOpt,
-    LabelFieldOpt,
-    WaitOpt,
-    task_overrides,
-)
+from stillroom.options import NO_OPTIONS, Shared, shared_options
 from stillroom.ui import console, print_results, run_guarded
 
 Opt = typer.Option
@@ -43,6 +35,7 @@ def _print(metrics: dict, run_dir: Path) -> None:
     console.print(f"report: [bold]{run_dir / 'report.html'}[/]")
 
 
+@shared_options()
 def gad_cmd(
     config: Annotated[Path | None, typer.Argument(help="Optional YAML config (every GADConfig field); options override it.")] = None,
     task: Annotated[str | None, Opt("--task", "-t", help="A .jsonl/.csv file, 'bigbench:NAME' or 'hf:LOCAL_DATASET'.")] = None,
@@ -71,12 +64,7 @@ def gad_cmd(
     max_cost: Annotated[float | None, Opt(help="Teacher spend cap in USD for this run folder.")] = None,
     max_spend_tokens: Annotated[int | None, Opt(help="Teacher spend cap in tokens.")] = None,
     run_dir: Annotated[Path | None, Opt(help="Run folder (default: runs/gad-<task>-<config hash>; rerun resumes).")] = None,
-    input_field: InputFieldOpt = None,
-    label_field: LabelFieldOpt = None,
-    id_field: IdFieldOpt = None,
-    instruction: InstructionOpt = None,
-    instruction_file: InstructionFileOpt = None,
-    wait: WaitOpt = False,
+    opts: Shared = NO_OPTIONS,
 ) -> None:
     """Generative Adversarial Distillation (GAD, arXiv 2511.10643): black-box on-policy distillation.
 
@@ -96,15 +84,14 @@ def gad_cmd(
     def body():
         from stillroom.locking import wait_for_holders
 
-        wait_for_holders(wait)  # this command's --wait holds for every run folder it opens
+        wait_for_holders(opts.wait)  # this command's --wait holds for every run folder it opens
         from stillroom.gad.config import GADConfig
         from stillroom.gad.train import run_gad
         from stillroom.options import load_config
         from stillroom.runs import run_dir_for
 
         over = {
-            "task": task_overrides(task, input_field=input_field, label_field=label_field, id_field=id_field,
-                                  instruction=instruction, instruction_file=instruction_file), "student": {"spec": student},
+            "task": opts.task(task), "student": {"spec": student},
             "teacher": {"spec": teacher, "base_url": teacher_base_url, "api_key_env": teacher_api_key_env},
             "num_generations": num_generations, "temperature": temperature, "prompts_per_step": prompts_per_step,
             "adversarial_steps": adversarial_steps, "disc_warmup_steps": disc_warmup_steps,

@@ -12,18 +12,7 @@ from typing import Annotated
 
 import typer
 
-from stillroom.options import (
-    IdFieldOpt,
-    InputFieldOpt,
-    InstructionFileOpt,
-    InstructionOpt,
-    LabelFieldOpt,
-    RunDirOpt,
-    TaskOpt,
-    WaitOpt,
-    load_config,
-    task_overrides,
-)
+from stillroom.options import NO_OPTIONS, RunDirOpt, Shared, TaskOpt, load_config, shared_options
 from stillroom.ui import console, print_results, run_guarded
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="Optional YAML config; options override it.")]
@@ -78,6 +67,7 @@ KeyEnvOpt = Annotated[str | None, typer.Option("--api-key-env", help="NAME of th
 ShotsOpt = Annotated[int | None, typer.Option(help="k solved training examples in every prompt.")]
 
 
+@shared_options()
 def logits_cmd(
     config: ConfigArg = None, task: TaskOpt = None, teacher: TeacherWB = None, student: StudentOpt = None,
     divergence: DivOpt = None, beta: BetaOpt = None, alpha: AlphaOpt = None, temperature: TempOpt = None,
@@ -91,12 +81,7 @@ def logits_cmd(
     hybrid: Annotated[bool | None, typer.Option(
         "--hybrid", help="Across tokenizers: add GOLD's hybrid term (tokens both vocabularies share compared one to "
         "one).")] = None,
-    input_field: InputFieldOpt = None,
-    label_field: LabelFieldOpt = None,
-    id_field: IdFieldOpt = None,
-    instruction: InstructionOpt = None,
-    instruction_file: InstructionFileOpt = None,
-    wait: WaitOpt = False,
+    opts: Shared = NO_OPTIONS,
 ) -> None:
     """White-box logit KD: the teacher's top-k log-probabilities are computed once and cached on disk
     (resumable shards), then the student (LoRA or full) is trained on them without the teacher in memory.
@@ -108,7 +93,7 @@ def logits_cmd(
     def body():
         from stillroom.locking import wait_for_holders
 
-        wait_for_holders(wait)  # this command's --wait holds for every run folder it opens
+        wait_for_holders(opts.wait)  # this command's --wait holds for every run folder it opens
         from stillroom.kd.trainer import KDLogitsConfig, distill_logits
         from stillroom.runs import run_dir_for
 
@@ -117,8 +102,7 @@ def logits_cmd(
                                  eval_limit, shots)
         over["teacher"].update({"base_url": base_url, "api_key_env": api_key_env})
         over["xtok"] = {"mode": tokenizers, "hybrid": hybrid}
-        over["task"] = task_overrides(task, input_field=input_field, label_field=label_field, id_field=id_field,
-                                  instruction=instruction, instruction_file=instruction_file)
+        over["task"] = opts.task(task)
         cfg = load_config(config, KDLogitsConfig, over, "--task and --student", bool(task and student))
         out = run_dir or run_dir_for("kd-logits", cfg)
         _print(distill_logits(cfg, out), out)
@@ -126,6 +110,7 @@ def logits_cmd(
     run_guarded(body)
 
 
+@shared_options()
 def hints_cmd(
     config: ConfigArg = None, task: TaskOpt = None, teacher: TeacherWB = None, student: StudentOpt = None,
     layer_map: Annotated[str | None, typer.Option(help="'uniform', 'uniform:N' or 'S:T,S:T' (hidden-state indices).")] = None,
@@ -136,12 +121,7 @@ def hints_cmd(
     online: OnlineOpt = None, lora: LoraOpt = None, epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None,
     lr: LrOpt = None, batch_size: BatchOpt = None, train_limit: TrainLimitOpt = None,
     eval_limit: EvalLimitOpt = None, shots: ShotsOpt = None, run_dir: RunDirOpt = None,
-    input_field: InputFieldOpt = None,
-    label_field: LabelFieldOpt = None,
-    id_field: IdFieldOpt = None,
-    instruction: InstructionOpt = None,
-    instruction_file: InstructionFileOpt = None,
-    wait: WaitOpt = False,
+    opts: Shared = NO_OPTIONS,
 ) -> None:
     """Hint KD: the logit loss plus hidden-state matching through a learned projection (student width →
     teacher width), MSE or cosine, on a layer mapping (default uniform). Teacher states are cached with its
@@ -151,15 +131,14 @@ def hints_cmd(
     def body():
         from stillroom.locking import wait_for_holders
 
-        wait_for_holders(wait)  # this command's --wait holds for every run folder it opens
+        wait_for_holders(opts.wait)  # this command's --wait holds for every run folder it opens
         from stillroom.kd.trainer import KDLogitsConfig, distill_logits
         from stillroom.runs import run_dir_for
 
         over = _logits_overrides(task, teacher, student, divergence, None, None, temperature, ce_weight, top_k,
                                  online, None, lora, epochs, max_steps, lr, batch_size, train_limit,
                                  eval_limit, shots)
-        over["task"] = task_overrides(task, input_field=input_field, label_field=label_field, id_field=id_field,
-                                  instruction=instruction, instruction_file=instruction_file)
+        over["task"] = opts.task(task)
         over["hints"] = {"enabled": True, "layer_map": layer_map, "metric": metric, "weight": hint_weight,
                          "positions": positions}
         cfg = load_config(config, KDLogitsConfig, over, "--task and --student", bool(task and student))
@@ -169,6 +148,7 @@ def hints_cmd(
     run_guarded(body)
 
 
+@shared_options()
 def data_cmd(
     config: ConfigArg = None, task: TaskOpt = None,
     teacher: Annotated[str | None, typer.Option(help="Teacher spec: 'gemma3-270m', 'hf:PATH', 'openai:MODEL', ...")] = None,
@@ -187,12 +167,7 @@ def data_cmd(
     max_cost: Annotated[float | None, typer.Option(help="Teacher spend cap in USD for this run folder.")] = None,
     max_spend_tokens: Annotated[int | None, typer.Option(help="Teacher spend cap in tokens.")] = None,
     run_dir: RunDirOpt = None,
-    input_field: InputFieldOpt = None,
-    label_field: LabelFieldOpt = None,
-    id_field: IdFieldOpt = None,
-    instruction: InstructionOpt = None,
-    instruction_file: InstructionFileOpt = None,
-    wait: WaitOpt = False,
+    opts: Shared = NO_OPTIONS,
 ) -> None:
     """Black-box KD from any backend (API teachers included): teacher answers (SeqKD), rationales + answers
     (CoT), or teacher-labelled demonstrations; filtered by correctness against gold labels; then SFT of the
@@ -202,13 +177,12 @@ def data_cmd(
     def body():
         from stillroom.locking import wait_for_holders
 
-        wait_for_holders(wait)  # this command's --wait holds for every run folder it opens
+        wait_for_holders(opts.wait)  # this command's --wait holds for every run folder it opens
         from stillroom.kd.data import KDDataConfig, distill_data
         from stillroom.runs import run_dir_for
 
         over = {
-            "task": task_overrides(task, input_field=input_field, label_field=label_field, id_field=id_field,
-                                  instruction=instruction, instruction_file=instruction_file), "student": {"spec": student}, "mode": mode, "filter_correct": filter_correct,
+            "task": opts.task(task), "student": {"spec": student}, "mode": mode, "filter_correct": filter_correct,
             "teacher": {"spec": teacher, "base_url": teacher_base_url, "api_key_env": teacher_api_key_env},
             "samples": samples, "temperature": temperature, "demos": demos, "shots": shots,
             "teacher_shots": teacher_shots, "lora": None if lora is None else {"enabled": lora}, "epochs": epochs,
