@@ -166,8 +166,11 @@ class SpendConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_cost_usd: float | None = Field(None, ge=0, description="Stop before the run's spend would exceed this.")
-    max_tokens: int | None = Field(None, ge=0, description="Stop before the run's input+output tokens would exceed this.")
+    # These descriptions are the --help of --max-cost and --max-spend-tokens as well (stillroom.options).
+    max_cost_usd: float | None = Field(None, ge=0, description="Spend cap in USD for this run folder: the run stops "
+                                       "before its spend would exceed it.")
+    max_tokens: int | None = Field(None, ge=0, description="Spend cap in tokens (input + output) for this run folder: "
+                                   "the run stops before its tokens would exceed it.")
 
 
 def spend_field(description: str = "Cap on the teacher's spend for this run."):

@@ -1,6 +1,7 @@
 """Options shared by the route commands: every command takes its YAML config as an optional first argument
 (command-line options override it) and `--run-dir`; every command that takes a task has the task's column and
-instruction options (`shared_options`), their help text the TaskConfig field's description."""
+instruction options (`shared_options`), their help text the TaskConfig field's description; every command that
+pays for calls has the spend caps, their help text the SpendConfig field's."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Annotated
 import typer
 from pydantic import BaseModel
 
-from stillroom.config import TaskConfig
+from stillroom.config import SpendConfig, TaskConfig
 
 TaskOpt = Annotated[str | None, typer.Option("--task", "-t", help="A .jsonl/.csv file, 'bigbench:NAME' or 'hf:LOCAL_DATASET'.")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Model spec (default: the embedded gemma3-270m).")]
@@ -22,6 +23,9 @@ KeyEnvOpt = Annotated[str | None, typer.Option(help="NAME of the environment var
 RunDirOpt = Annotated[Path | None, typer.Option(help="Run folder (default: runs/<command>-<task>-<config hash>; rerun resumes).")]
 ConfigArg = Annotated[Path | None, typer.Argument(help="Optional YAML config (every field of the command's config); options override it.")]
 LabelsOpt = Annotated[str | None, typer.Option(help="Comma-separated label set, e.g. 'yes,no' (inferred when omitted).")]
+TrainLimitOpt = Annotated[int | None, typer.Option(help="Train on a deterministic sample of N training examples.")]
+EvalLimitOpt = Annotated[int | None, typer.Option(help="Evaluate on a deterministic sample of N examples.")]
+LoraOpt = Annotated[bool | None, typer.Option("--lora/--full", help="LoRA adapters on the student (default) or full fine-tuning.")]
 WaitOpt = Annotated[bool, typer.Option("--wait", help="If another process holds the run folder, wait for it instead of failing.")]
 
 
@@ -39,10 +43,12 @@ IdFieldOpt = Annotated[str | None, field_option(TaskConfig, "id_field")]
 FreeTextOpt = Annotated[bool | None, field_option(TaskConfig, "free_text", "--free-text")]
 InstructionOpt = Annotated[str | None, field_option(TaskConfig, "instruction")]
 InstructionFileOpt = Annotated[Path | None, field_option(TaskConfig, "instruction_file")]
+MaxCostOpt = Annotated[float | None, field_option(SpendConfig, "max_cost_usd", "--max-cost")]
+MaxSpendTokensOpt = Annotated[int | None, field_option(SpendConfig, "max_tokens", "--max-spend-tokens")]
 
 SHARED_OPTIONS = {"labels": LabelsOpt, "input_field": InputFieldOpt, "label_field": LabelFieldOpt, "id_field": IdFieldOpt,
                   "free_text": FreeTextOpt, "instruction": InstructionOpt, "instruction_file": InstructionFileOpt,
-                  "wait": WaitOpt}
+                  "max_cost": MaxCostOpt, "max_spend_tokens": MaxSpendTokensOpt, "wait": WaitOpt}
 """Parameter name → option of everything `shared_options` adds, in their --help order (defaults: `Shared`'s)."""
 
 
@@ -66,11 +72,18 @@ class Shared:
     free_text: bool | None = None
     instruction: str | None = None
     instruction_file: Path | None = None
+    max_cost: float | None = None
+    max_spend_tokens: int | None = None
     wait: bool = False
 
     def task(self, spec: str | None = None, **more) -> dict:
         """The task block these options lay over the command's YAML config (`task_overrides`)."""
-        return task_overrides(spec, **{k: v for k, v in asdict(self).items() if k != "wait"}, **more)
+        task = {k: v for k, v in asdict(self).items() if k not in ("max_cost", "max_spend_tokens", "wait")}
+        return task_overrides(spec, **task, **more)
+
+    def spend(self) -> dict:
+        """The spend block these options lay over the command's YAML config (SpendConfig)."""
+        return {"max_cost_usd": self.max_cost, "max_tokens": self.max_spend_tokens}
 
     def task_given(self) -> dict:
         """Only the task fields given on the command line (TaskConfig values)."""
@@ -80,12 +93,13 @@ class Shared:
 NO_OPTIONS = Shared()
 
 
-def shared_options(*, labels: bool = False, free_text: bool = False, wait: bool = True):
+def shared_options(*, labels: bool = False, free_text: bool = False, spend: bool = False, wait: bool = True):
     """Give a command the task's column and instruction options (`--input-field`, `--label-field`, `--id-field`,
-    `--instruction`, `--instruction-file`), and `--labels`, `--free-text` and `--wait` where asked, after its own
-    options. The command declares a last parameter `opts: Shared = NO_OPTIONS` and reads them there; called from
+    `--instruction`, `--instruction-file`), and `--labels`, `--free-text`, the spend caps (`--max-cost`,
+    `--max-spend-tokens`) and `--wait` where asked, after its own options. The command declares a last parameter `opts: Shared = NO_OPTIONS` and reads them there; called from
     Python, it takes them as keyword arguments like any other option (missing ones at their defaults)."""
-    skip = {"labels": not labels, "free_text": not free_text, "wait": not wait}
+    skip = {"labels": not labels, "free_text": not free_text, "max_cost": not spend, "max_spend_tokens": not spend,
+            "wait": not wait}
     names = [n for n in SHARED_OPTIONS if not skip.get(n)]
 
     def decorate(fn):

@@ -12,18 +12,27 @@ from typing import Annotated
 
 import typer
 
-from stillroom.options import NO_OPTIONS, RunDirOpt, Shared, TaskOpt, load_config, shared_options
+from stillroom.options import (
+    NO_OPTIONS,
+    BaseUrlOpt,
+    ConfigArg,
+    EvalLimitOpt,
+    KeyEnvOpt,
+    LoraOpt,
+    RunDirOpt,
+    Shared,
+    TaskOpt,
+    TrainLimitOpt,
+    load_config,
+    shared_options,
+)
 from stillroom.ui import console, print_results, run_guarded
 
-ConfigArg = Annotated[Path | None, typer.Argument(help="Optional YAML config; options override it.")]
 StudentOpt = Annotated[str | None, typer.Option(help="Student: 'hf:PATH' or a local model folder.")]
-TrainLimitOpt = Annotated[int | None, typer.Option(help="Train on a deterministic sample of N training examples.")]
-EvalLimitOpt = Annotated[int | None, typer.Option(help="Evaluate on a deterministic sample of N examples.")]
 EpochsOpt = Annotated[float | None, typer.Option(help="Passes over the training examples.")]
 MaxStepsOpt = Annotated[int | None, typer.Option(help="Optimizer steps (overrides --epochs).")]
 LrOpt = Annotated[float | None, typer.Option("--lr", help="Learning rate.")]
 BatchOpt = Annotated[int | None, typer.Option(help="Batch size per device.")]
-LoraOpt = Annotated[bool | None, typer.Option("--lora/--full", help="LoRA adapters (default) or full fine-tuning.")]
 
 
 def _print(metrics: dict, run_dir: Path) -> None:
@@ -62,8 +71,8 @@ TopKOpt = Annotated[int | None, typer.Option(help="Teacher log-probabilities cac
 OnlineOpt = Annotated[bool | None, typer.Option("--online/--cached", help="Keep the teacher resident instead of caching its logits.")]
 OnPolicyOpt = Annotated[bool | None, typer.Option("--on-policy", help="On-policy KD via TRL's DistillationTrainer (teacher resident).")]
 TeacherWB = Annotated[str | None, typer.Option(help="Teacher: 'gemma3-270m' (default), 'hf:PATH', a model folder, or 'openai:MODEL' served by vLLM (kd logits, with --base-url).")]
-BaseUrlOpt = Annotated[str | None, typer.Option("--base-url", help="A served teacher's vLLM URL (e.g. http://gpu-node:8000/v1): its top-k log-probabilities fill the cache.")]
-KeyEnvOpt = Annotated[str | None, typer.Option("--api-key-env", help="NAME of the variable holding the served teacher's key.")]
+ServedUrlOpt = Annotated[str | None, typer.Option("--base-url", help="A served teacher's vLLM URL (e.g. http://gpu-node:8000/v1): its top-k log-probabilities fill the cache.")]
+ServedKeyEnvOpt = Annotated[str | None, typer.Option("--api-key-env", help="NAME of the variable holding the served teacher's key.")]
 ShotsOpt = Annotated[int | None, typer.Option(help="k solved training examples in every prompt.")]
 
 
@@ -74,7 +83,7 @@ def logits_cmd(
     ce_weight: CeOpt = None, top_k: TopKOpt = None, online: OnlineOpt = None, on_policy: OnPolicyOpt = None,
     lora: LoraOpt = None, epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, lr: LrOpt = None,
     batch_size: BatchOpt = None, train_limit: TrainLimitOpt = None, eval_limit: EvalLimitOpt = None,
-    shots: ShotsOpt = None, run_dir: RunDirOpt = None, base_url: BaseUrlOpt = None, api_key_env: KeyEnvOpt = None,
+    shots: ShotsOpt = None, run_dir: RunDirOpt = None, base_url: ServedUrlOpt = None, api_key_env: ServedKeyEnvOpt = None,
     tokenizers: Annotated[str | None, typer.Option(
         help="auto (default: align by bytes when teacher and student tokenize differently), same (refuse "
         "different tokenizers) or cross (always ULD on byte-aligned spans).")] = None,
@@ -148,12 +157,12 @@ def hints_cmd(
     run_guarded(body)
 
 
-@shared_options()
+@shared_options(spend=True)
 def data_cmd(
     config: ConfigArg = None, task: TaskOpt = None,
     teacher: Annotated[str | None, typer.Option(help="Teacher spec: 'gemma3-270m', 'hf:PATH', 'openai:MODEL', ...")] = None,
-    teacher_base_url: Annotated[str | None, typer.Option(help="Base URL of an OpenAI-compatible server.")] = None,
-    teacher_api_key_env: Annotated[str | None, typer.Option(help="NAME of the variable holding the API key.")] = None,
+    teacher_base_url: BaseUrlOpt = None,
+    teacher_api_key_env: KeyEnvOpt = None,
     student: StudentOpt = None,
     mode: Annotated[str | None, typer.Option(help="answers (SeqKD), cot (rationales + answers) or demos (few-shot).")] = None,
     filter_correct: Annotated[bool | None, typer.Option("--filter/--no-filter", help="Keep only teacher outputs matching the gold label.")] = None,
@@ -164,8 +173,6 @@ def data_cmd(
     teacher_shots: Annotated[int | None, typer.Option(help="Gold-labelled shots in the teacher's prompt.")] = None,
     lora: LoraOpt = None, epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, lr: LrOpt = None,
     batch_size: BatchOpt = None, train_limit: TrainLimitOpt = None, eval_limit: EvalLimitOpt = None,
-    max_cost: Annotated[float | None, typer.Option(help="Teacher spend cap in USD for this run folder.")] = None,
-    max_spend_tokens: Annotated[int | None, typer.Option(help="Teacher spend cap in tokens.")] = None,
     run_dir: RunDirOpt = None,
     opts: Shared = NO_OPTIONS,
 ) -> None:
@@ -187,7 +194,7 @@ def data_cmd(
             "samples": samples, "temperature": temperature, "demos": demos, "shots": shots,
             "teacher_shots": teacher_shots, "lora": None if lora is None else {"enabled": lora}, "epochs": epochs,
             "max_steps": max_steps, "learning_rate": lr, "batch_size": batch_size, "train_limit": train_limit,
-            "eval_limit": eval_limit, "spend": {"max_cost_usd": max_cost, "max_tokens": max_spend_tokens},
+            "eval_limit": eval_limit, "spend": opts.spend(),
         }
         cfg = load_config(config, KDDataConfig, over, "--task and --student", bool(task and student))
         out = run_dir or run_dir_for("kd-data", cfg)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -10,6 +9,7 @@ import typer
 from stillroom.options import (
     NO_OPTIONS,
     BaseUrlOpt,
+    ConfigArg,
     KeyEnvOpt,
     RunDirOpt,
     Shared,
@@ -19,9 +19,9 @@ from stillroom.options import (
 from stillroom.ui import console, print_results, run_guarded
 
 
-@shared_options(labels=True)
+@shared_options(labels=True, spend=True)
 def pld(
-    config: Annotated[Path | None, typer.Argument(help="Optional YAML config (every PLDConfig field); options override it.")] = None,
+    config: ConfigArg = None,
     task: TaskOpt = None,
     teacher: Annotated[str | None, typer.Option(help="Teacher model spec (default: the embedded gemma3-270m).")] = None,
     student: Annotated[str | None, typer.Option(help="Student model spec (default: the embedded gemma3-270m).")] = None,
@@ -39,8 +39,6 @@ def pld(
     max_rounds: Annotated[int | None, typer.Option(help="Conflict-resolution rounds at most.")] = None,
     cot: Annotated[bool | None, typer.Option("--cot/--no-cot", help="Include the chain-of-thought baseline.")] = None,
     ablation: Annotated[bool | None, typer.Option("--ablation/--no-ablation", help="Leave-one-rule-out ablation.")] = None,
-    max_cost: Annotated[float | None, typer.Option(help="Teacher spend cap in USD for this run folder.")] = None,
-    max_spend_tokens: Annotated[int | None, typer.Option(help="Teacher spend cap in tokens.")] = None,
     run_dir: RunDirOpt = None,
     opts: Shared = NO_OPTIONS,
 ) -> None:
@@ -65,7 +63,7 @@ def pld(
             "student": {"spec": student, "base_url": student_base_url, "api_key_env": student_api_key_env},
             "train_limit": train_limit, "val_limit": val_limit, "eval_limit": eval_limit, "embedder": embedder,
             "eps": eps, "min_samples": min_samples, "eps_sweep": sweep, "max_rounds": max_rounds, "cot": cot,
-            "ablation": ablation, "spend": {"max_cost_usd": max_cost, "max_tokens": max_spend_tokens},
+            "ablation": ablation, "spend": opts.spend(),
         }
         cfg = load_config(config, PLDConfig, overrides, "--task", bool(task))
         out = run_dir or run_dir_for("pld", cfg)

@@ -21,7 +21,7 @@ from stillroom.options import (
 from stillroom.ui import print_results, run_guarded
 
 
-@shared_options(labels=True, free_text=True)
+@shared_options(labels=True, free_text=True, spend=True)
 def eval_cmd(
     task: TaskOpt = None,
     model: ModelOpt = None,
@@ -35,8 +35,6 @@ def eval_cmd(
     seed: Annotated[int | None, typer.Option(help="Split and sampling seed.")] = None,
     base_url: BaseUrlOpt = None,
     api_key_env: KeyEnvOpt = None,
-    max_cost: Annotated[float | None, typer.Option(help="Spend cap in USD for this run folder.")] = None,
-    max_spend_tokens: Annotated[int | None, typer.Option(help="Spend cap in tokens (input + output).")] = None,
     run_dir: RunDirOpt = None,
     opts: Shared = NO_OPTIONS,
 ) -> None:
@@ -56,7 +54,7 @@ def eval_cmd(
             "model": {"spec": model, "base_url": base_url, "api_key_env": api_key_env},
             "eval_split": split, "eval_limit": limit, "shots": shots, "method": method,
             "system_prompt_file": str(system_prompt) if system_prompt else None,
-            "spend": {"max_cost_usd": max_cost, "max_tokens": max_spend_tokens},
+            "spend": opts.spend(),
         }
         cfg = load_config(config, EvalConfig, overrides, "--task", bool(task))
         if cfg.system_prompt_file and not Path(cfg.system_prompt_file).exists():
