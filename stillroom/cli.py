@@ -8,17 +8,7 @@ from typing import Annotated
 
 import typer
 
-from stillroom.options import (
-    FreeTextOpt,
-    IdFieldOpt,
-    InputFieldOpt,
-    InstructionFileOpt,
-    InstructionOpt,
-    LabelFieldOpt,
-    LabelsOpt,
-    WaitOpt,
-    task_overrides,
-)
+from stillroom.options import NO_OPTIONS, Shared, WaitOpt, shared_options
 from stillroom.ui import console, run_guarded
 
 RunDirOpt = Annotated[Path | None, typer.Option(help="Run folder (default: runs/<command>-<task>-<hash of what defines the work>; rerun resumes).")]
@@ -94,16 +84,11 @@ def _print_demo_times(*, prepare_s: float, converted: list[str] | None, compare_
 
 
 @tasks_app.command("show")
+@shared_options(labels=True, free_text=True, wait=False)
 def tasks_show(
     task: Annotated[str, typer.Argument(help="A .jsonl/.csv file, 'bigbench:NAME' or 'hf:LOCAL_DATASET'.")],
     seed: int = 0,
-    labels: LabelsOpt = None,
-    input_field: InputFieldOpt = None,
-    label_field: LabelFieldOpt = None,
-    id_field: IdFieldOpt = None,
-    free_text: FreeTextOpt = None,
-    instruction: InstructionOpt = None,
-    instruction_file: InstructionFileOpt = None,
+    opts: Shared = NO_OPTIONS,
 ) -> None:
     """Load a task (validating every line) and print its kind, columns, labels, instruction and split sizes."""
 
@@ -111,9 +96,7 @@ def tasks_show(
         from stillroom.config import TaskConfig, deep_merge, validate_config
         from stillroom.route import load_task_config
 
-        over = task_overrides(task, labels=labels, input_field=input_field, label_field=label_field,
-                              id_field=id_field, free_text=free_text, instruction=instruction,
-                              instruction_file=instruction_file, seed=seed)
+        over = opts.task(task, seed=seed)
         cfg = validate_config(TaskConfig, deep_merge({}, over), source="command line")
         t = load_task_config(cfg)
         s = t.splits(seed=seed)

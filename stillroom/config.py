@@ -166,8 +166,11 @@ class SpendConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_cost_usd: float | None = Field(None, ge=0, description="Stop before the run's spend would exceed this.")
-    max_tokens: int | None = Field(None, ge=0, description="Stop before the run's input+output tokens would exceed this.")
+    # These descriptions are the --help of --max-cost and --max-spend-tokens as well (stillroom.options).
+    max_cost_usd: float | None = Field(None, ge=0, description="Spend cap in USD for this run folder: the run stops "
+                                       "before its spend would exceed it.")
+    max_tokens: int | None = Field(None, ge=0, description="Spend cap in tokens (input + output) for this run folder: "
+                                   "the run stops before its tokens would exceed it.")
 
 
 def spend_field(description: str = "Cap on the teacher's spend for this run."):
@@ -176,25 +179,30 @@ def spend_field(description: str = "Cap on the teacher's spend for this run."):
 
 
 class TaskConfig(BaseModel):
-    """Which data, and how it is split."""
+    """Which data, and how it is split.
+
+    The column, kind and instruction fields are also options of every command that takes a task (`input_field`
+    is `--input-field`), whose help text is the field's description (`stillroom.options.field_option`): each
+    description reads for both."""
 
     model_config = ConfigDict(extra="forbid")
 
     spec: str = Field(..., description="Task: a .jsonl/.csv file, 'bigbench:NAME', or 'hf:LOCAL_DATASET'.")
-    input_field: str = Field("input", description="The column (CSV) or field (JSONL, dataset) holding each "
-                             "example's text (command line: --input-field). Not used for BIG-bench.")
-    label_field: str = Field("label", description="The column or field holding the gold answer (--label-field). "
-                             "A file without it stops at load, naming its columns, unless free_text is set.")
-    id_field: str = Field("id", description="The column or field holding a stable example id (--id-field); ids "
-                          "are generated from the input text when it is absent.")
-    free_text: bool = Field(False, description="The task is free text (open answers, no label set; --free-text). "
-                            "A file with no label column loads only when this is set; without gold answers no "
-                            "quality is reported and no route is recommended.")
+    input_field: str = Field("input", description="Column (CSV) or field (JSONL, dataset) holding each example's "
+                             "text (default 'input'). Not used for BIG-bench.")
+    label_field: str = Field("label", description="Column or field holding the gold answer (default 'label'), e.g. "
+                             "category. A file without it stops at load, naming its columns, unless the task is "
+                             "free text.")
+    id_field: str = Field("id", description="Column or field holding a stable example id (default 'id'); ids are "
+                          "generated from the input text when it is absent.")
+    free_text: bool = Field(False, description="The task is free text: open answers, no label set. A file with no "
+                            "label column loads only when this is set; without gold answers no quality is reported "
+                            "and no route is recommended.")
     instruction: str | None = Field(None, description="Task instruction, written before the examples in every "
-                                    "prompt (--instruction; overrides BIG-bench's own). Empty when neither this nor "
-                                    "instruction_file is set.")
-    instruction_file: str | None = Field(None, description="A plain-text file holding the task instruction "
-                                         "(--instruction-file); give this or instruction, not both.")
+                                    "prompt (overrides BIG-bench's own). Empty when neither it nor an instruction "
+                                    "file is given.")
+    instruction_file: str | None = Field(None, description="A plain-text file holding the task instruction; give it "
+                                         "or the instruction, not both.")
     labels: list[str] | None = Field(None, description="Label set for classification (inferred when omitted). Quote "
                                      "yes/no/true/false/on/off in YAML: unquoted, YAML reads them as booleans.")
     overlong: Literal["error", "truncate", "skip"] = Field(

@@ -9,17 +9,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from stillroom.options import (
-    IdFieldOpt,
-    InputFieldOpt,
-    InstructionFileOpt,
-    InstructionOpt,
-    LabelFieldOpt,
-    LabelsOpt,
-    TaskOpt,
-    WaitOpt,
-    task_overrides,
-)
+from stillroom.options import NO_OPTIONS, Shared, TaskOpt, shared_options
 from stillroom.ui import console, library_output_to, run_guarded
 
 LIBRARY_LOG = "library.log"
@@ -59,6 +49,19 @@ def print_compare(summary: dict, out: Path) -> None:
     console.print(f"report: [bold]{out / 'report.html'}[/]", soft_wrap=True)
 
 
+def no_route_finished(summary: dict, out: Path) -> str | None:
+    """The error line of a compare in which no route finished (every one failed, was skipped or was not run):
+    what became of each route and where its error is. None when at least one route finished."""
+    rows = summary["rows"]
+    if any(r["status"] == "ok" for r in rows):
+        return None
+    what = ", ".join(f"{r['route']} {r['status']}" for r in rows) or "no route planned"
+    where = f"the reasons are listed above and in {Path(out) / 'report.html'}"
+    if any(r["status"] == "failed" for r in rows):
+        where += f"; a failed route's traceback is in {Path(out) / 'routes' / '<route>' / 'route.json'}"
+    return f"no route finished ({what}): {where}"
+
+
 def _check_routes(names: list[str]) -> None:
     """Route names given on the command line, checked here so a typo is reported as the command line's (with the
     nearest known route), not as an error in the YAML file."""
@@ -74,6 +77,7 @@ def _check_routes(names: list[str]) -> None:
                                      param_hint="'--routes'")
 
 
+@shared_options(labels=True)
 def compare(
     config: Annotated[Path | None, typer.Argument(help="YAML config: task, teacher, student, routes, budgets (CompareConfig).")] = None,
     task: TaskOpt = None,
@@ -81,25 +85,20 @@ def compare(
     student: Annotated[str | None, typer.Option(help="Student model spec (default: the embedded gemma3-270m).")] = None,
     routes: Annotated[str | None, typer.Option(help="Comma-separated routes to run (overrides the config).")] = None,
     eval_limit: Annotated[int | None, typer.Option(help="Evaluated examples, the same for every route.")] = None,
-    labels: LabelsOpt = None,
-    input_field: InputFieldOpt = None,
-    label_field: LabelFieldOpt = None,
-    id_field: IdFieldOpt = None,
-    instruction: InstructionOpt = None,
-    instruction_file: InstructionFileOpt = None,
     run_dir: Annotated[Path | None, typer.Option(help="Compare folder (default: runs/compare-<task>-<hash of task, teacher, student and selection>; rerun resumes).")] = None,
-    wait: WaitOpt = False,
+    opts: Shared = NO_OPTIONS,
 ) -> None:
     """Run every route that applies to one teacher → student pair on the same task and the same test examples,
     and write one report: quality with 95% intervals and a paired test against zero-shot, latency, tokens, build
     cost and size, the Pareto fronts, and a recommendation. Each route keeps its own run folder under
     <run-dir>/routes/. Rerunning with nothing changed makes no model call and no training step; changing one
-    route's budget reruns that route only."""
+    route's budget reruns that route only. Exits with status 2 when no route finished (the failed and skipped ones
+    are listed with their reasons)."""
 
     def body():
         from stillroom.locking import wait_for_holders
 
-        wait_for_holders(wait)  # the compare folder and every route folder in it
+        wait_for_holders(opts.wait)  # the compare folder and every route folder in it
         from stillroom.compare.config import CompareConfig
         from stillroom.compare.run import compare_dir_for, run_compare
         from stillroom.options import load_config
@@ -107,8 +106,7 @@ def compare(
         names = [r.strip() for r in routes.split(",") if r.strip()] if routes else None
         if names:
             _check_routes(names)
-        over = {"task": task_overrides(task, labels=labels, input_field=input_field, label_field=label_field,
-                                       id_field=id_field, instruction=instruction, instruction_file=instruction_file),
+        over = {"task": opts.task(task),
                 "teacher": {"spec": teacher}, "student": {"spec": student},
                 "routes": names, "eval_limit": eval_limit}
         cfg = load_config(config, CompareConfig, over, "--task", bool(task))
@@ -119,6 +117,11 @@ def compare(
         print_compare(summary, out)
         if (Path(out) / LIBRARY_LOG).exists():
             console.print(f"library output: {Path(out) / LIBRARY_LOG}", soft_wrap=True)
+        nothing = no_route_finished(summary, out)
+        if nothing:
+            from stillroom.errors import StillroomError
+
+            raise StillroomError(nothing)  # exit status 2, like every other failed command
 
     run_guarded(body)
 

@@ -12,13 +12,17 @@ from typing import Annotated
 import typer
 
 from stillroom.options import (
-    IdFieldOpt,
-    InputFieldOpt,
-    InstructionFileOpt,
-    InstructionOpt,
-    LabelFieldOpt,
-    WaitOpt,
-    task_overrides,
+    NO_OPTIONS,
+    BaseUrlOpt,
+    ConfigArg,
+    EvalLimitOpt,
+    KeyEnvOpt,
+    LoraOpt,
+    RunDirOpt,
+    Shared,
+    TaskOpt,
+    TrainLimitOpt,
+    shared_options,
 )
 from stillroom.ui import console, print_results, run_guarded
 
@@ -43,12 +47,13 @@ def _print(metrics: dict, run_dir: Path) -> None:
     console.print(f"report: [bold]{run_dir / 'report.html'}[/]")
 
 
+@shared_options(spend=True)
 def gad_cmd(
-    config: Annotated[Path | None, typer.Argument(help="Optional YAML config (every GADConfig field); options override it.")] = None,
-    task: Annotated[str | None, Opt("--task", "-t", help="A .jsonl/.csv file, 'bigbench:NAME' or 'hf:LOCAL_DATASET'.")] = None,
+    config: ConfigArg = None,
+    task: TaskOpt = None,
     teacher: Annotated[str | None, Opt(help="Teacher spec, any backend: 'openai:MODEL', 'hf:PATH', 'gemma3-270m' (only its text is used).")] = None,
-    teacher_base_url: Annotated[str | None, Opt(help="Base URL of an OpenAI-compatible teacher server.")] = None,
-    teacher_api_key_env: Annotated[str | None, Opt(help="NAME of the environment variable holding the teacher's API key.")] = None,
+    teacher_base_url: BaseUrlOpt = None,
+    teacher_api_key_env: KeyEnvOpt = None,
     student: Annotated[str | None, Opt(help="Student (generator): 'gemma3-270m', 'hf:PATH' or a local model folder.")] = None,
     num_generations: Annotated[int | None, Opt("--num-generations", "-G", help="Student samples per prompt per adversarial step (paper: 8).")] = None,
     temperature: Annotated[float | None, Opt(help="Student sampling temperature (paper: 0.8).")] = None,
@@ -63,20 +68,13 @@ def gad_cmd(
     beta: Annotated[float | None, Opt(help="KL penalty to the warmed-up student (paper: 0.001).")] = None,
     max_completion_length: Annotated[int | None, Opt(help="Tokens per student sample at most.")] = None,
     update_discriminator: Annotated[bool | None, Opt("--update-discriminator/--frozen-discriminator", help="Keep training the discriminator in the adversarial stage (frozen: an ablation that gets reward-hacked).")] = None,
-    lora: Annotated[bool | None, Opt("--lora/--full", help="LoRA adapters on the student (default) or full fine-tuning.")] = None,
+    lora: LoraOpt = None,
     batch_size: Annotated[int | None, Opt(help="SeqKD warm-up batch size (and prompts per warm-up discriminator step).")] = None,
-    train_limit: Annotated[int | None, Opt(help="Train on a deterministic sample of N training examples.")] = None,
-    eval_limit: Annotated[int | None, Opt(help="Evaluate on a deterministic sample of N examples.")] = None,
+    train_limit: TrainLimitOpt = None,
+    eval_limit: EvalLimitOpt = None,
     seed: Annotated[int | None, Opt(help="Training and sampling seed.")] = None,
-    max_cost: Annotated[float | None, Opt(help="Teacher spend cap in USD for this run folder.")] = None,
-    max_spend_tokens: Annotated[int | None, Opt(help="Teacher spend cap in tokens.")] = None,
-    run_dir: Annotated[Path | None, Opt(help="Run folder (default: runs/gad-<task>-<config hash>; rerun resumes).")] = None,
-    input_field: InputFieldOpt = None,
-    label_field: LabelFieldOpt = None,
-    id_field: IdFieldOpt = None,
-    instruction: InstructionOpt = None,
-    instruction_file: InstructionFileOpt = None,
-    wait: WaitOpt = False,
+    run_dir: RunDirOpt = None,
+    opts: Shared = NO_OPTIONS,
 ) -> None:
     """Generative Adversarial Distillation (GAD, arXiv 2511.10643): black-box on-policy distillation.
 
@@ -96,15 +94,14 @@ def gad_cmd(
     def body():
         from stillroom.locking import wait_for_holders
 
-        wait_for_holders(wait)  # this command's --wait holds for every run folder it opens
+        wait_for_holders(opts.wait)  # this command's --wait holds for every run folder it opens
         from stillroom.gad.config import GADConfig
         from stillroom.gad.train import run_gad
         from stillroom.options import load_config
         from stillroom.runs import run_dir_for
 
         over = {
-            "task": task_overrides(task, input_field=input_field, label_field=label_field, id_field=id_field,
-                                  instruction=instruction, instruction_file=instruction_file), "student": {"spec": student},
+            "task": opts.task(task), "student": {"spec": student},
             "teacher": {"spec": teacher, "base_url": teacher_base_url, "api_key_env": teacher_api_key_env},
             "num_generations": num_generations, "temperature": temperature, "prompts_per_step": prompts_per_step,
             "adversarial_steps": adversarial_steps, "disc_warmup_steps": disc_warmup_steps,
@@ -112,7 +109,7 @@ def gad_cmd(
             "warmup_learning_rate": warmup_lr, "disc_learning_rate": disc_lr, "beta": beta,
             "max_completion_length": max_completion_length, "update_discriminator": update_discriminator,
             "lora": None if lora is None else {"enabled": lora}, "batch_size": batch_size, "train_limit": train_limit, "eval_limit": eval_limit,
-            "seed": seed, "spend": {"max_cost_usd": max_cost, "max_tokens": max_spend_tokens},
+            "seed": seed, "spend": opts.spend(),
         }
         cfg = load_config(config, GADConfig, over, "--task and --student", bool(task and student))
         out = run_dir or run_dir_for("gad", cfg)

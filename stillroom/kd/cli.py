@@ -13,28 +13,26 @@ from typing import Annotated
 import typer
 
 from stillroom.options import (
-    IdFieldOpt,
-    InputFieldOpt,
-    InstructionFileOpt,
-    InstructionOpt,
-    LabelFieldOpt,
+    NO_OPTIONS,
+    BaseUrlOpt,
+    ConfigArg,
+    EvalLimitOpt,
+    KeyEnvOpt,
+    LoraOpt,
     RunDirOpt,
+    Shared,
     TaskOpt,
-    WaitOpt,
+    TrainLimitOpt,
     load_config,
-    task_overrides,
+    shared_options,
 )
 from stillroom.ui import console, print_results, run_guarded
 
-ConfigArg = Annotated[Path | None, typer.Argument(help="Optional YAML config; options override it.")]
 StudentOpt = Annotated[str | None, typer.Option(help="Student: 'hf:PATH' or a local model folder.")]
-TrainLimitOpt = Annotated[int | None, typer.Option(help="Train on a deterministic sample of N training examples.")]
-EvalLimitOpt = Annotated[int | None, typer.Option(help="Evaluate on a deterministic sample of N examples.")]
 EpochsOpt = Annotated[float | None, typer.Option(help="Passes over the training examples.")]
 MaxStepsOpt = Annotated[int | None, typer.Option(help="Optimizer steps (overrides --epochs).")]
 LrOpt = Annotated[float | None, typer.Option("--lr", help="Learning rate.")]
 BatchOpt = Annotated[int | None, typer.Option(help="Batch size per device.")]
-LoraOpt = Annotated[bool | None, typer.Option("--lora/--full", help="LoRA adapters (default) or full fine-tuning.")]
 
 
 def _print(metrics: dict, run_dir: Path) -> None:
@@ -73,32 +71,26 @@ TopKOpt = Annotated[int | None, typer.Option(help="Teacher log-probabilities cac
 OnlineOpt = Annotated[bool | None, typer.Option("--online/--cached", help="Keep the teacher resident instead of caching its logits.")]
 OnPolicyOpt = Annotated[bool | None, typer.Option("--on-policy", help="On-policy KD via TRL's DistillationTrainer (teacher resident).")]
 TeacherWB = Annotated[str | None, typer.Option(help="Teacher: 'gemma3-270m' (default), 'hf:PATH', a model folder, or 'openai:MODEL' served by vLLM (kd logits, with --base-url).")]
-BaseUrlOpt = Annotated[str | None, typer.Option("--base-url", help="A served teacher's vLLM URL (e.g. http://gpu-node:8000/v1): its top-k log-probabilities fill the cache.")]
-KeyEnvOpt = Annotated[str | None, typer.Option("--api-key-env", help="NAME of the variable holding the served teacher's key.")]
+ServedUrlOpt = Annotated[str | None, typer.Option("--base-url", help="A served teacher's vLLM URL (e.g. http://gpu-node:8000/v1): its top-k log-probabilities fill the cache.")]
+ServedKeyEnvOpt = Annotated[str | None, typer.Option("--api-key-env", help="NAME of the variable holding the served teacher's key.")]
 ShotsOpt = Annotated[int | None, typer.Option(help="k solved training examples in every prompt.")]
 
 
+@shared_options(spend=True)
 def logits_cmd(
     config: ConfigArg = None, task: TaskOpt = None, teacher: TeacherWB = None, student: StudentOpt = None,
     divergence: DivOpt = None, beta: BetaOpt = None, alpha: AlphaOpt = None, temperature: TempOpt = None,
     ce_weight: CeOpt = None, top_k: TopKOpt = None, online: OnlineOpt = None, on_policy: OnPolicyOpt = None,
     lora: LoraOpt = None, epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, lr: LrOpt = None,
     batch_size: BatchOpt = None, train_limit: TrainLimitOpt = None, eval_limit: EvalLimitOpt = None,
-    shots: ShotsOpt = None, run_dir: RunDirOpt = None, base_url: BaseUrlOpt = None, api_key_env: KeyEnvOpt = None,
+    shots: ShotsOpt = None, run_dir: RunDirOpt = None, base_url: ServedUrlOpt = None, api_key_env: ServedKeyEnvOpt = None,
     tokenizers: Annotated[str | None, typer.Option(
         help="auto (default: align by bytes when teacher and student tokenize differently), same (refuse "
         "different tokenizers) or cross (always ULD on byte-aligned spans).")] = None,
     hybrid: Annotated[bool | None, typer.Option(
         "--hybrid", help="Across tokenizers: add GOLD's hybrid term (tokens both vocabularies share compared one to "
         "one).")] = None,
-    max_cost: Annotated[float | None, typer.Option(help="Served teacher spend cap in USD for this run folder.")] = None,
-    max_spend_tokens: Annotated[int | None, typer.Option(help="Served teacher spend cap in tokens.")] = None,
-    input_field: InputFieldOpt = None,
-    label_field: LabelFieldOpt = None,
-    id_field: IdFieldOpt = None,
-    instruction: InstructionOpt = None,
-    instruction_file: InstructionFileOpt = None,
-    wait: WaitOpt = False,
+    opts: Shared = NO_OPTIONS,
 ) -> None:
     """White-box logit KD: the teacher's top-k log-probabilities are computed once and cached on disk
     (resumable shards), then the student (LoRA or full) is trained on them without the teacher in memory.
@@ -110,7 +102,7 @@ def logits_cmd(
     def body():
         from stillroom.locking import wait_for_holders
 
-        wait_for_holders(wait)  # this command's --wait holds for every run folder it opens
+        wait_for_holders(opts.wait)  # this command's --wait holds for every run folder it opens
         from stillroom.kd.trainer import KDLogitsConfig, distill_logits
         from stillroom.runs import run_dir_for
 
@@ -119,9 +111,8 @@ def logits_cmd(
                                  eval_limit, shots)
         over["teacher"].update({"base_url": base_url, "api_key_env": api_key_env})
         over["xtok"] = {"mode": tokenizers, "hybrid": hybrid}
-        over["spend"] = {"max_cost_usd": max_cost, "max_tokens": max_spend_tokens}
-        over["task"] = task_overrides(task, input_field=input_field, label_field=label_field, id_field=id_field,
-                                  instruction=instruction, instruction_file=instruction_file)
+        over["spend"] = opts.spend()
+        over["task"] = opts.task(task)
         cfg = load_config(config, KDLogitsConfig, over, "--task and --student", bool(task and student))
         out = run_dir or run_dir_for("kd-logits", cfg)
         _print(distill_logits(cfg, out), out)
@@ -129,6 +120,7 @@ def logits_cmd(
     run_guarded(body)
 
 
+@shared_options()
 def hints_cmd(
     config: ConfigArg = None, task: TaskOpt = None, teacher: TeacherWB = None, student: StudentOpt = None,
     layer_map: Annotated[str | None, typer.Option(help="'uniform', 'uniform:N' or 'S:T,S:T' (hidden-state indices).")] = None,
@@ -139,12 +131,7 @@ def hints_cmd(
     online: OnlineOpt = None, lora: LoraOpt = None, epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None,
     lr: LrOpt = None, batch_size: BatchOpt = None, train_limit: TrainLimitOpt = None,
     eval_limit: EvalLimitOpt = None, shots: ShotsOpt = None, run_dir: RunDirOpt = None,
-    input_field: InputFieldOpt = None,
-    label_field: LabelFieldOpt = None,
-    id_field: IdFieldOpt = None,
-    instruction: InstructionOpt = None,
-    instruction_file: InstructionFileOpt = None,
-    wait: WaitOpt = False,
+    opts: Shared = NO_OPTIONS,
 ) -> None:
     """Hint KD: the logit loss plus hidden-state matching through a learned projection (student width →
     teacher width), MSE or cosine, on a layer mapping (default uniform). Teacher states are cached with its
@@ -154,15 +141,14 @@ def hints_cmd(
     def body():
         from stillroom.locking import wait_for_holders
 
-        wait_for_holders(wait)  # this command's --wait holds for every run folder it opens
+        wait_for_holders(opts.wait)  # this command's --wait holds for every run folder it opens
         from stillroom.kd.trainer import KDLogitsConfig, distill_logits
         from stillroom.runs import run_dir_for
 
         over = _logits_overrides(task, teacher, student, divergence, None, None, temperature, ce_weight, top_k,
                                  online, None, lora, epochs, max_steps, lr, batch_size, train_limit,
                                  eval_limit, shots)
-        over["task"] = task_overrides(task, input_field=input_field, label_field=label_field, id_field=id_field,
-                                  instruction=instruction, instruction_file=instruction_file)
+        over["task"] = opts.task(task)
         over["hints"] = {"enabled": True, "layer_map": layer_map, "metric": metric, "weight": hint_weight,
                          "positions": positions}
         cfg = load_config(config, KDLogitsConfig, over, "--task and --student", bool(task and student))
@@ -172,11 +158,12 @@ def hints_cmd(
     run_guarded(body)
 
 
+@shared_options(spend=True)
 def data_cmd(
     config: ConfigArg = None, task: TaskOpt = None,
     teacher: Annotated[str | None, typer.Option(help="Teacher spec: 'gemma3-270m', 'hf:PATH', 'openai:MODEL', ...")] = None,
-    teacher_base_url: Annotated[str | None, typer.Option(help="Base URL of an OpenAI-compatible server.")] = None,
-    teacher_api_key_env: Annotated[str | None, typer.Option(help="NAME of the variable holding the API key.")] = None,
+    teacher_base_url: BaseUrlOpt = None,
+    teacher_api_key_env: KeyEnvOpt = None,
     student: StudentOpt = None,
     mode: Annotated[str | None, typer.Option(help="answers (SeqKD), cot (rationales + answers) or demos (few-shot).")] = None,
     filter_correct: Annotated[bool | None, typer.Option("--filter/--no-filter", help="Keep only teacher outputs matching the gold label.")] = None,
@@ -187,15 +174,8 @@ def data_cmd(
     teacher_shots: Annotated[int | None, typer.Option(help="Gold-labelled shots in the teacher's prompt.")] = None,
     lora: LoraOpt = None, epochs: EpochsOpt = None, max_steps: MaxStepsOpt = None, lr: LrOpt = None,
     batch_size: BatchOpt = None, train_limit: TrainLimitOpt = None, eval_limit: EvalLimitOpt = None,
-    max_cost: Annotated[float | None, typer.Option(help="Teacher spend cap in USD for this run folder.")] = None,
-    max_spend_tokens: Annotated[int | None, typer.Option(help="Teacher spend cap in tokens.")] = None,
     run_dir: RunDirOpt = None,
-    input_field: InputFieldOpt = None,
-    label_field: LabelFieldOpt = None,
-    id_field: IdFieldOpt = None,
-    instruction: InstructionOpt = None,
-    instruction_file: InstructionFileOpt = None,
-    wait: WaitOpt = False,
+    opts: Shared = NO_OPTIONS,
 ) -> None:
     """Black-box KD from any backend (API teachers included): teacher answers (SeqKD), rationales + answers
     (CoT), or teacher-labelled demonstrations; filtered by correctness against gold labels; then SFT of the
@@ -205,18 +185,17 @@ def data_cmd(
     def body():
         from stillroom.locking import wait_for_holders
 
-        wait_for_holders(wait)  # this command's --wait holds for every run folder it opens
+        wait_for_holders(opts.wait)  # this command's --wait holds for every run folder it opens
         from stillroom.kd.data import KDDataConfig, distill_data
         from stillroom.runs import run_dir_for
 
         over = {
-            "task": task_overrides(task, input_field=input_field, label_field=label_field, id_field=id_field,
-                                  instruction=instruction, instruction_file=instruction_file), "student": {"spec": student}, "mode": mode, "filter_correct": filter_correct,
+            "task": opts.task(task), "student": {"spec": student}, "mode": mode, "filter_correct": filter_correct,
             "teacher": {"spec": teacher, "base_url": teacher_base_url, "api_key_env": teacher_api_key_env},
             "samples": samples, "temperature": temperature, "demos": demos, "shots": shots,
             "teacher_shots": teacher_shots, "lora": None if lora is None else {"enabled": lora}, "epochs": epochs,
             "max_steps": max_steps, "learning_rate": lr, "batch_size": batch_size, "train_limit": train_limit,
-            "eval_limit": eval_limit, "spend": {"max_cost_usd": max_cost, "max_tokens": max_spend_tokens},
+            "eval_limit": eval_limit, "spend": opts.spend(),
         }
         cfg = load_config(config, KDDataConfig, over, "--task and --student", bool(task and student))
         out = run_dir or run_dir_for("kd-data", cfg)

@@ -2,30 +2,26 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from stillroom.options import (
+    NO_OPTIONS,
     BaseUrlOpt,
-    IdFieldOpt,
-    InputFieldOpt,
-    InstructionFileOpt,
-    InstructionOpt,
+    ConfigArg,
     KeyEnvOpt,
-    LabelFieldOpt,
-    LabelsOpt,
     RunDirOpt,
+    Shared,
     TaskOpt,
-    WaitOpt,
-    task_overrides,
+    shared_options,
 )
 from stillroom.ui import console, print_results, run_guarded
 
 
+@shared_options(labels=True, spend=True)
 def pld(
-    config: Annotated[Path | None, typer.Argument(help="Optional YAML config (every PLDConfig field); options override it.")] = None,
+    config: ConfigArg = None,
     task: TaskOpt = None,
     teacher: Annotated[str | None, typer.Option(help="Teacher model spec (default: the embedded gemma3-270m).")] = None,
     student: Annotated[str | None, typer.Option(help="Student model spec (default: the embedded gemma3-270m).")] = None,
@@ -43,16 +39,8 @@ def pld(
     max_rounds: Annotated[int | None, typer.Option(help="Conflict-resolution rounds at most.")] = None,
     cot: Annotated[bool | None, typer.Option("--cot/--no-cot", help="Include the chain-of-thought baseline.")] = None,
     ablation: Annotated[bool | None, typer.Option("--ablation/--no-ablation", help="Leave-one-rule-out ablation.")] = None,
-    max_cost: Annotated[float | None, typer.Option(help="Teacher spend cap in USD for this run folder.")] = None,
-    max_spend_tokens: Annotated[int | None, typer.Option(help="Teacher spend cap in tokens.")] = None,
     run_dir: RunDirOpt = None,
-    labels: LabelsOpt = None,
-    input_field: InputFieldOpt = None,
-    label_field: LabelFieldOpt = None,
-    id_field: IdFieldOpt = None,
-    instruction: InstructionOpt = None,
-    instruction_file: InstructionFileOpt = None,
-    wait: WaitOpt = False,
+    opts: Shared = NO_OPTIONS,
 ) -> None:
     """Prompt-Level Distillation: extract rules from the teacher, cluster and consolidate them, repair them from
     the student's errors, and deploy them as the student's system prompt; then compare zero-shot, k-shot,
@@ -70,17 +58,16 @@ def pld(
 
         sweep = [float(x) for x in eps_sweep.split(",")] if eps_sweep else None
         overrides = {
-            "task": task_overrides(task, labels=labels, input_field=input_field, label_field=label_field,
-                                   id_field=id_field, instruction=instruction, instruction_file=instruction_file),
+            "task": opts.task(task),
             "teacher": {"spec": teacher, "base_url": teacher_base_url, "api_key_env": teacher_api_key_env},
             "student": {"spec": student, "base_url": student_base_url, "api_key_env": student_api_key_env},
             "train_limit": train_limit, "val_limit": val_limit, "eval_limit": eval_limit, "embedder": embedder,
             "eps": eps, "min_samples": min_samples, "eps_sweep": sweep, "max_rounds": max_rounds, "cot": cot,
-            "ablation": ablation, "spend": {"max_cost_usd": max_cost, "max_tokens": max_spend_tokens},
+            "ablation": ablation, "spend": opts.spend(),
         }
         cfg = load_config(config, PLDConfig, overrides, "--task", bool(task))
         out = run_dir or run_dir_for("pld", cfg)
-        m = run_pld(cfg, out, wait=wait)
+        m = run_pld(cfg, out, wait=opts.wait)
         print_results(m["conditions"])
         b = m["build"]
         console.print(f"rulebook: {m['rulebook']['rules']} rules (v{m['rulebook']['version']}, "

@@ -8,25 +8,20 @@ from typing import Annotated
 import typer
 
 from stillroom.options import (
+    NO_OPTIONS,
     BaseUrlOpt,
     ConfigArg,
-    FreeTextOpt,
-    IdFieldOpt,
-    InputFieldOpt,
-    InstructionFileOpt,
-    InstructionOpt,
     KeyEnvOpt,
-    LabelFieldOpt,
-    LabelsOpt,
     ModelOpt,
     RunDirOpt,
+    Shared,
     TaskOpt,
-    WaitOpt,
-    task_overrides,
+    shared_options,
 )
 from stillroom.ui import print_results, run_guarded
 
 
+@shared_options(labels=True, free_text=True, spend=True)
 def eval_cmd(
     task: TaskOpt = None,
     model: ModelOpt = None,
@@ -40,17 +35,8 @@ def eval_cmd(
     seed: Annotated[int | None, typer.Option(help="Split and sampling seed.")] = None,
     base_url: BaseUrlOpt = None,
     api_key_env: KeyEnvOpt = None,
-    max_cost: Annotated[float | None, typer.Option(help="Spend cap in USD for this run folder.")] = None,
-    max_spend_tokens: Annotated[int | None, typer.Option(help="Spend cap in tokens (input + output).")] = None,
     run_dir: RunDirOpt = None,
-    labels: LabelsOpt = None,
-    input_field: InputFieldOpt = None,
-    label_field: LabelFieldOpt = None,
-    id_field: IdFieldOpt = None,
-    free_text: FreeTextOpt = None,
-    instruction: InstructionOpt = None,
-    instruction_file: InstructionFileOpt = None,
-    wait: WaitOpt = False,
+    opts: Shared = NO_OPTIONS,
 ) -> None:
     """Evaluate a model on a task split: accuracy, macro-F1, per-class F1, invalid answers, latency, tokens, cost.
 
@@ -64,13 +50,11 @@ def eval_cmd(
         from stillroom.runs import identity_of, run_dir_for
 
         overrides = {
-            "task": task_overrides(task, labels=labels, input_field=input_field, label_field=label_field,
-                                   id_field=id_field, free_text=free_text, instruction=instruction,
-                                   instruction_file=instruction_file, seed=seed),
+            "task": opts.task(task, seed=seed),
             "model": {"spec": model, "base_url": base_url, "api_key_env": api_key_env},
             "eval_split": split, "eval_limit": limit, "shots": shots, "method": method,
             "system_prompt_file": str(system_prompt) if system_prompt else None,
-            "spend": {"max_cost_usd": max_cost, "max_tokens": max_spend_tokens},
+            "spend": opts.spend(),
         }
         cfg = load_config(config, EvalConfig, overrides, "--task", bool(task))
         if cfg.system_prompt_file and not Path(cfg.system_prompt_file).exists():
@@ -93,7 +77,7 @@ def eval_cmd(
                                     system_prompt=rb.system_prompt(), method=base.method)]
         else:
             out = run_dir or run_dir_for("eval", cfg)
-        results = run_eval(cfg, out, conditions=conditions, wait=wait)
+        results = run_eval(cfg, out, conditions=conditions, wait=opts.wait)
         if rulebook:
             from stillroom.runs import atomic_write_text
 

@@ -13,18 +13,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from stillroom.options import (
-    ConfigArg,
-    IdFieldOpt,
-    InputFieldOpt,
-    InstructionFileOpt,
-    InstructionOpt,
-    LabelFieldOpt,
-    RunDirOpt,
-    TaskOpt,
-    WaitOpt,
-    task_overrides,
-)
+from stillroom.options import NO_OPTIONS, ConfigArg, RunDirOpt, Shared, TaskOpt, shared_options
 from stillroom.runs import check_model_destination, claim_run_folder
 from stillroom.ui import console, print_notes, print_results, run_guarded
 
@@ -46,13 +35,6 @@ def _save_config(dest: Path, command: str, config: dict) -> None:
     from stillroom.runs import RunFolder
 
     RunFolder(dest).save_config({"command": command, **{k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()}})
-
-
-def _columns(input_field, label_field, id_field, instruction, instruction_file) -> dict:
-    """The task's column and instruction options that were given (TaskConfig fields)."""
-    given = {"input_field": input_field, "label_field": label_field, "id_field": id_field, "instruction": instruction,
-             "instruction_file": str(instruction_file) if instruction_file else None}
-    return {k: v for k, v in given.items() if v is not None}
 
 
 def _selection(task: str | None, limit: int | None, columns: dict | None = None):
@@ -203,6 +185,7 @@ def prune_apply(
     run_guarded(body)
 
 
+@shared_options(wait=False)
 def selfdistill_cmd(
     teacher: Annotated[str, typer.Option(help="The unpruned model: 'gemma3-270m', 'hf:PATH', 'openai:MODEL'...")],
     task: Annotated[str, typer.Option("--task", "-t", help="A task spec (its training split is rewritten).")],
@@ -221,11 +204,7 @@ def selfdistill_cmd(
                                             "'rewrite' (as generated, ending with its answer line) or "
                                             "'auto' (rewrite for free-text tasks, else answer_first).")] = "auto",
     run_dir: Annotated[Path | None, typer.Option(help="Run folder (rerun resumes from its cache).")] = None,
-    input_field: InputFieldOpt = None,
-    label_field: LabelFieldOpt = None,
-    id_field: IdFieldOpt = None,
-    instruction: InstructionOpt = None,
-    instruction_file: InstructionFileOpt = None,
+    opts: Shared = NO_OPTIONS,
 ) -> None:
     """Self-data distillation: the unpruned teacher rewrites each training answer given the question and the
     reference answer; conditional selection keeps a rewrite only if its answer equals the label and it has no
@@ -236,7 +215,7 @@ def selfdistill_cmd(
         from stillroom.prune.selfdistill import DEMONSTRATIONS, run_selfdistill
         from stillroom.ui import progress_bar
 
-        columns = _columns(input_field, label_field, id_field, instruction, instruction_file)
+        columns = opts.task_given()
         dest = run_dir or _default_out("selfdistill", {"teacher": teacher, "task": {"spec": task, **columns}, "limit": limit,
                                                        "shots": shots, "seed": seed, "chat": chat,
                                                        "max_new_tokens": max_new_tokens, "seed_text": seed_text,
@@ -257,6 +236,7 @@ def selfdistill_cmd(
     run_guarded(body)
 
 
+@shared_options(wait=False)
 def heal_cmd(
     model: ModelArg,
     data: Annotated[Path, typer.Option(help="Prompt/completion JSONL (e.g. sft_self_data.jsonl).")],
@@ -272,11 +252,7 @@ def heal_cmd(
     task: EvalTaskOpt = None,
     eval_limit: EvalLimitOpt = None,
     run_dir: OutOpt = None,
-    input_field: InputFieldOpt = None,
-    label_field: LabelFieldOpt = None,
-    id_field: IdFieldOpt = None,
-    instruction: InstructionOpt = None,
-    instruction_file: InstructionFileOpt = None,
+    opts: Shared = NO_OPTIONS,
 ) -> None:
     """Healing fine-tune of a (pruned) model on prompt/completion data, loss on completions only; saves a plain
     model folder (LoRA folded in). With --task, the healed model is evaluated on the task's test split."""
@@ -285,7 +261,7 @@ def heal_cmd(
         from stillroom.prune.surgery import model_folder
         from stillroom.train.sft import SFTSettings, heal
 
-        sel = _selection(task, eval_limit, _columns(input_field, label_field, id_field, instruction, instruction_file))
+        sel = _selection(task, eval_limit, opts.task_given())
         folder = model_folder(model)
         settings = SFTSettings(lora=lora, max_steps=max_steps, epochs=epochs, learning_rate=lr, batch_size=batch_size,
                                grad_accum=grad_accum, lora_r=lora_r, max_length=max_length, seed=seed)
@@ -308,6 +284,7 @@ def heal_cmd(
     run_guarded(body)
 
 
+@shared_options(wait=False)
 def merge_slerp(
     model_a: Annotated[str, typer.Argument(help="Base model A (--factor 0 gives A).")],
     model_b: Annotated[str, typer.Argument(help="Model B (--factor 1 gives B).")],
@@ -321,11 +298,7 @@ def merge_slerp(
     task: EvalTaskOpt = None,
     eval_limit: EvalLimitOpt = None,
     run_dir: OutOpt = None,
-    input_field: InputFieldOpt = None,
-    label_field: LabelFieldOpt = None,
-    id_field: IdFieldOpt = None,
-    instruction: InstructionOpt = None,
-    instruction_file: InstructionFileOpt = None,
+    opts: Shared = NO_OPTIONS,
 ) -> None:
     """SLERP two models of the same shape with mergekit semantics (per tensor; linear when nearly parallel).
     With --task, the merged model is evaluated on the task's test split (result.json, report.html)."""
@@ -334,7 +307,7 @@ def merge_slerp(
         from stillroom.prune.merge import parse_schedule, slerp_model_folders
         from stillroom.prune.surgery import model_folder
 
-        sel = _selection(task, eval_limit, _columns(input_field, label_field, id_field, instruction, instruction_file))
+        sel = _selection(task, eval_limit, opts.task_given())
         a, b = model_folder(model_a), model_folder(model_b)
         schedule = parse_schedule(t_schedule) if t_schedule else t
         dest = run_dir or _default_out("merged", {"a": str(a), "b": str(b), "t": schedule})
@@ -389,6 +362,7 @@ def specdec_cmd(
     run_guarded(body)
 
 
+@shared_options()
 def prune_heal_cmd(
     config: ConfigArg = None,
     task: TaskOpt = None,
@@ -400,12 +374,7 @@ def prune_heal_cmd(
     train_limit: Annotated[int | None, typer.Option(help="Heal on a deterministic sample of N training examples.")] = None,
     eval_limit: Annotated[int | None, typer.Option(help="Evaluate on a deterministic sample of N test examples.")] = None,
     run_dir: RunDirOpt = None,
-    input_field: InputFieldOpt = None,
-    label_field: LabelFieldOpt = None,
-    id_field: IdFieldOpt = None,
-    instruction: InstructionOpt = None,
-    instruction_file: InstructionFileOpt = None,
-    wait: WaitOpt = False,
+    opts: Shared = NO_OPTIONS,
 ) -> None:
     """Prune + heal as one route: remove the most redundant block of layers (angular distance on the task's
     training prompts), heal the pruned model with SFT on gold answers or with self-data distillation, and evaluate
@@ -415,13 +384,12 @@ def prune_heal_cmd(
     def body():
         from stillroom.locking import wait_for_holders
 
-        wait_for_holders(wait)  # this command's --wait holds for every run folder it opens
+        wait_for_holders(opts.wait)  # this command's --wait holds for every run folder it opens
         from stillroom.options import load_config
         from stillroom.prune.route import PruneHealConfig, run_prune_heal
         from stillroom.runs import run_dir_for
 
-        over = {"task": task_overrides(task, input_field=input_field, label_field=label_field, id_field=id_field,
-                                  instruction=instruction, instruction_file=instruction_file), "student": {"spec": student}, "drop": drop, "block": block,
+        over = {"task": opts.task(task), "student": {"spec": student}, "drop": drop, "block": block,
                 "healing": healing, "max_steps": max_steps, "train_limit": train_limit, "eval_limit": eval_limit}
         cfg = load_config(config, PruneHealConfig, over, "--task", bool(task))
         out = run_dir or run_dir_for("prune-heal", cfg)
