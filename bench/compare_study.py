@@ -91,9 +91,10 @@ def main() -> None:
 
     import torch
 
-    from stillroom.compare.cli import print_compare
+    from stillroom.compare.cli import LIBRARY_LOG, print_compare
     from stillroom.compare.run import run_compare
     from stillroom.runs import atomic_write_text, cache_root
+    from stillroom.ui import library_output_to
 
     name = args.name or args.task.split(":")[-1].split("/")[-1]
     out = args.out or ROOT / "bench" / "results" / f"compare_study_{name}.json"
@@ -113,7 +114,9 @@ def main() -> None:
                  RoutePlan(p.name, None, None, "not finished yet: rerun bench/compare_study.py to continue", p.reference,
                            skip_status="not run")
                  for p in plan_routes(cfg)]
-    summary = run_compare(cfg, work, plans=plans)
+    # As `stillroom compare` does: the libraries' bars and warnings go to the work folder's log, ours to the terminal.
+    with library_output_to(work / LIBRARY_LOG, training_bars=True):
+        summary = run_compare(cfg, work, plans=plans)
     seconds = time.perf_counter() - t0
     print_compare(summary, work)
     rows = [{k: v for k, v in r.items() if k not in ("examples", "predictions")} for r in summary["rows"]]
