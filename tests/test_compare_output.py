@@ -8,22 +8,40 @@ from pathlib import Path
 from rich.console import Console
 
 
-def test_compare_table_fits_80_columns_uncut(monkeypatch):
+def _print_table(monkeypatch, width: int, gap: bool) -> list[str]:
     import stillroom.compare.cli as cli
     from stillroom.compare.config import ALL_ROUTES
 
     rows = [{"route": name, "status": "ok", "reference": name in ("teacher", "sft-gold"), "macro_f1": 0.5213,
              "macro_f1_ci95": [0.3312, 0.7012], "accuracy_ci95": None, "accuracy": 0.6,
              "vs_baseline": {"diff": -0.123, "significant": True}, "latency_p50_s": 12.34, "build_seconds": 12345.6,
-             "is_baseline": name == "zero-shot"} for name in ALL_ROUTES]
-    console = Console(width=80, record=True, color_system=None)
+             "is_baseline": name == "zero-shot",
+             "recovery": {"value": -0.4567, "ci95": [-1.0, 0.2], "defined": name != "gad", "reason": None}}
+            for name in ALL_ROUTES]
+    console = Console(width=width, record=True, color_system=None)
     monkeypatch.setattr(cli, "console", console)
-    cli.print_compare({"task": "bigbench:intent_recognition", "baseline": "zero-shot", "rows": rows,
-                       "recommendation": "r"}, Path("/tmp/x"))
+    summary = {"task": "bigbench:intent_recognition", "baseline": "zero-shot", "rows": rows, "recommendation": "r"}
+    if gap:
+        summary["recovery"] = {"teacher": 0.52, "student": 0.03}
+    cli.print_compare(summary, Path("/tmp/x"))
     table = [line for line in console.export_text().splitlines() if "0.521" in line or "build s" in line]
     assert len(table) == len(ALL_ROUTES) + 1
-    assert all(len(line.rstrip()) <= 80 and "…" not in line for line in table)
+    assert all("…" not in line for line in table)
     assert all(line.rstrip().endswith("12346") for line in table[1:])  # the last column whole
+    return table
+
+
+def test_compare_table_fits_80_columns_uncut(monkeypatch):
+    assert max(len(line.rstrip()) for line in _print_table(monkeypatch, 80, gap=False)) <= 80
+
+
+def test_compare_table_with_a_teacher_line_shows_recovery_within_100_columns(monkeypatch):
+    table = _print_table(monkeypatch, 100, gap=True)
+    assert max(len(line.rstrip()) for line in table) <= 100
+    assert "recovery" in table[0]
+    cells = {line.split()[0]: line for line in table[1:]}
+    assert " -0.46 " in cells["seqkd"] and " undefined " in cells["gad"]
+    assert " 1 " in cells["teacher"] and " 0 " in cells["zero-shot"]
 
 
 def test_demo_prints_install_preparation_and_compare_times(tmp_path, monkeypatch):
