@@ -83,11 +83,50 @@ def parse_args(argv=None):
                          "not finished (nothing is computed)")
     ap.add_argument("--out", type=Path, default=None,
                     help="results file (default: bench/results/compare_study_<name>.json)")
+    ap.add_argument("--markdown", type=Path, nargs="+", default=None,
+                    help="print the README table of these results files and exit (nothing is computed)")
     return ap.parse_args(argv)
+
+
+def _ci(lo_hi) -> str:
+    return "" if not lo_hi or lo_hi[0] is None else f" [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]"
+
+
+def _p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def markdown_table(result: dict) -> str:
+    """One results file as the README's table: quality with its interval, recovery with its interval, the paired
+    test against the baseline, and the build cost, for every route (the ones that did not run with why)."""
+    lines = [f"| route | macro-F1 [95% CI] | accuracy | recovery [95% CI] | Δ {result['baseline']} (paired p) "
+             "| teacher calls | steps | build s | p50 s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['route']} | {r['status']}: {r.get('reason') or r.get('error') or ''} |||||||| |")
+            continue
+        rec = r.get("recovery") or {}
+        rec_text = ("1 (by definition)" if r["route"] == "teacher" else "0 (by definition)" if r.get("is_baseline")
+                    else "undefined" if rec and not rec.get("defined") else
+                    f"{rec['value']:.2f}{_ci(rec.get('ci95'))}" if rec else "-")
+        v = r.get("vs_baseline") or {}
+        diff = "-" if r.get("is_baseline") or v.get("diff") is None else (
+            f"{v['diff']:+.3f} ({_p(v['bootstrap_p'])}){' *' if v.get('significant') else ''}")
+        b = r.get("build") or {}
+        lines.append(f"| {r['route']}{' (ref)' if r['reference'] else ''} | {r['macro_f1']:.3f}{_ci(r['macro_f1_ci95'])} "
+                     f"| {r['accuracy']:.3f} | {rec_text} | {diff} | {b.get('teacher_calls', 0)} "
+                     f"| {b.get('training_steps', 0)} | {r['build_seconds']:.0f} | {r['latency_p50_s']:.2f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     args = parse_args()
+    if args.markdown:
+        for path in args.markdown:
+            result = json.loads(path.read_text(encoding="utf-8"))
+            print(f"\n{path.name}: {result['task']}, teacher {result['teacher']}, student {result['student']}\n")
+            print(markdown_table(result))
+        return
 
     import torch
 
