@@ -92,6 +92,17 @@ def _ci(lo_hi) -> str:
     return "" if not lo_hi or lo_hi[0] is None else f" [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]"
 
 
+def compact(result: dict, path: Path) -> dict:
+    """One study's figures for the combined file (`--markdown ... --out`): per route, quality, recovery and the
+    paired test with their intervals, and the build cost; the full results stay in `path`."""
+    keep = ("status", "reason", "n", "macro_f1", "macro_f1_ci95", "accuracy", "accuracy_ci95", "recovery",
+            "vs_baseline", "build", "build_seconds", "latency_p50_s", "input_tokens", "system_prompt_tokens")
+    return {"file": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
+            **{k: result.get(k) for k in ("command", "task", "teacher", "student", "baseline", "budgets",
+                                          "recommendation")},
+            "routes": {r["route"]: {k: r.get(k) for k in keep} for r in result["rows"]}}
+
+
 def _p(p: float) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
@@ -122,10 +133,17 @@ def markdown_table(result: dict) -> str:
 def main() -> None:
     args = parse_args()
     if args.markdown:
+        studies = {}
         for path in args.markdown:
             result = json.loads(path.read_text(encoding="utf-8"))
             print(f"\n{path.name}: {result['task']}, teacher {result['teacher']}, student {result['student']}\n")
             print(markdown_table(result))
+            studies[path.stem] = compact(result, path)
+        if args.out:
+            from stillroom.runs import atomic_write_text
+
+            atomic_write_text(args.out, json.dumps({"studies": studies}, indent=2) + "\n")
+            print(f"\nwrote {args.out}")
         return
 
     import torch
