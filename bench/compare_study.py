@@ -46,6 +46,13 @@ def budgets(args) -> dict:
     return out
 
 
+def cfg_labels(cfg):
+    """The task's label set (macro-F1 is computed over it)."""
+    from stillroom.route import select
+
+    return list(select(cfg.task).task.labels or ())
+
+
 def study_config(args, student: str):
     """The compare config this bench runs, built from its arguments (test_configs validates it and plans every
     route, so a renamed field cannot silently break the bench)."""
@@ -83,9 +90,38 @@ def parse_args(argv=None):
                          "not finished (nothing is computed)")
     ap.add_argument("--out", type=Path, default=None,
                     help="results file (default: bench/results/compare_study_<name>.json)")
+    ap.add_argument("--pairs", default="kd-logits:sft-gold,seqkd:kd-logits,gad:seqkd,prune-heal-self-data:prune-heal-sft,"
+                    "pld:k-shot", help="route pairs 'a:b' also tested against each other (paired bootstrap on macro-F1, "
+                    "McNemar on correctness), from the routes' predictions on the same examples")
     ap.add_argument("--markdown", type=Path, nargs="+", default=None,
                     help="print the README table of these results files and exit (nothing is computed)")
     return ap.parse_args(argv)
+
+
+def paired(work: Path, pairs: str, labels) -> list[dict]:
+    """Each pair 'a:b' of finished routes tested against each other on the examples both answered."""
+    from stillroom.evaluate.stats import mcnemar, paired_bootstrap
+
+    def preds(route: str) -> dict:
+        path = work / "routes" / route / "predictions.jsonl"
+        if not path.exists():
+            return {}
+        return {r["id"]: r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+
+    out = []
+    for pair in filter(None, pairs.split(",")):
+        a, b = pair.split(":")
+        pa, pb = preds(a), preds(b)
+        ids = sorted(set(pa) & set(pb))
+        if not ids:
+            continue
+        gold = [pa[i]["gold"] for i in ids]
+        boot = paired_bootstrap(gold, [pa[i]["pred"] for i in ids], [pb[i]["pred"] for i in ids], labels)
+        mc = mcnemar([pa[i]["correct"] for i in ids], [pb[i]["correct"] for i in ids])
+        out.append({"a": a, "b": b, "n": len(ids), "macro_f1_diff": boot["diff"], "diff_ci95": boot["ci"],
+                    "bootstrap_p": boot["p_value"], "mcnemar_p": mc.get("p_value"),
+                    "same_answers": sum(pa[i]["pred"] == pb[i]["pred"] for i in ids)})
+    return out
 
 
 def _ci(lo_hi) -> str:
@@ -99,7 +135,7 @@ def compact(result: dict, path: Path) -> dict:
             "vs_baseline", "build", "build_seconds", "latency_p50_s", "input_tokens", "system_prompt_tokens")
     return {"file": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
             **{k: result.get(k) for k in ("command", "task", "teacher", "student", "baseline", "budgets",
-                                          "recommendation")},
+                                          "recommendation", "recovery", "pairs")},
             "routes": {r["route"]: {k: r.get(k) for k in keep} for r in result["rows"]}}
 
 
@@ -138,6 +174,10 @@ def main() -> None:
             result = json.loads(path.read_text(encoding="utf-8"))
             print(f"\n{path.name}: {result['task']}, teacher {result['teacher']}, student {result['student']}\n")
             print(markdown_table(result))
+            for q in result.get("pairs", []):
+                print(f"- {q['a']} vs {q['b']}: {q['macro_f1_diff']:+.3f} macro-F1 [{q['diff_ci95'][0]:+.3f}, "
+                      f"{q['diff_ci95'][1]:+.3f}], {_p(q['bootstrap_p'])}; McNemar {_p(q['mcnemar_p'])}; "
+                      f"same answer on {q['same_answers']} of {q['n']}")
             studies[path.stem] = compact(result, path)
         if args.out:
             from stillroom.runs import atomic_write_text
@@ -188,6 +228,7 @@ def main() -> None:
         "note": "Latency and build seconds were measured on a shared 2-core CPU machine: compare them within this "
                 "study only. Routes reused from an earlier invocation keep the seconds of their first build.",
         **{k: v for k, v in summary.items() if k != "rows"}, "rows": rows,
+        "pairs": paired(work, args.pairs, cfg_labels(cfg)),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
