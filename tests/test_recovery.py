@@ -81,9 +81,14 @@ def test_recovery_in_the_recommendation_and_the_report(tmp_path):
                   "build": {"teacher_calls": 0, "teacher_input_tokens": 0, "teacher_output_tokens": 0,
                             "teacher_cost_usd": 0.0, "seconds": 10, "training_steps": 0}})
     summary["rows"] = rows
+    # Two of the three routes timed one way, one another: each way is written once, with its routes.
+    for r, method in zip(rows, ("timed one at a time", "timed one at a time", "the evaluation's own timing"), strict=True):
+        r["latency_method"] = method
     html = compare_report(summary, tmp_path)
     assert "recovery [95% CI]" in html and f"0.60 [{rec['ci95'][0]:.2f}, {rec['ci95'][1]:.2f}]" in html
     assert "a lead of +0.667" in html
+    assert html.count("timed one at a time") == 1 and "<li>teacher, zero-shot: timed one at a time</li>" in html
+    assert "<li>pld: the evaluation&#x27;s own timing</li>" in html
 
     # The teacher no better than the student: the line and the table say undefined, with no number.
     flat = recovery_test(_preds(STUDENT), _preds(STUDENT), _preds(ROUTE), LABELS)

@@ -342,9 +342,13 @@ def compare_report(summary: dict, out: Path) -> str:
     if len(methods) == 1 and None not in methods:
         cost_legend += f"<p>Latency, measured the same way for every route: {html.escape(methods.pop())}</p>"
     elif done:
-        cost_legend += "<p>Latency was measured differently across routes: " + "; ".join(
-            f"{html.escape(r['route'])}: {html.escape(r.get('latency_method') or 'not recorded (an older run)')}"
-            for r in done) + "</p>"
+        # One line per way of measuring, naming its routes (most routes share one way: it is not repeated).
+        by_method: dict[str, list[str]] = {}
+        for r in done:
+            by_method.setdefault(r.get("latency_method") or "not recorded (an older run)", []).append(r["route"])
+        cost_legend += "<p>Latency was measured in more than one way:</p><ul>" + "".join(
+            f"<li>{html.escape(', '.join(routes))}: {html.escape(method)}</li>"
+            for method, routes in sorted(by_method.items(), key=lambda kv: -len(kv[1]))) + "</ul>"
     sections = [("Quality", q_table + legend), ("Cost", c_table + cost_legend + _spend_paragraph(summary.get("spend")))]
     instructions = {r["route"]: r.get("instruction") for r in done}
     if done:
