@@ -478,3 +478,87 @@ def test_rulebook_naming_few_labels_is_flagged_at_the_top_of_the_report(tmp_path
     top = report.split("<h2>")[0]
     warning = "<div class='note'>Warning: the rules name only 1 of the task&#x27;s 3 labels (fruit)"
     assert warning in top and top.index(warning) < top.index("Coverage: the")
+
+
+# What a base model writes after PLD's cue line at a small budget (the embedded Gemma-3 270M at 48 tokens): the
+# instruction line, then more text until the token limit cuts it mid-word.
+RAMBLE = ("The next utterance in the list asks about something else entirely, so the reader keeps going and "
+          "going without ever reaching the end of it ") * 3
+
+
+def base_teacher(prompt, params):
+    """A base-model teacher (no chat template): it completes the cue with a whole line, then rambles. Every
+    fourth extraction runs out of budget inside its instruction line instead (one line, no line break)."""
+    system, user = prompt[0]["content"], prompt[-1]["content"].split("Now the real case:")[-1]
+    if system == EXTRACT_SYSTEM:
+        gold = re.search(r"Correct answer: (\w+)", user).group(1)
+        num = int(re.search(r"number (\d+)", user).group(1))
+        if num % 4 == 0:
+            return f" {RULE[gold]} {RAMBLE}"
+        return f" {RULE[gold]}{VARIANTS[num % 4]}\n{RAMBLE}"
+    if system == SYNTH_SYSTEM:
+        labs = re.findall(r"^- \((\w+)\)", user, flags=re.M)
+        return f" {RULE[max(set(labs), key=labs.count)]}\n{RAMBLE}"
+    raise AssertionError("unexpected teacher prompt")
+
+
+def test_base_teacher_reply_cut_after_a_complete_instruction_line_is_kept(tmp_path):
+    """Regression: every reply of a base-model teacher was cut at the token limit while it rambled on after its
+    instruction line, PLD dropped them all as truncated and deployed an empty rulebook."""
+    teacher = ReasoningTeacher(base_teacher, "teacher")
+    teacher.has_chat_template = False
+    m = run(tmp_path, "base", teacher, max_rounds=0, teacher_max_tokens=48)
+    rows = [json.loads(x) for x in (tmp_path / "base" / "extractions.jsonl").read_text().splitlines()]
+    assert rows and all(set(r["finish"]) == {"length"} for r in rows)  # every reply was cut at the limit
+    nums = {r["example_id"]: int(r["example_id"][1:]) for r in rows}
+    cut_in_line = [r for r in rows if nums[r["example_id"]] % 4 == 0]
+    kept = [r for r in rows if nums[r["example_id"]] % 4]
+    assert cut_in_line and kept
+    # The complete first line is the instruction, read on the first try; the rambling after it is not part of it.
+    for r in kept:
+        n = nums[r["example_id"]]
+        assert r["dropped"] is None and len(r["raw"]) == 1
+        assert r["text"] == (RULE[r["label"]] + VARIANTS[n % 4]).strip()
+    # An instruction line that is itself the cut-off tail is still dropped (after its retry), counted as truncated.
+    assert all(r["text"] is None and r["dropped"] == "truncated" and len(r["raw"]) == 2 for r in cut_in_line)
+    ex = m["extraction"]
+    assert ex["dropped"] == {"unreadable": 0, "truncated": len(cut_in_line), "copies_example": 0,
+                             "foreign_label": 0, "wrong_label": 0, "quotes_input": 0}
+    assert ex["readable"] == len(kept) and ex["kept_truncated"] == len(kept) and ex["retried"] == len(cut_in_line)
+    # A rulebook, synthesised from the base teacher's cut replies too (no medoid stand-ins).
+    rules = json.loads((tmp_path / "base" / "rulebook.json").read_text())["rules"]
+    assert {r["text"] for r in rules} == set(RULE.values()) and {r["origin"] for r in rules} == {"synthesis"}
+    report = html.unescape((tmp_path / "base" / "report.html").read_text())
+    assert f"<td>dropped: cut at the token limit</td><td>{len(cut_in_line)}</td>" in report
+    assert f"<td>used though cut at the token limit (after a complete instruction line)</td><td>{len(kept)}</td>" in report
+
+
+def test_cut_reply_is_read_from_its_complete_first_line_only_for_a_base_teacher():
+    from stillroom.pld.prompts import EXTRACT_DEMO_INSTRUCTION, Rejected, read_instruction
+
+    good = "When the user names a song to hear, answer play_music."
+    labels = ["play_music", "get_weather"]
+
+    def read(reply, base):
+        return read_instruction(reply, True, keys=("instruction",), labels=labels, label="play_music",
+                                quote="Play some James Cleveland", completes_cue=base)
+
+    rambling = f" {good}\nThe next utterance in the list asks about somet"
+    assert read(rambling, True) == good
+    # The same shape from an instruction teacher is reasoning cut short, not an answer.
+    assert isinstance(got := read(rambling, False), Rejected) and got.reason == "truncated"
+    # The instruction line cut itself, or no line break before the limit: dropped as truncated.
+    for reply in (" When the user names a so", f" {good} The next utterance in the li", ""):
+        assert isinstance(got := read(reply, True), Rejected) and got.reason == "truncated", reply
+    # A complete first line that is no instruction was not spoilt by the cut: unreadable (truncated from an
+    # instruction teacher, whose reply never reached its marked line).
+    assert read("Hmm.\nThen the next utterance", True).reason == "unreadable"
+    assert read("Hmm.\nThen the next utterance", False).reason == "truncated"
+    # The other filters still apply to a complete first line.
+    for reply, why in ((f"{EXTRACT_DEMO_INSTRUCTION}\nThen the", "copies_example"),
+                       ("When the user names a song to hear, answer play_song.\nThen the", "foreign_label"),
+                       ("When the user asks about a forecast, answer get_weather.\nThen the", "wrong_label"),
+                       ('When "Play some James Cleveland" is said, answer play_music.\nThen', "quotes_input")):
+        assert isinstance(got := read(reply, True), Rejected) and got.reason == why, reply
+    # A marked line still wins over the first line, and a marked line cut at the limit is not read.
+    assert read(f"Some words first here.\nInstruction: {good}\nThe next", True) == good

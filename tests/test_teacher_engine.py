@@ -206,3 +206,21 @@ def test_scoring_latency_on_the_engine_is_measured_like_any_local_model(monkeypa
         res = evaluate(task, task.examples, e, method="loglik")
         assert res.metrics["latency_method"].startswith(LOCAL_METHOD.split("{n}")[0])
         assert srv.requests == []
+
+
+def test_engine_says_whether_its_model_has_a_chat_template_as_transformers_does(monkeypatch):
+    # PLD prompts a base model (no chat template) with a worked example and stop strings: served by the engine,
+    # the embedded Gemma base teacher must still read as a base model, and an instruction model as a chat model.
+    from stillroom.backends.hf import HFBackend
+    from stillroom.pld.prompts import TEACHER_STOPS, completes_raw_text, teacher_stops, wants_worked_example
+
+    for template in (None, TEMPLATE):
+        tok = tiny_tokenizer(CORPUS)
+        tok.chat_template = template
+        with FakeOpenAIServer() as srv:
+            e, loads = _engine(monkeypatch, tok, tiny_gemma(tok), srv, [])
+            base = template is None
+            assert e.has_chat_template is HFBackend.from_objects(tiny_gemma(tok), tok).has_chat_template is not base
+            assert completes_raw_text(e) is wants_worked_example(e) is base
+            assert (teacher_stops(e) == TEACHER_STOPS) is base
+            assert loads == []  # the tokenizer says it; the transformers model is not loaded

@@ -222,6 +222,12 @@ class LlamaCppEngine(BackendBase):
             return self._tok
 
     @property
+    def has_chat_template(self) -> bool:
+        """Whether the model has a chat template, as `HFBackend` says it: PLD prompts a model without one (a base
+        model such as the embedded Gemma-3 270M) with a worked example and its prompt fields as stop strings."""
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    @property
     def hf(self):
         """The transformers backend of the same model, for scoring (loaded on first use)."""
         with self._lock:

@@ -2,8 +2,9 @@
 instruction; each instruction keeps its example id.
 
 A reply that cannot be used is retried once, strictly, then dropped with its reason (`Rejected`): unreadable,
-cut at the token limit, a copy of the prompt's worked example, leading to an answer the task does not have, or
-to another of its answers than the example's own. The drops are counted in the run's report and result."""
+cut at the token limit before its instruction line was complete, a copy of the prompt's worked example, leading to an answer the task does not have, or
+to another of its answers than the example's own. The drops are counted in the run's report and result, and
+so are the replies used though cut at the limit (a base model writes its instruction line, then rambles on)."""
 
 from __future__ import annotations
 
@@ -36,9 +37,10 @@ class Instruction:
 
 
 def extract_instructions(task: Task, examples: Sequence[Example], teacher: Backend, params: GenerationParams,
-                         demo: bool = True) -> list[Instruction]:
-    """Phase 1 over `examples` (`demo`: open each prompt with the worked example). Failures are recorded, never
-    raised."""
+                         demo: bool = True, completes_cue: bool = False) -> list[Instruction]:
+    """Phase 1 over `examples` (`demo`: open each prompt with the worked example; `completes_cue`: the teacher
+    is a base model that completes the cue line, so a reply cut at the token limit after a complete first line
+    is used, see `read_instruction`). Failures are recorded, never raised."""
     builders = [lambda strict, ex=ex: extraction_messages(task, ex, strict, demo) for ex in examples]
     labels = [str(x) for x in task.labels] if task.labels else []
 
@@ -46,7 +48,8 @@ def extract_instructions(task: Task, examples: Sequence[Example], teacher: Backe
         # A reply that repeats the input or the label is no instruction (unreadable); see `read_instruction`.
         return lambda text, truncated: read_instruction(text, truncated, keys=("instruction", "rule"),
                                                         forbid=(ex.input, str(ex.label)), labels=labels,
-                                                        label=str(ex.label), quote=ex.input)
+                                                        label=str(ex.label), quote=ex.input,
+                                                        completes_cue=completes_cue)
 
     answers = ask_with_retry(teacher, builders, parse=[parser(ex) for ex in examples], params=params,
                              description="extract")
@@ -59,6 +62,11 @@ def drop_counts(instructions: Sequence[Instruction]) -> dict[str, int]:
     """How many extractions were dropped, by reason (every reason listed, zeros included)."""
     c = Counter(i.dropped for i in instructions if not i.ok)
     return {r: c.get(r, 0) for r in DROP_REASONS}
+
+
+def kept_truncated(instructions: Sequence[Instruction]) -> int:
+    """Extractions used although their reply was cut at the token limit (after a complete instruction line)."""
+    return sum(i.ok and bool(i.finish) and i.finish[-1] == "length" for i in instructions)
 
 
 def retried(instructions: Sequence[Instruction]) -> int:

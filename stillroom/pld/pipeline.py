@@ -18,8 +18,8 @@ from stillroom.backends.base import GenerationParams
 from stillroom.config import PLDConfig
 from stillroom.evaluate.runner import EvalResult
 from stillroom.pld.cluster import Embedder, cluster_instructions, coverage_report, load_embedder
-from stillroom.pld.extract import drop_counts, extract_instructions, retried
-from stillroom.pld.prompts import teacher_stops, wants_worked_example
+from stillroom.pld.extract import drop_counts, extract_instructions, kept_truncated, retried
+from stillroom.pld.prompts import completes_raw_text, teacher_stops, wants_worked_example
 from stillroom.pld.report import pld_report
 from stillroom.pld.resolve import Resolution, resolve_conflicts
 from stillroom.pld.rulebook import Rulebook
@@ -128,13 +128,14 @@ def _invalid_notes(results: dict[str, EvalResult]) -> list[str]:
 def _build_rulebook(ctx: RouteContext, teacher_b, student_b, embedder, raw_teacher) -> dict:
     """Phases 1-4 into the run folder; returns the final rulebook and the phases' figures for metrics.json.
     The prompts' shape follows the uncached `raw_teacher`: a base model gets the worked example and every prompt
-    field as a stop string, a chat model neither."""
+    field as a stop string, a chat model neither; a base model's reply cut at the token limit is still read from
+    its complete first line (it answers the cue, then rambles on), a chat model's is not (that is its reasoning)."""
     cfg: PLDConfig = ctx.cfg
     task, run, notes = ctx.task, ctx.run, ctx.notes
     tparams = GenerationParams(max_tokens=cfg.teacher_max_tokens, temperature=0.0, stop=teacher_stops(raw_teacher))
-    demo = wants_worked_example(raw_teacher)
+    demo, cued = wants_worked_example(raw_teacher), completes_raw_text(raw_teacher)
     # Phase 1: extraction.
-    instructions = extract_instructions(task, ctx.sel.train, teacher_b, tparams, demo)
+    instructions = extract_instructions(task, ctx.sel.train, teacher_b, tparams, demo, completes_cue=cued)
     run.write_jsonl("extractions.jsonl", [asdict(i) for i in instructions])
     ok = [i for i in instructions if i.ok]
     failed = len(instructions) - len(ok)
@@ -149,7 +150,7 @@ def _build_rulebook(ctx: RouteContext, teacher_b, student_b, embedder, raw_teach
                             examples)
 
     # Phase 2: clustering and synthesis.
-    rulebook, coverage = _cluster_and_synthesize(ctx, ok, teacher_b, tparams, student_eval, embedder, demo)
+    rulebook, coverage = _cluster_and_synthesize(ctx, ok, teacher_b, tparams, student_eval, embedder, demo, cued)
     # Phase 3: conflict resolution, every version kept.
     resolution: Resolution = resolve_conflicts(
         task, rulebook, teacher_b, lambda rb: student_eval(rb, ctx.sel.val, f"val v{rb.version}"),
@@ -175,7 +176,8 @@ def _build_rulebook(ctx: RouteContext, teacher_b, student_b, embedder, raw_teach
             ablation.append({"rule": r.id, "text": r.text, "val_macro_f1_without": f1, "effect": base - f1})
     sp_tokens = student_b.count_tokens(final.system_prompt()) if final.rules else 0
     return {"final": final, "extraction": {"instructions": len(instructions), "readable": len(ok), "failed": failed,
-                                           "dropped": dropped, "retried": retried(instructions)},
+                                           "dropped": dropped, "retried": retried(instructions),
+                                           "kept_truncated": kept_truncated(instructions)},
             "clustering": {k: v for k, v in coverage.items() if k != "per_cluster"},
             "conflict_rounds": [asdict(r) for r in resolution.rounds],
             "rulebook": {"version": final.version, "rules": len(final.rules), "system_prompt_tokens": sp_tokens,
@@ -217,7 +219,8 @@ def extraction_note(dropped: dict[str, int], total: int) -> str:
             + "; ".join(parts) + " (see extractions.jsonl).")
 
 
-def _cluster_and_synthesize(ctx: RouteContext, ok, teacher_b, tparams, student_eval, embedder, demo=True):
+def _cluster_and_synthesize(ctx: RouteContext, ok, teacher_b, tparams, student_eval, embedder, demo=True,
+                            cued=False):
     """Phase 2: embed the readable instructions, cluster them (one eps, or the sweep's best on validation) and
     synthesise one rule per cluster; writes clusters.json. Returns the rulebook and the coverage report."""
     cfg: PLDConfig = ctx.cfg
@@ -229,7 +232,7 @@ def _cluster_and_synthesize(ctx: RouteContext, ok, teacher_b, tparams, student_e
     candidates = []
     for eps in sweep:
         clustering = cluster_instructions(emb, eps, cfg.min_samples)
-        rb = synthesize_rules(task, ok, emb, clustering, teacher_b, tparams, demo)
+        rb = synthesize_rules(task, ok, emb, clustering, teacher_b, tparams, demo, completes_cue=cued)
         score = student_eval(rb, ctx.sel.val, f"val eps={eps}").metrics["macro_f1"] if len(sweep) > 1 else None
         candidates.append((eps, clustering, rb, score))
     eps, clustering, rulebook, _ = max(candidates, key=lambda c: (c[3] or 0.0, -abs(c[0] - cfg.eps)))

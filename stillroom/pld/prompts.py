@@ -245,15 +245,18 @@ def _marked(keys: Sequence[str]) -> re.Pattern:
                       + r")s?\s*[*_]*\s*:\s*[*_]*\s*(.+)$")
 
 
-def parse_single(text: str, keys: Sequence[str], forbid: Sequence[str] = (), truncated: bool = False) -> str | None:
+def parse_single(text: str, keys: Sequence[str], forbid: Sequence[str] = (), truncated: bool = False,
+                 completes_cue: bool = False) -> str | None:
     """A single instruction/rule from a reply, or None when the reply is unreadable.
 
     Readable: JSON with one of `keys`; else the LAST line marked '[General] Key: ...' (an instruction model
-    reasons first and ends on the marked line); else, for a reply that was not cut off, its first plain line of
-    reasonable length that is not a repeated prompt field (a base model completes the cue, unmarked). A reply cut
-    at the token limit (`truncated`) is read from its complete lines only, and never by the plain-line fallback:
-    those lines are the reasoning that ran out of budget. A reply that merely repeats a forbidden string (the
-    input, the label), even in part, is unreadable, so it gets the retry.
+    reasons first and ends on the marked line); else its first plain line of reasonable length that is not a
+    repeated prompt field (a base model completes the cue, unmarked). A reply cut at the token limit
+    (`truncated`) is read from its complete lines only (those followed by a line break), and by the plain-line
+    fallback only when the teacher `completes_cue` (a base model, no chat template: its first line answers the
+    cue, and it often rambles on after it until the limit); from an instruction model those lines are the
+    reasoning that ran out of budget. A reply that merely repeats a forbidden string (the input, the label), even
+    in part, is unreadable, so it gets the retry.
     """
     if truncated:
         text = complete_lines(text)
@@ -264,7 +267,7 @@ def parse_single(text: str, keys: Sequence[str], forbid: Sequence[str] = (), tru
     marked = list(_marked(keys).finditer(text))
     if marked and not cands:
         cands.append(marked[-1].group(1))
-    if not cands and "{" not in text and not truncated:
+    if not cands and "{" not in text and (completes_cue or not truncated):
         cands += [ln for ln in (x.strip() for x in text.splitlines()) if ln and not _PROMPT_FIELD.match(ln)][:1]
     for cand in cands:
         cand = _clean(_strip_list_prefix(_clean(cand))).strip("*_` ").strip()
@@ -355,7 +358,7 @@ def foreign_labels(text: str, labels: Sequence[str]) -> list[str]:
 @dataclass
 class Rejected:
     """A teacher reply that was read but cannot be used, and why: 'unreadable', 'truncated' (cut at the token
-    limit before its marked line was complete), 'copies_example' (repeats the prompt's worked example),
+    limit before its instruction line was complete), 'copies_example' (repeats the prompt's worked example),
     'foreign_label' (leads to an answer the task does not have), 'wrong_label' (leads to another of the task's
     answers than its own example's), 'quotes_input' (quotes its example's input instead of describing it)."""
 
@@ -380,21 +383,27 @@ def quotes_input(text: str, source: str, span: int = 4) -> bool:
 
 
 def read_instruction(text: str, truncated: bool, *, keys: Sequence[str], forbid: Sequence[str] = (),
-                     labels: Sequence[str] = (), label: str | None = None, quote: str | None = None) -> str | Rejected:
+                     labels: Sequence[str] = (), label: str | None = None, quote: str | None = None,
+                     completes_cue: bool = False) -> str | Rejected:
     """One instruction or rule from a teacher reply, or why it cannot be used (`Rejected`).
 
     `labels` is the task's label set (empty for multiple-choice tasks: no label check); `label` the answer the
     instruction was written for (extraction), whose instruction must not lead to another of the labels; `quote`
-    the example's input, which the instruction must not quote (`quotes_input`).
+    the example's input, which the instruction must not quote (`quotes_input`). `completes_cue`: the teacher is
+    a base model that completes the prompt's cue line, so a reply cut at the token limit is still read from its
+    first line when that line is complete (`parse_single`); 'truncated' when the cut took the instruction line.
     """
-    got = parse_single(text, keys, forbid, truncated=truncated)
+    got = parse_single(text, keys, forbid, truncated=truncated, completes_cue=completes_cue)
     if got is None:
         # Read again without the forbidden strings: a reply that is an instruction built around the quoted input
         # is counted as such, not as unreadable.
-        bare = parse_single(text, keys, (), truncated=truncated) if quote is not None else None
+        bare = (parse_single(text, keys, (), truncated=truncated, completes_cue=completes_cue)
+                if quote is not None else None)
         if bare is not None and (quotes_input(bare, quote) or echoes(bare, quote)):
             return Rejected("quotes_input", bare)
-        return Rejected("truncated" if truncated else "unreadable")
+        # A base model's complete first line that cannot be used is unreadable: the cut came after it.
+        whole_line = completes_cue and complete_lines(text).strip()
+        return Rejected("truncated" if truncated and not whole_line else "unreadable")
     if copies_worked_example(got):
         return Rejected("copies_example", got)
     if labels and foreign_labels(got, labels):

@@ -43,6 +43,7 @@ def pld_report(metrics: dict, rulebook: Rulebook, config: dict) -> str:
         ["retried once (first reply not usable)", ex.get("retried", 0)],
         ["dropped: unreadable", dropped.get("unreadable", ex["failed"])],
         ["dropped: cut at the token limit", dropped.get("truncated", 0)],
+        ["used though cut at the token limit (after a complete instruction line)", ex.get("kept_truncated", 0)],
         ["dropped: copies of the prompt's worked example", dropped.get("copies_example", 0)],
         ["dropped: an answer the task does not have", dropped.get("foreign_label", 0)],
         ["dropped: another answer than the example's", dropped.get("wrong_label", 0)],

@@ -33,9 +33,11 @@ def synthesize_rules(
     teacher: Backend,
     params: GenerationParams,
     demo: bool = True,
+    completes_cue: bool = False,
 ) -> Rulebook:
     """One rule per cluster, in cluster order; `instructions` and `embeddings` align with the clustering.
-    `demo`: open each prompt with the worked example."""
+    `demo`: open each prompt with the worked example; `completes_cue`: a base-model teacher, whose reply cut at
+    the token limit is read from its complete first line (`read_instruction`)."""
     groups = [clustering.members(c) for c in clustering.clusters]
     shown = []
     for idx in groups:
@@ -52,7 +54,8 @@ def synthesize_rules(
     # A rule that copies the worked example or leads to an answer the task does not have is retried, then the
     # cluster's medoid stands in.
     replies = ask_with_retry(teacher, [build(shown[k]) for k in asked],
-                             parse=lambda t, cut: read_instruction(t, cut, keys=("rule", "instruction"), labels=labels),
+                             parse=lambda t, cut: read_instruction(t, cut, keys=("rule", "instruction"), labels=labels,
+                                                                   completes_cue=completes_cue),
                              params=params, description="synthesize")
     answers = [Answer(None) for _ in groups]
     for k, ans in zip(asked, replies, strict=True):
