@@ -33,12 +33,17 @@ def _print_table(monkeypatch, width: int, gap: bool) -> list[str]:
 
 def test_compare_table_fits_80_columns_uncut(monkeypatch):
     assert max(len(line.rstrip()) for line in _print_table(monkeypatch, 80, gap=False)) <= 80
+    # With a teacher line at 80 columns: recovery shown whole, accuracy left to the report.
+    table = _print_table(monkeypatch, 80, gap=True)
+    assert max(len(line.rstrip()) for line in table) <= 80
+    assert "recov." in table[0] and " acc " not in table[0]
+    assert " undef. " in next(line for line in table if line.split()[0] == "gad")
 
 
 def test_compare_table_with_a_teacher_line_shows_recovery_within_100_columns(monkeypatch):
     table = _print_table(monkeypatch, 100, gap=True)
     assert max(len(line.rstrip()) for line in table) <= 100
-    assert "recovery" in table[0]
+    assert "recovery" in table[0] and " acc " in table[0]
     cells = {line.split()[0]: line for line in table[1:]}
     assert " -0.46 " in cells["seqkd"] and " undefined " in cells["gad"]
     assert " 1 " in cells["teacher"] and " 0 " in cells["zero-shot"]

@@ -21,11 +21,13 @@ def print_compare(summary: dict, out: Path) -> None:
     recommendation and the report's path."""
     # Light borders, no edge padding: the table fits 80 columns with every route name, so a terminal of 100
     # still has room for more columns without rich cutting the last one.
-    # With a teacher line, a recovery column (its interval is in the report and compare.json): 90 columns.
+    # With a teacher line, a recovery column (its interval is in the report and compare.json): 90 columns, so on a
+    # console narrower than that (80, or output to a file) accuracy gives it its place (it stays in the report).
     t = Table(title=f"compare: {summary['task']}", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     gap = summary.get("recovery") is not None
-    for col in ("route", "macro-F1", "95% CI", "acc", "Δ " + summary["baseline"], *(["recovery"] if gap else []),
-                "p50 s", "build s"):
+    acc = not gap or console.width >= 90
+    for col in ("route", "macro-F1", "95% CI", *(["acc"] if acc else []), "Δ " + summary["baseline"],
+                *([("recovery" if acc else "recov.")] if gap else []), "p50 s", "build s"):
         t.add_column(col, justify="right", no_wrap=True)
     others = []
     for r in summary["rows"]:
@@ -37,7 +39,8 @@ def print_compare(summary: dict, out: Path) -> None:
         d = "-" if r.get("is_baseline") or v.get("diff") is None else f"{v['diff']:+.3f}{' *' if v['significant'] else ''}"
         t.add_row(r["route"] + (" (ref)" if r["reference"] else ""), "-" if r["macro_f1"] is None else f"{r['macro_f1']:.3f}",
                   "-" if ci[0] is None else f"{ci[0]:.2f}-{ci[1]:.2f}",
-                  "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}", d, *([_recovery(r)] if gap else []),
+                  *(["-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"] if acc else []), d,
+                  *([_recovery(r, short=not acc)] if gap else []),
                   f"{r['latency_p50_s']:.2f}", f"{r['build_seconds']:.0f}")
     console.print(t)
     console.print("* paired bootstrap p < 0.05 against the baseline on the same examples; other gaps may be noise.")
@@ -65,7 +68,7 @@ def no_route_finished(summary: dict, out: Path) -> str | None:
     return f"no route finished ({what}): {where}"
 
 
-def _recovery(r: dict) -> str:
+def _recovery(r: dict, short: bool = False) -> str:
     """A route's recovery of the teacher's lead, as the table shows it (the interval is in the report)."""
     if r["route"] == "teacher":
         return "1"
@@ -74,7 +77,7 @@ def _recovery(r: dict) -> str:
     rec = r.get("recovery")
     if not rec:
         return "-"
-    return f"{rec['value']:.2f}" if rec["defined"] else "undefined"
+    return f"{rec['value']:.2f}" if rec["defined"] else ("undef." if short else "undefined")
 
 
 def _check_routes(names: list[str]) -> None:
