@@ -18,6 +18,7 @@ server sends), `(content_type, bytes)` (sent raw: HTML, cut-off JSON, nothing), 
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -256,3 +257,10 @@ def fake_scoring_reply(body: dict) -> dict:
     usage = {"prompt_tokens": n_tokens, "completion_tokens": len(prompts), "total_tokens": n_tokens + len(prompts)}
     return {"id": "s-1", "object": "text_completion", "created": 0, "model": body.get("model", ""),
             "choices": choices, "usage": usage}
+
+
+def interruptible() -> None:
+    """Popen's preexec_fn for a child the test sends SIGINT: a shell that starts the suite in the background (a
+    script's `make test &`) hands it SIGINT ignored, and Python then keeps it ignored in every child, so Ctrl-C
+    would never reach the command under test. The child gets the default disposition, as in a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

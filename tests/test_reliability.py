@@ -28,9 +28,9 @@ from stillroom.locking import RunFolderBusy, run_folder_lock
 from stillroom.prompting.job import run_eval
 
 try:  # tests/ may or may not be a package
-    from tests.helpers_fake_server import FakeOpenAIServer
+    from tests.helpers_fake_server import FakeOpenAIServer, interruptible
 except ImportError:  # pragma: no cover
-    from helpers_fake_server import FakeOpenAIServer
+    from helpers_fake_server import FakeOpenAIServer, interruptible
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-live-ABCdef0123456789xyz"
@@ -75,7 +75,8 @@ def start_eval(tmp_path: Path, task: Path, srv: FakeOpenAIServer, run_dir: Path,
     log = tmp_path / f"{name}.log"
     cmd = [sys.executable, "-m", "stillroom.cli", "eval", "--task", str(task), "--model", "openai:fake",
            "--base-url", srv.base_url, "--method", "generate", "--run-dir", str(run_dir), *extra]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(tmp_path), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(tmp_path), stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            preexec_fn=interruptible)
     return proc, log
 
 

@@ -17,9 +17,9 @@ from stillroom.backends.openai_logprobs import PROBE_TEXT
 from stillroom.cli import app
 
 try:  # tests/ may or may not be a package
-    from tests.helpers_fake_server import FakeOpenAIServer, fake_tokenize
+    from tests.helpers_fake_server import FakeOpenAIServer, fake_tokenize, interruptible
 except ImportError:  # pragma: no cover
-    from helpers_fake_server import FakeOpenAIServer, fake_tokenize
+    from helpers_fake_server import FakeOpenAIServer, fake_tokenize, interruptible
 
 
 @pytest.fixture(autouse=True)
@@ -519,7 +519,8 @@ def test_build_cost_is_the_same_however_often_the_build_was_interrupted(tmp_path
         srv.delay_s = 0.05
         log = tmp_path / "cut.log"
         proc = subprocess.Popen([sys.executable, "-m", "stillroom.cli", "pld", str(cfg), "--run-dir",
-                                 str(tmp_path / "cut")], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+                                 str(tmp_path / "cut")], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                preexec_fn=interruptible)
         deadline = time.monotonic() + 120
         while _teacher_extractions(srv) < 6 and time.monotonic() < deadline:
             time.sleep(0.01)
